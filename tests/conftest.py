@@ -1,0 +1,86 @@
+"""Tiny BEIR folders and tiny random BERTs, built in tmp_path: no test downloads anything."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED = ROOT.parent / "shared"
+SCIFACT = SHARED / "data" / "beir" / "scifact"
+MINILM = SHARED / "models" / "all-minilm-l6-v2"
+
+WORDS = (
+    "protein gene cell cancer virus immune brain heart drug trial mouse dose risk blood lung liver "
+    "insulin vitamin neuron receptor enzyme tumor therapy infection memory sleep diet exercise"
+).split()
+
+
+def write_tiny_beir(folder: Path, n_docs: int = 60, n_queries: int = 24, gz: bool = False, seed: int = 0) -> Path:
+    """A BEIR folder whose queries share words with their positives, so training can learn."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    docs = []
+    for i in range(n_docs):
+        words = rng.sample(WORDS, 6)
+        docs.append({"_id": f"d{i}", "title": words[0], "text": " ".join(words[1:]), "metadata": {}})
+    lines = "".join(json.dumps(d) + "\n" for d in docs)
+    if gz:
+        with gzip.open(folder / "corpus.jsonl.gz", "wt", encoding="utf-8") as fh:
+            fh.write(lines)
+    else:
+        (folder / "corpus.jsonl").write_text(lines)
+    queries, train, test = [], [], []
+    for j in range(n_queries):
+        pos = [rng.randrange(n_docs)] + ([rng.randrange(n_docs)] if j % 4 == 0 else [])
+        words = docs[pos[0]]["text"].split()[:3]
+        queries.append({"_id": f"q{j}", "text": " ".join(words), "metadata": {}})
+        rows = train if j < n_queries * 2 // 3 else test
+        rows.extend(f"q{j}\td{p}\t1" for p in dict.fromkeys(pos))
+    (folder / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    (folder / "qrels").mkdir(exist_ok=True)
+    header = "query-id\tcorpus-id\tscore"
+    for name, rows in (("train", train), ("test", test)):
+        (folder / "qrels" / f"{name}.tsv").write_bytes(("\r\n".join([header, *rows]) + "\r\n").encode())
+    return folder
+
+
+def write_tiny_backbone(folder: Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+    """A randomly initialised BERT with a word-level vocabulary, saved as a local model folder."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+        intermediate_size=hidden * 2, max_position_embeddings=64, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def tiny_beir(tmp_path) -> Path:
+    return write_tiny_beir(tmp_path / "beir" / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory) -> Path:
+    return write_tiny_backbone(tmp_path_factory.mktemp("backbone"))
+
+
+needs_shared = pytest.mark.skipif(
+    not (SCIFACT / "queries.jsonl").is_file() or not (MINILM / "config.json").is_file(),
+    reason="shared SciFact data and MiniLM model not present",
+)

@@ -1,0 +1,67 @@
+"""Metrics are pytrec_eval's, with BEIR's definitions, and survive a round trip through a TREC file."""
+
+import math
+import random
+
+import pytest
+import pytrec_eval
+
+from utils import evaluate_run, per_query_metrics, read_trec, truncate_run, write_trec
+
+
+def random_case(seed, n_queries=30, n_docs=200):
+    rng = random.Random(seed)
+    qrels = {f"q{i}": {f"d{rng.randrange(n_docs)}": rng.choice([1, 1, 2]) for _ in range(rng.randint(1, 4))}
+             for i in range(n_queries)}  # fmt: skip
+    run = {q: {f"d{j}": rng.random() for j in rng.sample(range(n_docs), 120)} for q in qrels}
+    return qrels, run
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_metrics_equal_pytrec_eval_on_random_runs(seed):
+    qrels, run = random_case(seed)
+    ours = evaluate_run(qrels, run)
+    ev = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.1,5,10,100", "map_cut.100"}).evaluate(run)
+    mean = lambda key: sum(v[key] for v in ev.values()) / len(qrels)  # noqa: E731
+    assert ours["NDCG@10"] == pytest.approx(mean("ndcg_cut_10"), abs=1e-9)
+    for k in (1, 5, 10, 100):
+        assert ours[f"Recall@{k}"] == pytest.approx(mean(f"recall_{k}"), abs=1e-9)
+    assert ours["MAP@100"] == pytest.approx(mean("map_cut_100"), abs=1e-9)
+    # MRR@10 by hand: reciprocal rank of the first relevant document within the top 10
+    hand = []
+    for q, docs in run.items():
+        top = sorted(docs, key=lambda d: docs[d], reverse=True)[:10]
+        hand.append(next((1 / (i + 1) for i, d in enumerate(top) if qrels[q].get(d, 0) > 0), 0.0))
+    assert ours["MRR@10"] == pytest.approx(sum(hand) / len(hand), abs=1e-9)
+
+
+def test_hand_made_case():
+    qrels = {"q1": {"a": 1}, "q2": {"b": 1, "c": 1}, "q3": {"z": 1}}
+    run = {"q1": {"x": 3.0, "a": 2.0}, "q2": {"b": 5.0, "y": 4.0, "c": 3.0}}  # q3 retrieved nothing
+    per_q = per_query_metrics(qrels, run)
+    assert per_q["q1"]["MRR@10"] == 0.5 and per_q["q1"]["Recall@1"] == 0.0
+    assert per_q["q1"]["NDCG@10"] == pytest.approx(1 / math.log2(3))
+    idcg = 1 + 1 / math.log2(3)
+    assert per_q["q2"]["NDCG@10"] == pytest.approx((1 + 1 / math.log2(4)) / idcg)
+    assert per_q["q2"]["Recall@1"] == 0.5 and per_q["q2"]["Recall@5"] == 1.0
+    assert per_q["q3"] == {k: 0.0 for k in per_q["q3"]}  # judged but missing: counts as zero
+    assert evaluate_run(qrels, run)["MRR@10"] == pytest.approx((0.5 + 1 + 0) / 3)
+
+
+def test_identical_ids_dropped_only_when_asked(capsys):
+    qrels = {"q1": {"a": 1}}
+    run = {"q1": {"q1": 9.0, "a": 1.0}}
+    assert evaluate_run(qrels, run)["MRR@10"] == 0.5
+    assert evaluate_run(qrels, run, ignore_identical_ids=True)["MRR@10"] == 1.0
+    assert "dropped 1" in capsys.readouterr().out
+
+
+def test_trec_round_trip_keeps_every_metric(tmp_path):
+    qrels, run = random_case(7)
+    write_trec(tmp_path / "run.trec", run, "tag", top_k=100)
+    back = read_trec(tmp_path / "run.trec")
+    assert back == truncate_run(run, 100)
+    a, b = evaluate_run(qrels, truncate_run(run, 100)), evaluate_run(qrels, back)
+    assert a == b
+    first = (tmp_path / "run.trec").read_text().splitlines()[0].split()
+    assert first[1] == "Q0" and first[3] == "1" and first[5] == "tag"

@@ -1,0 +1,368 @@
+"""The one training driver: arguments, data, ContrastiveTrainer; `main(kind)` serves all three models.
+
+    python train.py        --model_name_or_path M --dataset scifact          # baseline bi-encoder
+    python train_sbmoe.py  --num_experts 8 --top_k 1 ...                      # SB-MoE
+    python train_moe.py    --num_experts 8 --top_k 2 --moe_layers 1 3 5 ...   # token-level MoE
+    torchrun --nproc_per_node N train_sbmoe.py --fp16 ...                     # DDP
+
+Training reads only the train split: a seeded dev slice of its queries picks the best epoch
+(dev NDCG@10, the same evaluation function as eval.py). The test split is never read here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+from transformers import AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
+from eval import evaluate_model
+from model import MODEL_CLASSES, BiEncoder
+from utils import (
+    DataError,
+    atomic_write_text,
+    default_cache_dir,
+    doc_text,
+    fail,
+    load_beir,
+    mine_bm25_negatives,
+    resolve_data_dir,
+    split_dev,
+)
+
+DEFAULT_TOP_K = {"baseline": 1, "sbmoe": 1, "moe": 2}
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="huawei-noah/TinyBERT_General_6L_768D", metadata={"help": "backbone: hub name or local folder"}
+    )
+    pooling: str = field(default="auto", metadata={"help": "cls | mean | auto (sentence-transformers config, else cls)"})
+    normalize: bool = field(default=True, metadata={"help": "L2-normalise embeddings (cosine similarity)"})
+    temperature: float = field(default=0.05, metadata={"help": "InfoNCE temperature"})
+    num_experts: int = field(default=8, metadata={"help": "experts per MoE block"})
+    top_k: int | None = field(default=None, metadata={"help": "experts per input (default 1 for sbmoe, 2 for moe)"})
+    expert_dim: int | None = field(default=None, metadata={"help": "SB-MoE expert hidden size (default hidden/2)"})
+    noise_std: float = field(default=0.0, metadata={"help": "SB-MoE noisy gating std during training (0 = off)"})
+    moe_layers: list[int] = field(default_factory=list, metadata={"help": "MoE layers (default every other layer)"})
+    aux_loss_coef: float = field(default=0.01, metadata={"help": "load-balancing loss coefficient"})
+    z_loss_coef: float = field(default=0.0, metadata={"help": "router z-loss coefficient"})
+    moe_learning_rate: float | None = field(
+        default=None, metadata={"help": "learning rate of routers and experts (default 1e-4 sbmoe, backbone lr moe)"}
+    )
+
+
+@dataclass
+class DataArguments:
+    dataset: str | None = field(default="scifact", metadata={"help": "BEIR dataset under $BEIR_DATA_DIR"})
+    data_dir: str | None = field(default=None, metadata={"help": "a BEIR folder (overrides --dataset)"})
+    train_split: str = field(default="train", metadata={"help": "qrels split to train on"})
+    dev_fraction: float = field(default=0.1, metadata={"help": "fraction of train queries held out for selection"})
+    hard_negatives: int = field(default=1, metadata={"help": "BM25 hard negatives per query"})
+    negative_depth: int = field(default=30, metadata={"help": "hard negatives are sampled from this BM25 depth"})
+    query_max_length: int = field(default=64, metadata={"help": "query truncation (tokens)"})
+    doc_max_length: int = field(default=256, metadata={"help": "document truncation (tokens)"})
+    cache_dir: str | None = field(default=None, metadata={"help": "BM25 negatives cache (default next to the data)"})
+
+
+@dataclass
+class RetrievalTrainingArguments(TrainingArguments):
+    """TrainingArguments with retrieval defaults: per-epoch dev selection, no column pruning."""
+
+    output_dir: str | None = field(default=None, metadata={"help": "default checkpoints/<kind>"})
+    num_train_epochs: float = field(default=2.0, metadata={"help": "training epochs"})
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "queries per device and step"})
+    learning_rate: float = field(default=2e-5, metadata={"help": "backbone learning rate"})
+    warmup_steps: float = field(default=0.1, metadata={"help": "warm-up steps (a float < 1 is a fraction)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    eval_strategy: str = field(default="epoch", metadata={"help": "dev evaluation schedule"})
+    save_strategy: str = field(default="epoch", metadata={"help": "checkpoint schedule"})
+    save_total_limit: int | None = field(default=2, metadata={"help": "checkpoints kept (the best one is kept)"})
+    load_best_model_at_end: bool = field(default=True, metadata={"help": "final model = best dev NDCG@10"})
+    metric_for_best_model: str | None = field(default="ndcg@10", metadata={"help": "selection metric (dev)"})
+    logging_steps: float = field(default=5, metadata={"help": "log every N steps"})
+    report_to: None | str | list[str] = field(default="none", metadata={"help": "none | tensorboard | ..."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "the dict collator needs every column"})
+    dataloader_drop_last: bool = field(default=True, metadata={"help": "equal batches on every rank"})
+    save_safetensors: bool = field(default=True, metadata={"help": "kept for the record: always safetensors"})
+    eval_batch_size: int = field(default=128, metadata={"help": "encoding batch size for dev evaluation"})
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+
+
+class ContrastiveDataset(Dataset):
+    """One example per (query, positive document) pair, with hard negatives sampled from BM25."""
+
+    def __init__(self, queries, qrels, negatives, num_negatives: int, seed: int):
+        self.pairs = [(q, d) for q in sorted(qrels) for d in sorted(qrels[q]) if qrels[q][d] > 0]
+        self.negatives, self.num_negatives = negatives, num_negatives
+        self.queries, self.rng = queries, random.Random(seed)
+        short = [q for q in qrels if len(negatives.get(q, [])) < num_negatives]
+        if short:
+            raise DataError(f"query {short[0]!r}: fewer than {num_negatives} BM25 negatives (lower --hard_negatives)")
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict:
+        qid, pos = self.pairs[i]
+        negs = self.rng.sample(self.negatives[qid], self.num_negatives) if self.num_negatives else []
+        return {"qid": qid, "docs": [pos, *negs]}
+
+
+class ContrastiveCollator:
+    """Tokenise a batch: queries (B), documents (B*(1+N), positive first), ids for false-negative masks."""
+
+    def __init__(self, tokenizer, corpus, queries, qrels, query_max_length: int, doc_max_length: int):
+        self.tokenizer, self.corpus, self.queries, self.qrels = tokenizer, corpus, queries, qrels
+        self.doc_index = {d: i for i, d in enumerate(corpus)}
+        self.max_pos = max(sum(1 for r in docs.values() if r > 0) for docs in qrels.values())
+        self.query_max_length, self.doc_max_length = query_max_length, doc_max_length
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        q = self.tokenizer(
+            [self.queries[e["qid"]] for e in examples], padding=True, truncation=True,
+            max_length=self.query_max_length, return_tensors="pt",
+        )  # fmt: skip
+        doc_ids = [d for e in examples for d in e["docs"]]
+        d = self.tokenizer(
+            [doc_text(self.corpus[x]) for x in doc_ids], padding=True, truncation=True,
+            max_length=self.doc_max_length, return_tensors="pt",
+        )  # fmt: skip
+        pos = torch.full((len(examples), self.max_pos), -1, dtype=torch.long)  # (B, P), same P on every rank
+        for row, e in enumerate(examples):
+            known = [self.doc_index[x] for x, r in self.qrels[e["qid"]].items() if r > 0]
+            pos[row, : len(known)] = torch.tensor(known)
+        return {
+            "query_input_ids": q["input_ids"],
+            "query_attention_mask": q["attention_mask"],
+            "doc_input_ids": d["input_ids"],
+            "doc_attention_mask": d["attention_mask"],
+            "doc_ids": torch.tensor([self.doc_index[x] for x in doc_ids]),
+            "pos_ids": pos,
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Trainer
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class ContrastiveTrainer(Trainer):
+    """The model owns the loss; this adds dev evaluation, MoE logging, a second LR, atomic checkpoints."""
+
+    def __init__(self, *args, dev_data=None, eval_kwargs=None, moe_learning_rate=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dev_data, self.eval_kwargs, self.moe_learning_rate = dev_data, eval_kwargs or {}, moe_learning_rate
+        self._sums: dict[str, torch.Tensor] = {}
+        self._count = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        if not torch.isfinite(outputs.loss):
+            raise NonFiniteLossError(
+                f"non-finite loss ({outputs.loss.item()}) at step {self.state.global_step + 1}; "
+                "stopped before the optimizer step, nothing saved from it"
+            )
+        self._accumulate(outputs)
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def _accumulate(self, outputs) -> None:
+        parts = {"contrastive_loss": outputs.contrastive_loss, "aux_loss": outputs.aux_loss}
+        parts.update(expert_load=outputs.expert_load, router_entropy=outputs.router_entropy)
+        for name, value in parts.items():
+            if value is not None:
+                value = value.detach().float()
+                self._sums[name] = self._sums[name] + value if name in self._sums else value
+        self._count += 1
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._count and "loss" in logs:
+            sums = {k: v / self._count for k, v in self._sums.items()}
+            # The contrastive loss carries the world-size factor for exact DDP gradients; log it without.
+            logs["contrastive_loss"] = sums["contrastive_loss"].item() / max(1, self.args.world_size)
+            if "aux_loss" in sums:
+                logs["aux_loss"] = sums["aux_loss"].item()
+                logs["router_entropy"] = sums["router_entropy"].mean().item()
+                load = sums["expert_load"] / sums["expert_load"].sum(-1, keepdim=True)  # (L, E) shares
+                for b, row in enumerate(load):
+                    for e, share in enumerate(row):
+                        logs[f"expert_share/b{b}/e{e}"] = round(share.item(), 4)
+            for i, group in enumerate(self.optimizer.param_groups if self.optimizer else []):
+                logs[f"lr/{group.get('name', i)}"] = group["lr"]
+            self._sums, self._count = {}, 0
+        super().log(logs, start_time)
+
+    def create_optimizer(self, model=None):
+        """AdamW with the Trainer's decay groups, each split into backbone and MoE (router + experts) parts."""
+        if self.optimizer is None:
+            opt = super().create_optimizer(model)
+            names = {id(p): n for n, p in (model or self.model).named_parameters()}
+            groups = []
+            for group in opt.param_groups:
+                for part in ("backbone", "moe"):
+                    params = [p for p in group["params"] if (part == "moe") == is_moe_param(names[id(p)])]
+                    if params:
+                        lr = self.moe_learning_rate if part == "moe" and self.moe_learning_rate else group["lr"]
+                        groups.append({**group, "params": params, "lr": lr, "initial_lr": lr, "name": part})
+            opt.param_groups[:] = groups  # no step taken yet, so there is no state to move
+        return self.optimizer
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval") -> dict[str, float]:
+        """Dev NDCG@10 etc. by full retrieval over the corpus (every rank computes the same numbers)."""
+        corpus, queries, qrels = self.dev_data
+        bf16, fp16 = self.args.bf16, self.args.fp16
+        scores = evaluate_model(
+            self.model, self.processing_class, corpus, queries, qrels, bf16=bf16, fp16=fp16,
+            show_progress=False, **self.eval_kwargs,
+        )  # fmt: skip
+        metrics = {f"{metric_key_prefix}_{k.lower()}": v for k, v in scores.items()}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write each checkpoint into a hidden staging folder, then rename: never half a checkpoint."""
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = os.path.join(run_dir, ".staging")
+        shutil.rmtree(staging, ignore_errors=True)
+        best = self.state.best_model_checkpoint
+        self.args.output_dir = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir = run_dir
+        self.state.best_model_checkpoint = best
+        final = os.path.join(run_dir, name)
+        if self.args.should_save:
+            self.state.save_to_json(os.path.join(staging, name, "trainer_state.json"))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(os.path.join(staging, name), final)
+            shutil.rmtree(staging, ignore_errors=True)
+            self._rotate_checkpoints(use_mtime=False, output_dir=run_dir)
+
+    def _rotate_checkpoints(self, use_mtime=False, output_dir=None) -> None:
+        from transformers.trainer_utils import rotate_checkpoints
+
+        rotate_checkpoints(
+            output_dir=output_dir or self.args.output_dir, save_total_limit=self.args.save_total_limit,
+            best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=use_mtime,
+        )  # fmt: skip
+
+
+def is_moe_param(name: str) -> bool:
+    return ".router." in f".{name}" or ".experts." in f".{name}"
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+
+
+def parse(kind: str, argv: list[str] | None):
+    parser = HfArgumentParser((ModelArguments, DataArguments, RetrievalTrainingArguments))
+    try:
+        margs, dargs, targs = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=False)
+    except ValueError as exc:  # HfArgumentParser reports leftover (unknown) flags this way
+        fail(str(exc).splitlines()[0])
+    if targs.output_dir is None:
+        targs.output_dir = f"checkpoints/{kind}"
+    if margs.top_k is None:
+        margs.top_k = DEFAULT_TOP_K[kind]
+    if margs.moe_learning_rate is None:
+        margs.moe_learning_rate = 1e-4 if kind == "sbmoe" else targs.learning_rate
+    if kind != "baseline" and targs.ddp_find_unused_parameters is None:
+        targs.ddp_find_unused_parameters = True  # experts that got no input this step have no gradient
+    if not 0 < margs.top_k <= margs.num_experts:
+        fail(f"--top_k {margs.top_k} must be between 1 and --num_experts {margs.num_experts}")
+    if dargs.hard_negatives > dargs.negative_depth:
+        fail(f"--hard_negatives {dargs.hard_negatives} exceeds --negative_depth {dargs.negative_depth}")
+    if not 0 < dargs.dev_fraction < 1:
+        fail(f"--dev_fraction {dargs.dev_fraction} must be in (0, 1)")
+    return margs, dargs, targs
+
+
+def build_model(kind: str, margs: ModelArguments) -> BiEncoder:
+    settings = dict(
+        normalize=margs.normalize, temperature=margs.temperature, num_experts=margs.num_experts, top_k=margs.top_k,
+        expert_dim=margs.expert_dim, noise_std=margs.noise_std, moe_layers=margs.moe_layers or None,
+        aux_loss_coef=margs.aux_loss_coef, z_loss_coef=margs.z_loss_coef,
+    )  # fmt: skip
+    return MODEL_CLASSES[kind].from_backbone(margs.model_name_or_path, pooling=margs.pooling, **settings)
+
+
+def load_data(dargs: DataArguments, seed: int):
+    data_dir = resolve_data_dir(dargs.dataset, dargs.data_dir)
+    corpus, queries, qrels = load_beir(data_dir, dargs.train_split)
+    train_qrels, dev_qrels = split_dev(qrels, dargs.dev_fraction, seed)
+    if not train_qrels or not dev_qrels:
+        raise DataError(f"{data_dir}: {len(qrels)} train queries are too few for a train/dev split")
+    cache = Path(dargs.cache_dir) if dargs.cache_dir else default_cache_dir(data_dir)
+    negatives = mine_bm25_negatives(corpus, queries, train_qrels, dargs.negative_depth, cache)
+    return corpus, queries, train_qrels, dev_qrels, negatives
+
+
+def main(kind: str, argv: list[str] | None = None) -> None:
+    margs, dargs, targs = parse(kind, argv)
+    try:
+        corpus, queries, train_qrels, dev_qrels, negatives = load_data(dargs, targs.seed)
+        train_set = ContrastiveDataset(queries, train_qrels, negatives, dargs.hard_negatives, targs.seed)
+    except DataError as exc:
+        fail(str(exc))
+    if len(train_set) < targs.per_device_train_batch_size * targs.world_size:
+        fail(f"{len(train_set)} training pairs are fewer than one global batch")
+    model = build_model(kind, margs)
+    tokenizer = AutoTokenizer.from_pretrained(margs.model_name_or_path)
+    collator = ContrastiveCollator(
+        tokenizer, corpus, queries, train_qrels, dargs.query_max_length, dargs.doc_max_length
+    )
+    dev_queries = {q: queries[q] for q in dev_qrels}
+    trainer = ContrastiveTrainer(
+        model=model, args=targs, train_dataset=train_set, data_collator=collator, processing_class=tokenizer,
+        eval_dataset=sorted(dev_qrels),  # only its presence matters: evaluate() retrieves over the corpus
+        dev_data=(corpus, dev_queries, dev_qrels), moe_learning_rate=margs.moe_learning_rate,
+        eval_kwargs=dict(
+            query_max_length=dargs.query_max_length, doc_max_length=dargs.doc_max_length,
+            batch_size=targs.eval_batch_size,
+        ),
+    )  # fmt: skip
+    resume = targs.resume_from_checkpoint
+    if resume in ("last", "True", "true"):
+        resume = get_last_checkpoint(targs.output_dir)
+    if trainer.is_world_process_zero():
+        print(
+            f"{kind}: {len(train_set)} training pairs ({len(train_qrels)} queries), {len(dev_qrels)} dev queries, "
+            f"{dargs.hard_negatives} hard negatives, {sum(p.numel() for p in model.parameters()):,} parameters",
+            flush=True,
+        )
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except NonFiniteLossError as exc:
+        fail(str(exc))
+    trainer.save_model(targs.output_dir)
+    if trainer.is_world_process_zero():
+        history = trainer.state.log_history
+        atomic_write_text(Path(targs.output_dir) / "log_history.json", json.dumps(history, indent=1))
+        best = trainer.state.best_metric
+        print(f"{kind}: best dev NDCG@10 {best if best is None else round(best, 4)} -> {targs.output_dir}")
+        if best is not None and math.isnan(best):
+            fail("dev NDCG@10 is NaN")
+
+
+if __name__ == "__main__":
+    main("baseline")

@@ -1,0 +1,375 @@
+"""Data, loss, metrics and small helpers shared by train.py, eval.py and the benchmarks.
+
+Data are plain BEIR-shaped dicts (``corpus[doc_id] = {"title", "text"}``,
+``queries[qid] = text``, ``qrels[qid][doc_id] = relevance``); runs are
+``results[qid][doc_id] = score``.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import json
+import os
+import random
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{}.zip"
+K_VALUES: tuple[int, ...] = (1, 5, 10, 100)
+TABLE_COLUMNS: tuple[str, ...] = ("Recall@1", "Recall@5", "Recall@10", "Recall@100", "NDCG@10", "MRR@10")
+
+
+class DataError(Exception):
+    """Bad input: the message names the file (and line) at fault, and is shown without a traceback."""
+
+
+def fail(message: str) -> None:
+    """Print a one-line error and exit non-zero; for command-line entry points only."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+# --------------------------------------------------------------------------------------------
+# Data loading
+
+
+def resolve_data_dir(dataset: str | None, data_dir: str | None, download: bool = True) -> Path:
+    """``--data_dir`` wins; else ``$BEIR_DATA_DIR/<dataset>``, fetched with BEIR's downloader if missing."""
+    if data_dir:
+        path = Path(data_dir)
+        if not path.is_dir():
+            raise DataError(f"{path}: --data_dir does not exist")
+        return path
+    if not dataset:
+        raise DataError("give --dataset NAME or --data_dir DIR")
+    root = Path(os.environ.get("BEIR_DATA_DIR", "data"))
+    path = root / dataset
+    if path.is_dir():
+        return path
+    if not download:
+        raise DataError(f"{path}: dataset folder missing (set BEIR_DATA_DIR or pass --data_dir)")
+    from beir import util as beir_util  # imported late: beir.util needs requests and network
+
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        return Path(beir_util.download_and_unzip(BEIR_URL.format(dataset), str(root)))
+    except Exception as exc:  # network errors come in many types; report one line
+        raise DataError(f"{path}: missing and BEIR download failed ({type(exc).__name__}: {exc})") from exc
+
+
+def _open_text(path: Path):
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8", newline="")
+    return open(path, encoding="utf-8", newline="")
+
+
+def _find(folder: Path, stem: str) -> Path:
+    for name in (f"{stem}.jsonl", f"{stem}.jsonl.gz"):
+        if (folder / name).is_file():
+            return folder / name
+    raise DataError(f"{folder / (stem + '.jsonl')}: file not found (nor .jsonl.gz)")
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, record) for every non-blank line, with a file:line error on bad JSON."""
+    with _open_text(path) as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
+            if not isinstance(record, dict) or "_id" not in record:
+                raise DataError(f"{path}:{lineno}: record has no '_id'")
+            yield lineno, record
+
+
+def load_corpus(folder: Path) -> dict[str, dict[str, str]]:
+    path = _find(folder, "corpus")
+    corpus = {}
+    for _, rec in read_jsonl(path):
+        corpus[str(rec["_id"])] = {"title": rec.get("title") or "", "text": rec.get("text") or ""}
+    return corpus
+
+
+def load_queries(folder: Path) -> dict[str, str]:
+    path = _find(folder, "queries")
+    return {str(rec["_id"]): rec.get("text") or "" for _, rec in read_jsonl(path)}
+
+
+def load_qrels(path: Path) -> dict[str, dict[str, int]]:
+    """BEIR qrels tsv with a header; CRLF tolerated; every row must be `qid docid int`."""
+    if not path.is_file():
+        raise DataError(f"{path}: split file does not exist")
+    qrels: dict[str, dict[str, int]] = {}
+    with open(path, encoding="utf-8", newline="") as fh:
+        for lineno, row in enumerate(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE), 1):
+            if lineno == 1 and row and row[0].strip().lower() in {"query-id", "query_id", "qid"}:
+                continue
+            if not row or all(not c.strip() for c in row):
+                continue
+            if len(row) != 3:
+                raise DataError(f"{path}:{lineno}: expected 3 tab-separated columns, got {len(row)}")
+            qid, did, score = (c.strip() for c in row)
+            try:
+                qrels.setdefault(qid, {})[did] = int(score)
+            except ValueError:
+                raise DataError(f"{path}:{lineno}: score {score!r} is not an integer") from None
+    return qrels
+
+
+def load_beir(data_dir: str | Path, split: str = "test"):
+    """Return (corpus, queries, qrels) for one split; queries are restricted to the split's judged ones."""
+    folder = Path(data_dir)
+    corpus, queries = load_corpus(folder), load_queries(folder)
+    qrels_path = folder / "qrels" / f"{split}.tsv"
+    qrels = load_qrels(qrels_path)
+    for qid, docs in qrels.items():
+        if qid not in queries:
+            raise DataError(f"{qrels_path}: query {qid!r} is not in {_find(folder, 'queries').name}")
+        for did in docs:
+            if did not in corpus:
+                raise DataError(f"{qrels_path}: document {did!r} (query {qid!r}) is not in the corpus")
+    if not qrels:
+        raise DataError(f"{qrels_path}: no judgments")
+    return corpus, {qid: queries[qid] for qid in qrels}, qrels
+
+
+def split_dev(qrels: dict, dev_fraction: float, seed: int) -> tuple[dict, dict]:
+    """Hold out a seeded fraction of the (train) queries for model selection."""
+    qids = sorted(qrels)
+    random.Random(seed).shuffle(qids)
+    n_dev = int(round(len(qids) * dev_fraction))
+    dev = set(qids[:n_dev])
+    return ({q: d for q, d in qrels.items() if q not in dev}, {q: d for q, d in qrels.items() if q in dev})
+
+
+def doc_text(doc: dict[str, str]) -> str:
+    """BEIR's convention for dense models: title and text joined by a space."""
+    return (doc.get("title", "") + " " + doc.get("text", "")).strip()
+
+
+# --------------------------------------------------------------------------------------------
+# BM25 and hard negatives
+
+
+def bm25_search(corpus: dict, queries: dict, top_k: int = 100) -> dict[str, dict[str, float]]:
+    """BM25 (bm25s, Lucene variant, English stopwords and Snowball stemming) top-k run."""
+    import bm25s
+
+    try:
+        import Stemmer
+
+        stemmer = Stemmer.Stemmer("english")
+    except ImportError:  # PyStemmer is optional; scores drop a little without stemming
+        stemmer = None
+    doc_ids = list(corpus)
+    tokens = bm25s.tokenize([doc_text(corpus[d]) for d in doc_ids], stopwords="en", stemmer=stemmer, show_progress=False)
+    retriever = bm25s.BM25()
+    retriever.index(tokens, show_progress=False)
+    qids = list(queries)
+    q_tokens = bm25s.tokenize([queries[q] for q in qids], stopwords="en", stemmer=stemmer, show_progress=False)
+    idx, scores = retriever.retrieve(q_tokens, k=min(top_k, len(doc_ids)), show_progress=False, n_threads=1)
+    return {
+        qid: {doc_ids[i]: float(s) for i, s in zip(idx[row], scores[row])} for row, qid in enumerate(qids)
+    }
+
+
+def default_cache_dir(data_dir: Path) -> Path:
+    """Next to the data when writable; otherwise a per-dataset folder in ./cache."""
+    folder = data_dir / "cache"
+    try:
+        folder.mkdir(exist_ok=True)
+        if os.access(folder, os.W_OK):
+            return folder
+    except OSError:
+        pass
+    return Path("cache") / data_dir.name
+
+
+def mine_bm25_negatives(corpus: dict, queries: dict, qrels: dict, depth: int, cache_dir: Path) -> dict[str, list[str]]:
+    """Top-`depth` BM25 documents per query that are not known positives, cached as JSON."""
+    key = hashlib.sha1(json.dumps([sorted(qrels), len(corpus), depth]).encode()).hexdigest()[:12]
+    path = Path(cache_dir) / f"bm25_negatives_{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    run = bm25_search(corpus, {q: queries[q] for q in qrels}, top_k=depth + 20)
+    negatives = {
+        qid: [d for d, _ in sorted(docs.items(), key=lambda x: -x[1]) if qrels[qid].get(d, 0) <= 0][:depth]
+        for qid, docs in run.items()
+    }
+    atomic_write_text(path, json.dumps(negatives))
+    return negatives
+
+
+# --------------------------------------------------------------------------------------------
+# Contrastive loss across devices
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
+    """All ranks' rows concatenated; the local slot is the live tensor, so its gradient survives.
+
+    Identity with one process. Other ranks' rows carry no gradient here; each rank back-propagates
+    into its own slot, and DDP's gradient averaging plus the one world-size factor in
+    ``info_nce`` make the sum exact.
+    """
+    if world_size() == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.detach().contiguous())
+    parts[dist.get_rank()] = t
+    return torch.cat(parts, dim=0)
+
+
+def info_nce(
+    q_reps: torch.Tensor,  # (B, H)
+    d_reps: torch.Tensor,  # (B * (1 + N), H): query i's positive at i * (1 + N), its negatives after it
+    temperature: float,
+    doc_ids: torch.Tensor | None = None,  # (B * (1 + N),) integer document ids
+    pos_ids: torch.Tensor | None = None,  # (B, P) every known positive of each query, -1 padded
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """InfoNCE over every document of every rank; returns (loss, logits).
+
+    Logits are (world*B, world*B*(1+N)): each rank scores all gathered queries against all gathered
+    documents, so the gradients of every rank's embeddings are exact after DDP's averaging. A known
+    positive of a query that is not its target is masked out rather than used as a negative.
+    """
+    q_all, d_all = gather_with_grad(q_reps), gather_with_grad(d_reps)
+    logits = (q_all @ d_all.T).float() / temperature  # (W*B, W*B*(1+N))
+    group = d_all.shape[0] // q_all.shape[0]
+    target = torch.arange(q_all.shape[0], device=logits.device) * group
+    if doc_ids is not None and pos_ids is not None:
+        doc_all, pos_all = gather_with_grad(doc_ids), gather_with_grad(pos_ids)
+        known = (doc_all[None, :, None] == pos_all[:, None, :]).any(-1)  # (W*B, W*B*(1+N))
+        known[torch.arange(len(target)), target] = False
+        logits = logits.masked_fill(known, torch.finfo(logits.dtype).min)
+    loss = F.cross_entropy(logits, target) * world_size()  # the one world-size correction
+    return loss, logits
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics (BEIR's definitions, computed by pytrec_eval)
+
+
+def truncate_run(results: dict[str, dict[str, float]], k: int) -> dict[str, dict[str, float]]:
+    """Top-k per query in trec_eval's order (score descending, then doc id descending)."""
+    return {
+        qid: dict(sorted(docs.items(), key=lambda x: (x[1], x[0]), reverse=True)[:k]) for qid, docs in results.items()
+    }
+
+
+def per_query_metrics(
+    qrels: dict[str, dict[str, int]],
+    results: dict[str, dict[str, float]],
+    k_values: Sequence[int] = K_VALUES,
+    ignore_identical_ids: bool = False,
+) -> dict[str, dict[str, float]]:
+    """Per-query NDCG@10, Recall@k, MAP@100, MRR@10 for every judged query (missing runs score 0).
+
+    `ignore_identical_ids` drops a retrieved doc whose id equals the query id (BEIR's default, off
+    here): the count of what was dropped is printed, never silent.
+    """
+    import pytrec_eval
+
+    if ignore_identical_ids:
+        dropped = sum(1 for q, docs in results.items() if q in docs)
+        results = {q: {d: s for d, s in docs.items() if d != q} for q, docs in results.items()}
+        print(f"ignore_identical_ids: dropped {dropped} retrieved documents whose id equals the query id")
+    results = {q: {d: float(s) for d, s in docs.items()} for q, docs in results.items() if q in qrels}
+    ks = ",".join(str(k) for k in k_values)
+    evaluator = pytrec_eval.RelevanceEvaluator(qrels, {f"ndcg_cut.{ks}", f"recall.{ks}", "map_cut.100"})
+    scores = evaluator.evaluate(results)
+    rr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(truncate_run(results, 10))
+    out = {}
+    for qid in qrels:
+        s = scores.get(qid, {})
+        row = {f"NDCG@{k}": s.get(f"ndcg_cut_{k}", 0.0) for k in k_values if k == 10}
+        row.update({f"Recall@{k}": s.get(f"recall_{k}", 0.0) for k in k_values})
+        row["MAP@100"] = s.get("map_cut_100", 0.0)
+        row["MRR@10"] = rr.get(qid, {}).get("recip_rank", 0.0)
+        out[qid] = row
+    return out
+
+
+def evaluate_run(qrels: dict, results: dict, **kwargs) -> dict[str, float]:
+    """Metrics averaged over the split's judged queries."""
+    per_query = per_query_metrics(qrels, results, **kwargs)
+    names = next(iter(per_query.values())).keys()
+    return {m: float(np.mean([row[m] for row in per_query.values()])) for m in names}
+
+
+def format_table(rows: dict[str, dict[str, object]], columns: Iterable[str] = TABLE_COLUMNS) -> str:
+    """A Markdown table, one row per model; cells are floats (4 places) or preformatted strings."""
+    columns = list(columns)
+    lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, metrics in rows.items():
+        cells = [f"{metrics[c]:.4f}" if isinstance(metrics.get(c), float) else str(metrics.get(c, "")) for c in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Run files and small helpers
+
+
+def write_trec(path: Path, results: dict[str, dict[str, float]], tag: str, top_k: int) -> None:
+    """TREC run `qid Q0 docid rank score tag`; scores as repr so reading them back is lossless."""
+    lines = []
+    for qid, docs in truncate_run(results, top_k).items():
+        for rank, (did, score) in enumerate(docs.items(), 1):
+            lines.append(f"{qid} Q0 {did} {rank} {float(score)!r} {tag}\n")
+    atomic_write_text(path, "".join(lines))
+
+
+def read_trec(path: Path) -> dict[str, dict[str, float]]:
+    run: dict[str, dict[str, float]] = {}
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            parts = line.split()
+            if len(parts) != 6:
+                raise DataError(f"{path}:{lineno}: expected 6 columns in a TREC run, got {len(parts)}")
+            run.setdefault(parts[0], {})[parts[2]] = float(parts[4])
+    return run
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    """Write to a temp file in the same folder, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def autocast(device: torch.device | str, bf16: bool = False, fp16: bool = False):
+    """Autocast for the chosen dtype, or a no-op context in fp32."""
+    device_type = torch.device(device).type
+    if bf16 or fp16:
+        return torch.autocast(device_type, dtype=torch.bfloat16 if bf16 else torch.float16)
+    return nullcontext()
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

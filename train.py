@@ -16,7 +16,6 @@ import math
 import os
 import random
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -344,6 +343,13 @@ def main(kind: str, argv: list[str] | None = None) -> None:
     resume = targs.resume_from_checkpoint
     if resume in ("last", "True", "true"):
         resume = get_last_checkpoint(targs.output_dir)
+        if resume is None:
+            fail(f"--resume_from_checkpoint last: no checkpoint in {targs.output_dir}")
+    if resume and not (Path(resume) / "trainer_state.json").is_file():
+        fail(f"{resume}: not a complete checkpoint (trainer_state.json missing)")
+    if resume and trainer.is_world_process_zero():
+        step = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"]
+        print(f"{kind}: resuming from {resume} at step {step}", flush=True)
     if trainer.is_world_process_zero():
         print(
             f"{kind}: {len(train_set)} training pairs ({len(train_qrels)} queries), {len(dev_qrels)} dev queries, "

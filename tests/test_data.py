@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, SCIFACT, needs_shared, write_tiny_beir
+
 from utils import DataError, load_beir, resolve_data_dir, split_dev
 
 

@@ -4,8 +4,8 @@ import os
 
 import pytest
 import torch
-
 from conftest import MINILM, needs_shared
+
 from model import (
     BiEncoder,
     Routing,

@@ -1,0 +1,127 @@
+"""Training: exact cross-device InfoNCE, false-negative masking, end-to-end runs, faults and resume."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT
+
+from utils import info_nce
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+
+
+def run(script, *args, check=True, timeout=300):
+    proc = subprocess.run(
+        [sys.executable, script, *map(str, args)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stdout[-3000:] + proc.stderr[-3000:])
+    return proc
+
+
+def train_args(backbone, data, out, *extra):
+    return ["--model_name_or_path", backbone, "--data_dir", data, "--output_dir", out, "--per_device_train_batch_size",
+            4, "--num_experts", 4, "--logging_steps", 1, "--use_cpu", "--dev_fraction", 0.2, *extra]  # fmt: skip
+
+
+def test_same_query_twice_masks_its_positive_as_negative():
+    q = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    d = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)  # (B*(1+N)) with N = 1
+    doc_ids = torch.tensor([10, 11, 12, 13, 10, 14])  # queries 0 and 2 share positive 10 (same query twice)
+    pos_ids = torch.tensor([[10], [12], [10]])
+    loss, logits = info_nce(q, d, 0.05, doc_ids, pos_ids)
+    floor = torch.finfo(logits.dtype).min
+    assert logits[0, 4] == floor and logits[2, 0] == floor  # the other copy is not a negative
+    assert logits[0, 0] > floor and logits[2, 4] > floor  # each keeps its own target
+    assert (logits > floor).sum() == 18 - 2
+    unmasked, _ = info_nce(q, d, 0.05)
+    assert not torch.isclose(loss, unmasked)
+
+
+def test_torchrun_two_processes_equal_one_process_step(tiny_backbone, tmp_path):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from ddp_batch import global_batch, tiny_model
+
+    out = tmp_path / "ddp.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           str(ROOT / "tests" / "ddp_check.py"), str(tiny_backbone), str(out), str(ROOT / "tests")]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = torch.load(out, weights_only=True)
+    model = tiny_model(str(tiny_backbone))
+    ref = model(**global_batch())
+    ref.loss.backward()
+    assert ddp["logits_shape"] == (4, 8)  # world*B queries against world*B*(1+N) documents
+    assert torch.allclose(ddp["loss"], ref.loss.detach(), atol=1e-5)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(ddp["grads"]) == set(grads)
+    for name, g in grads.items():
+        assert torch.allclose(ddp["grads"][name], g, atol=1e-5), name
+
+
+@pytest.mark.parametrize("script", ["train.py", "train_sbmoe.py", "train_moe.py"])
+def test_two_steps_evaluate_and_resume(tiny_backbone, tiny_beir, tmp_path, script):
+    out = tmp_path / "ckpt"
+    args = train_args(tiny_backbone, tiny_beir, out, "--max_steps", 2, "--eval_strategy", "steps", "--eval_steps",
+                      2, "--save_strategy", "steps", "--save_steps", 2)  # fmt: skip
+    run(script, *args)
+    assert (out / "model.safetensors").is_file() and (out / "checkpoint-2").is_dir()
+    history = json.loads((out / "log_history.json").read_text())
+    assert any("eval_ndcg@10" in h for h in history) and any("contrastive_loss" in h for h in history)
+    if script != "train.py":
+        assert any(k.startswith("expert_share/") for h in history for k in h)
+    kind = {"train.py": "baseline", "train_sbmoe.py": "sbmoe", "train_moe.py": "moe"}[script]
+    res = run("eval.py", "--model", kind, "--checkpoint", out, "--data_dir", tiny_beir, "--output_dir", tmp_path / "ev")
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert 0 <= metrics[kind]["NDCG@10"] <= 1 and metrics["split"] == "test"
+    assert "NDCG@10" in res.stdout
+    args[args.index("--max_steps") + 1] = 4
+    resumed = run(script, *args, "--resume_from_checkpoint", out / "checkpoint-2")
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4 and f"resuming from {out / 'checkpoint-2'} at step 2" in resumed.stdout
+
+
+def test_non_finite_loss_stops_with_step_and_saves_nothing(tiny_backbone, tiny_beir, tmp_path):
+    out = tmp_path / "nan"
+    proc = run("train.py", *train_args(tiny_backbone, tiny_beir, out, "--temperature", 0), check=False)
+    assert proc.returncode != 0
+    assert "non-finite loss" in proc.stderr and "at step 1" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (out / "model.safetensors").exists() and not list(out.glob("checkpoint-*"))
+
+
+def test_unknown_flag_and_empty_training_set_are_one_line_errors(tiny_backbone, tiny_beir, tmp_path):
+    proc = run("train.py", *train_args(tiny_backbone, tiny_beir, tmp_path / "x", "--no_such_flag", 1), check=False)
+    assert proc.returncode != 0 and "--no_such_flag" in proc.stderr and "Traceback" not in proc.stderr
+    (tiny_beir / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n")
+    proc = run("train.py", *train_args(tiny_backbone, tiny_beir, tmp_path / "y"), check=False)
+    assert proc.returncode != 0 and "train.tsv: no judgments" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_killed_mid_run_resumes_and_finishes(tiny_backbone, tiny_beir, tmp_path):
+    out = tmp_path / "kill"
+    args = train_args(tiny_backbone, tiny_beir, out, "--max_steps", 400, "--save_strategy", "steps", "--save_steps",
+                      1, "--eval_strategy", "no", "--load_best_model_at_end", "false", "--save_total_limit", 3)  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "train.py", *map(str, args)], cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.glob("checkpoint-*"))) < 2:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(out.glob("checkpoint-*")), "no checkpoint before the kill"
+    for ckpt in out.glob("checkpoint-*"):  # every visible checkpoint is complete
+        assert (ckpt / "trainer_state.json").is_file() and (ckpt / "model.safetensors").is_file()
+    last = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    shutil.rmtree(out / ".staging", ignore_errors=True)
+    args[args.index("--max_steps") + 1] = last + 2
+    run("train.py", *args, "--resume_from_checkpoint", "last")
+    assert (out / f"checkpoint-{last + 2}" / "trainer_state.json").is_file()
+    assert (out / "model.safetensors").is_file()

@@ -111,9 +111,14 @@ def retrieve(
     show_progress: bool = True,
 ) -> dict[str, dict[str, float]]:
     """results[qid][doc_id] = score, top-k by exact inner product."""
-    doc_ids, qids = list(corpus), list(queries)
     kw = dict(batch_size=batch_size, bf16=bf16, fp16=fp16, show_progress=show_progress)
-    d_emb = encode_texts(model, tokenizer, [doc_text(corpus[d]) for d in doc_ids], doc_max_length, desc="corpus", **kw)
+    d_emb = encode_texts(model, tokenizer, [doc_text(d) for d in corpus.values()], doc_max_length, desc="corpus", **kw)
+    return search_queries(model, tokenizer, d_emb, list(corpus), queries, top_k, query_max_length, **kw)
+
+
+def search_queries(model, tokenizer, d_emb, doc_ids, queries, top_k, query_max_length, **kw) -> dict:
+    """Encode the queries and search an already encoded corpus (one corpus pass serves many splits)."""
+    qids = list(queries)
     q_emb = encode_texts(model, tokenizer, [queries[q] for q in qids], query_max_length, desc="queries", **kw)
     return search(q_emb, d_emb, doc_ids, qids, top_k)
 
@@ -135,7 +140,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint", nargs="+", help="checkpoint dir per model (default checkpoints/<model>)")
     p.add_argument("--dataset", default=None, help="BEIR dataset under $BEIR_DATA_DIR (default scifact)")
     p.add_argument("--data_dir", default=None, help="a BEIR folder (overrides --dataset)")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", nargs="+", default=["test"], help="one split, or several (corpus encoded once)")
     p.add_argument("--output_dir", default="results/eval")
     p.add_argument("--top_k", type=int, default=100)
     p.add_argument("--query_max_length", type=int, default=64)
@@ -178,42 +183,50 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     try:
         data_dir = resolve_data_dir(args.dataset, args.data_dir)
-        corpus, queries, qrels = load_beir(data_dir, args.split)
+        splits = {split: load_beir(data_dir, split) for split in args.split}
     except DataError as exc:
         fail(str(exc))
-    out_dir = Path(args.output_dir)
-    rows, checkpoints = {}, {}
+    corpus = next(iter(splits.values()))[0]
+    dataset = args.dataset or str(data_dir)
+    dtype = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    rows = {split: {} for split in splits}
+    checkpoints = {}
     for i, name in enumerate(args.model):
         try:
             model, tokenizer, source = load_for_eval(name, args.checkpoint[i] if args.checkpoint else None, args)
         except DataError as exc:
             fail(str(exc))
         tag = args.tag if args.tag and len(args.model) == 1 else name
-        start = time.perf_counter()
-        results = retrieve(
-            model, tokenizer, corpus, queries, top_k=args.top_k, query_max_length=args.query_max_length,
-            doc_max_length=args.doc_max_length, batch_size=args.batch_size, bf16=args.bf16, fp16=args.fp16,
-        )  # fmt: skip
-        elapsed = time.perf_counter() - start
-        per_query = per_query_metrics(qrels, results, ignore_identical_ids=args.ignore_identical_ids)
-        names = next(iter(per_query.values())).keys()
-        rows[tag] = {m: float(np.mean([r[m] for r in per_query.values()])) for m in names}
         checkpoints[tag] = str(source)
-        write_trec(out_dir / f"{tag}.trec", results, tag, args.top_k)
-        atomic_write_text(out_dir / f"{tag}.perquery.json", json.dumps(per_query, indent=1))
-        print(f"{tag}: {len(queries)} queries, {len(corpus)} docs, retrieval {elapsed:.1f}s", flush=True)
-    dtype = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
-    summary = {
-        **rows,
-        "split": args.split,
-        "dataset": args.dataset or str(data_dir),
-        "checkpoints": checkpoints,
-        "dtype": dtype,
-    }
-    atomic_write_text(out_dir / "metrics.json", json.dumps(summary, indent=2))
-    print(f"\n{args.dataset or data_dir} / {args.split} ({len(qrels)} judged queries, {dtype})")
-    print(format_table(rows, TABLE_COLUMNS))
-    return summary
+        kw = dict(batch_size=args.batch_size, bf16=args.bf16, fp16=args.fp16)
+        start = time.perf_counter()
+        texts = [doc_text(d) for d in corpus.values()]
+        d_emb = encode_texts(model, tokenizer, texts, args.doc_max_length, desc="corpus", **kw)
+        for split, (_, queries, qrels) in splits.items():
+            results = search_queries(
+                model, tokenizer, d_emb, list(corpus), queries, args.top_k, args.query_max_length, **kw
+            )
+            per_query = per_query_metrics(qrels, results, ignore_identical_ids=args.ignore_identical_ids)
+            names = next(iter(per_query.values())).keys()
+            rows[split][tag] = {m: float(np.mean([r[m] for r in per_query.values()])) for m in names}
+            out_dir = split_dir(args, split)
+            write_trec(out_dir / f"{tag}.trec", results, tag, args.top_k)
+            atomic_write_text(out_dir / f"{tag}.perquery.json", json.dumps(per_query, indent=1))
+        elapsed = time.perf_counter() - start
+        print(f"{tag}: {len(corpus)} docs, splits {', '.join(splits)}, retrieval {elapsed:.1f}s", flush=True)
+    summaries = {}
+    for split, split_rows in rows.items():
+        summary = {**split_rows, "split": split, "dataset": dataset, "checkpoints": checkpoints, "dtype": dtype}
+        atomic_write_text(split_dir(args, split) / "metrics.json", json.dumps(summary, indent=2))
+        print(f"\n{dataset} / {split} ({len(splits[split][2])} judged queries, {dtype})")
+        print(format_table(split_rows, TABLE_COLUMNS))
+        summaries[split] = summary
+    return summaries[args.split[0]] if len(summaries) == 1 else summaries
+
+
+def split_dir(args, split: str) -> Path:
+    """--output_dir itself for one split; a subfolder per split when several are evaluated at once."""
+    return Path(args.output_dir) if len(args.split) == 1 else Path(args.output_dir) / split
 
 
 if __name__ == "__main__":

@@ -125,3 +125,19 @@ def test_killed_mid_run_resumes_and_finishes(tiny_backbone, tiny_beir, tmp_path)
     run("train.py", *args, "--resume_from_checkpoint", "last")
     assert (out / f"checkpoint-{last + 2}" / "trainer_state.json").is_file()
     assert (out / "model.safetensors").is_file()
+
+
+def test_reproduce_smoke_builds_table_and_skips_finished_runs(tiny_backbone, tiny_beir, tmp_path):
+    env_root = str(tiny_beir.parent)
+    args = ["reproduce.py", "--model_name_or_path", tiny_backbone, "--dataset", "tiny", "--seeds", "2", "--models",
+            "baseline", "sbmoe", "--out", tmp_path / "res", "--ckpt_root", tmp_path / "ck", "--smoke", "--extra",
+            "--per_device_train_batch_size", "4", "--num_experts", "4", "--use_cpu"]  # fmt: skip
+    env = {**ENV, "BEIR_DATA_DIR": env_root}
+    first = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    table = (tmp_path / "res" / "table1.md").read_text()
+    for row in ("| BM25 |", "| zero-shot |", "| baseline |", "| sbmoe"):
+        assert row in table
+    assert "randomisation p" in table and "train NDCG@10" in table
+    second = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert second.returncode == 0 and "+ " not in second.stdout  # nothing re-run

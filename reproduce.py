@@ -1,0 +1,262 @@
+"""Table 1 and Figure 1 of the paper, measured on the test split: `make reproduce` runs this.
+
+Trains baseline, SB-MoE and MoE for each seed (skipping finished runs, resuming interrupted ones),
+evaluates every checkpoint on the test split and, for the leakage column, on the train queries
+(one corpus pass for both), adds BM25 and the zero-shot backbone, then writes
+`<out>/table1.md`, `<out>/table1.json`, `<out>/fig1_training.png` and `<out>/fig2_experts.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from utils import (
+    TABLE_COLUMNS,
+    atomic_write_text,
+    bm25_search,
+    fail,
+    load_beir,
+    per_query_metrics,
+    resolve_data_dir,
+    write_trec,
+)
+
+SCRIPTS = {"baseline": "train.py", "sbmoe": "train_sbmoe.py", "moe": "train_moe.py"}
+RECIPE = ["--num_train_epochs", "2", "--doc_max_length", "128"]
+SMOKE = ["--max_steps", "2", "--doc_max_length", "32", "--eval_strategy", "no", "--load_best_model_at_end", "false",
+         "--save_strategy", "no"]  # fmt: skip
+
+
+def sh(cmd: list[str], log: Path) -> None:
+    """Run a step, teeing its output to a log; stop the whole reproduction if it fails."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print("+", " ".join(cmd), flush=True)
+    with open(log, "a", encoding="utf-8") as fh:
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        fail(f"step failed (exit {proc.returncode}); see {log}")
+
+
+def train_all(args, seeds: list[int]) -> None:
+    for seed in seeds:
+        for kind in args.models:
+            run_dir = Path(args.ckpt_root) / f"seed{seed}" / kind
+            if (run_dir / "model.safetensors").is_file() and (run_dir / "log_history.json").is_file():
+                continue  # finished earlier
+            cmd = [sys.executable, SCRIPTS[kind], "--model_name_or_path", args.model_name_or_path,
+                   "--dataset", args.dataset, "--seed", str(seed), "--output_dir", str(run_dir),
+                   *(SMOKE if args.smoke else RECIPE), *args.extra]  # fmt: skip
+            if any(run_dir.glob("checkpoint-*/trainer_state.json")):
+                cmd += ["--resume_from_checkpoint", "last"]
+            sh(cmd, Path(args.out) / "logs" / f"train_{kind}_seed{seed}.log")
+
+
+def eval_all(args, seeds: list[int]) -> None:
+    length = ["--doc_max_length", "32"] if args.smoke else []
+    for seed in seeds:
+        out = Path(args.out) / f"seed{seed}"
+        if all((out / s / "metrics.json").is_file() for s in ("test", "train")):
+            done = json.loads((out / "test" / "metrics.json").read_text())
+            if all(k in done for k in args.models):
+                continue
+        ckpts = [str(Path(args.ckpt_root) / f"seed{seed}" / k) for k in args.models]
+        sh([sys.executable, "eval.py", "--model", *args.models, "--checkpoint", *ckpts, "--dataset", args.dataset,
+            "--split", "test", "train", "--output_dir", str(out), *length],
+           Path(args.out) / "logs" / f"eval_seed{seed}.log")  # fmt: skip
+    zs = Path(args.out) / "zeroshot"
+    if not (zs / "train" / "metrics.json").is_file():
+        sh([sys.executable, "eval.py", "--model", "zeroshot", "--model_name_or_path", args.model_name_or_path,
+            "--dataset", args.dataset, "--split", "test", "train", "--output_dir", str(zs), *length],
+           Path(args.out) / "logs" / "eval_zeroshot.log")  # fmt: skip
+    bm = Path(args.out) / "bm25"
+    if not (bm / "train" / "metrics.json").is_file():
+        data_dir = resolve_data_dir(args.dataset, None)
+        for split in ("test", "train"):
+            corpus, queries, qrels = load_beir(data_dir, split)
+            run = bm25_search(corpus, queries, top_k=100)
+            per_query = per_query_metrics(qrels, run)
+            write_trec(bm / split / "bm25.trec", run, "bm25", 100)
+            atomic_write_text(bm / split / "bm25.perquery.json", json.dumps(per_query, indent=1))
+            summary = {"bm25": mean_metrics(per_query), "split": split, "dataset": args.dataset}
+            atomic_write_text(bm / split / "metrics.json", json.dumps(summary, indent=2))
+
+
+def mean_metrics(per_query: dict) -> dict[str, float]:
+    names = next(iter(per_query.values())).keys()
+    return {m: float(np.mean([r[m] for r in per_query.values()])) for m in names}
+
+
+def per_query(folder: Path, name: str) -> dict:
+    return json.loads((folder / f"{name}.perquery.json").read_text())
+
+
+# --------------------------------------------------------------------------------------------
+# Table 1
+
+
+def paired_tests(a: np.ndarray, b: np.ndarray, n_perm: int = 10000, seed: int = 0) -> dict[str, float]:
+    """Paired t-test and a two-sided paired randomisation (sign-flip) test of mean(a - b)."""
+    from scipy import stats
+
+    diff = a - b
+    t = stats.ttest_rel(a, b)
+    rng = np.random.default_rng(seed)
+    flips = rng.choice([-1.0, 1.0], size=(n_perm, len(diff)))
+    null = np.abs((flips * diff).mean(1))
+    p_rand = (1 + np.sum(null >= abs(diff.mean()) - 1e-12)) / (n_perm + 1)
+    return {"mean_diff": float(diff.mean()), "t_pvalue": float(t.pvalue), "rand_pvalue": float(p_rand)}
+
+
+def build_table(args, seeds: list[int]) -> dict:
+    out = Path(args.out)
+    table, tests = {}, {}
+    test_pq = {}
+    for name, folders in (("BM25", [out / "bm25"]), ("zero-shot", [out / "zeroshot"])):
+        tag = "bm25" if name == "BM25" else "zeroshot"
+        table[name] = summarise([per_query(f / "test", tag) for f in folders], [per_query(f / "train", tag) for f in folders])
+    for kind in args.models:
+        test_runs = [per_query(out / f"seed{s}" / "test", kind) for s in seeds]
+        train_runs = [per_query(out / f"seed{s}" / "train", kind) for s in seeds]
+        table[kind] = summarise(test_runs, train_runs)
+        qids = sorted(test_runs[0])
+        test_pq[kind] = np.mean([[run[q]["NDCG@10"] for q in qids] for run in test_runs], axis=0)  # seed-mean
+    if "baseline" in test_pq:
+        for kind in args.models:
+            if kind != "baseline":
+                tests[kind] = paired_tests(test_pq[kind], test_pq["baseline"])
+    return {"rows": table, "tests": tests, "seeds": seeds}
+
+
+def summarise(test_runs: list[dict], train_runs: list[dict]) -> dict:
+    """Mean and std over seeds of each metric (test), plus NDCG@10 and Recall@10 on the train queries."""
+    row = {}
+    for col in TABLE_COLUMNS:
+        vals = [mean_metrics(r)[col] for r in test_runs]
+        row[col] = (float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0)
+    for col in ("NDCG@10", "Recall@10"):
+        vals = [mean_metrics(r)[col] for r in train_runs]
+        row[f"train {col}"] = (float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0)
+    return row
+
+
+def render(result: dict) -> str:
+    cols = [*TABLE_COLUMNS, "train NDCG@10", "train Recall@10"]
+    n = len(result["seeds"])
+    lines = [f"SciFact test (300 queries); trained models: mean ± std over {n} seed(s) {result['seeds']}. "
+             "Last two columns: the same models on the 809 *train* queries (the paper's leaky protocol).", "",
+             "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]  # fmt: skip
+    for name, row in result["rows"].items():
+        mark = ""
+        if name in result["tests"]:
+            t = result["tests"][name]
+            mark = " †" if t["t_pvalue"] < 0.05 and t["rand_pvalue"] < 0.05 else ""
+        cells = []
+        for c in cols:
+            m, s = row[c]
+            cells.append(f"{m:.4f} ± {s:.4f}" if name not in ("BM25", "zero-shot") else f"{m:.4f}")
+        lines.append(f"| {name}{mark} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for name, t in result["tests"].items():
+        verdict = "significant" if t["t_pvalue"] < 0.05 and t["rand_pvalue"] < 0.05 else "not significant (inside the noise)"
+        lines.append(f"- {name} vs baseline, test NDCG@10 per query (seed-averaged), paired: difference "
+                     f"{t['mean_diff']:+.4f}, t-test p = {t['t_pvalue']:.3g}, randomisation p = {t['rand_pvalue']:.3g}: "
+                     f"{verdict}.")  # fmt: skip
+    lines.append("- † marks a difference from the baseline significant at 0.05 in both paired tests.")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Figures
+
+
+def figures(args, seeds: list[int]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(args.out)
+    fig, (ax_loss, ax_dev) = plt.subplots(1, 2, figsize=(10, 4))
+    shares = {}
+    for kind in args.models:
+        losses, devs = [], []
+        for s in seeds:
+            hist = json.loads((Path(args.ckpt_root) / f"seed{s}" / kind / "log_history.json").read_text())
+            by_epoch: dict[int, list[float]] = {}
+            for h in hist:
+                if "loss" in h and "epoch" in h:
+                    by_epoch.setdefault(int(np.ceil(h["epoch"] - 1e-9)), []).append(h["loss"])
+            losses.append([np.mean(by_epoch[e]) for e in sorted(by_epoch)])
+            devs.append([h["eval_ndcg@10"] for h in hist if "eval_ndcg@10" in h])
+            keys = sorted({k for h in hist for k in h if k.startswith("expert_share/")})
+            if keys:
+                shares.setdefault(kind, []).append([np.mean([h[k] for h in hist if k in h]) for k in keys])
+                shares.setdefault(f"{kind}_keys", keys)
+        for ax, curves in ((ax_loss, losses), (ax_dev, devs)):
+            n = min(len(c) for c in curves)
+            if n == 0:
+                continue
+            arr = np.array([c[:n] for c in curves])
+            x = np.arange(1, n + 1)
+            ax.plot(x, arr.mean(0), marker="o", label=kind)
+            if len(curves) > 1:
+                ax.fill_between(x, arr.min(0), arr.max(0), alpha=0.2)
+    ax_loss.set(title="training loss per epoch", xlabel="epoch", ylabel="InfoNCE (+ aux)")
+    ax_dev.set(title="dev NDCG@10 per epoch", xlabel="epoch", ylabel="NDCG@10")
+    for ax in (ax_loss, ax_dev):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"SciFact train, mean over {len(seeds)} seed(s); band = min..max")
+    fig.tight_layout()
+    fig.savefig(out / "fig1_training.png", dpi=120)
+    plt.close(fig)
+    kinds = [k for k in args.models if k in shares]
+    if kinds:
+        fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 3.5), squeeze=False)
+        for ax, kind in zip(axes[0], kinds):
+            keys, vals = shares[f"{kind}_keys"], np.mean(shares[kind], axis=0)
+            blocks = sorted({k.split("/")[1] for k in keys})
+            n_exp = len(keys) // len(blocks)
+            width = 0.8 / len(blocks)
+            for b, block in enumerate(blocks):
+                v = [vals[keys.index(f"expert_share/{block}/e{e}")] for e in range(n_exp)]
+                ax.bar(np.arange(n_exp) + b * width, v, width, label=f"MoE block {block[1:]}")
+            ax.axhline(1 / n_exp, color="k", ls="--", lw=0.8, label="uniform")
+            ax.set(title=f"{kind}: share of routed inputs per expert", xlabel="expert", ylabel="share")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "fig2_experts.png", dpi=120)
+        plt.close(fig)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_name_or_path", required=True)
+    p.add_argument("--dataset", default="scifact")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 42, 43, ...")
+    p.add_argument("--models", nargs="+", default=list(SCRIPTS), choices=list(SCRIPTS))
+    p.add_argument("--out", default="results/scifact")
+    p.add_argument("--ckpt_root", default="checkpoints/scifact")
+    p.add_argument("--smoke", action="store_true", help="2 training steps, 32-token documents: checks the plumbing")
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further training flags, passed through")
+    args = p.parse_args(argv)
+    seeds = [42 + i for i in range(args.seeds)]
+    train_all(args, seeds)
+    eval_all(args, seeds)
+    result = build_table(args, seeds)
+    text = render(result)
+    atomic_write_text(Path(args.out) / "table1.md", text)
+    atomic_write_text(Path(args.out) / "table1.json", json.dumps(result, indent=2))
+    if not args.smoke:
+        figures(args, seeds)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

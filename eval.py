@@ -32,6 +32,7 @@ from utils import (
     format_table,
     load_beir,
     per_query_metrics,
+    read_trec,
     resolve_data_dir,
     write_trec,
 )
@@ -148,6 +149,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--inference_mode", choices=["top1", "all"], help="SB-MoE routing at inference")
     p.add_argument("--ignore_identical_ids", action="store_true", help="drop docs whose id equals the query id")
+    p.add_argument("--verify", action="store_true", help="re-score the written .trec with pytrec_eval and compare")
     p.add_argument("--tag", default=None, help="name of the row and the run file (default: the model name)")
     dtype = p.add_mutually_exclusive_group()
     dtype.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU or GPU)")
@@ -211,6 +213,9 @@ def main(argv=None) -> dict:
             rows[split][tag] = {m: float(np.mean([r[m] for r in per_query.values()])) for m in names}
             out_dir = split_dir(args, split)
             write_trec(out_dir / f"{tag}.trec", results, tag, args.top_k)
+            if args.verify:
+                worst = verify_trec(out_dir / f"{tag}.trec", qrels, rows[split][tag])
+                print(f"{tag}/{split}: metrics match pytrec_eval on the .trec file (max |diff| {worst:.1e})")
             atomic_write_text(out_dir / f"{tag}.perquery.json", json.dumps(per_query, indent=1))
         elapsed = time.perf_counter() - start
         print(f"{tag}: {len(corpus)} docs, splits {', '.join(splits)}, retrieval {elapsed:.1f}s", flush=True)
@@ -222,6 +227,23 @@ def main(argv=None) -> dict:
         print(format_table(split_rows, TABLE_COLUMNS))
         summaries[split] = summary
     return summaries[args.split[0]] if len(summaries) == 1 else summaries
+
+
+def verify_trec(path: Path, qrels: dict, metrics: dict[str, float], tol: float = 1e-6) -> float:
+    """Re-read the written run and score it with pytrec_eval directly; fail if any printed metric differs."""
+    import pytrec_eval
+
+    run = read_trec(path)
+    ev = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.1,5,10,100"}).evaluate(run)
+    top10 = {q: dict(sorted(d.items(), key=lambda x: (x[1], x[0]), reverse=True)[:10]) for q, d in run.items()}
+    rr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(top10)
+    n = len(qrels)
+    ref = {"NDCG@10": sum(v["ndcg_cut_10"] for v in ev.values()) / n, "MRR@10": sum(v["recip_rank"] for v in rr.values()) / n}
+    ref.update({f"Recall@{k}": sum(v[f"recall_{k}"] for v in ev.values()) / n for k in (1, 5, 10, 100)})
+    worst = max(abs(ref[m] - metrics[m]) for m in TABLE_COLUMNS)
+    if worst > tol:
+        raise SystemExit(f"error: {path}: metrics differ from pytrec_eval on the run file by {worst:.2e}")
+    return worst
 
 
 def split_dir(args, split: str) -> Path:

@@ -67,12 +67,12 @@ def eval_all(args, seeds: list[int]) -> None:
                 continue
         ckpts = [str(Path(args.ckpt_root) / f"seed{seed}" / k) for k in args.models]
         sh([sys.executable, "eval.py", "--model", *args.models, "--checkpoint", *ckpts, "--dataset", args.dataset,
-            "--split", "test", "train", "--output_dir", str(out), *length],
+            "--split", "test", "train", "--output_dir", str(out), "--verify", *length],
            Path(args.out) / "logs" / f"eval_seed{seed}.log")  # fmt: skip
     zs = Path(args.out) / "zeroshot"
     if not (zs / "train" / "metrics.json").is_file():
         sh([sys.executable, "eval.py", "--model", "zeroshot", "--model_name_or_path", args.model_name_or_path,
-            "--dataset", args.dataset, "--split", "test", "train", "--output_dir", str(zs), *length],
+            "--dataset", args.dataset, "--split", "test", "train", "--output_dir", str(zs), "--verify", *length],
            Path(args.out) / "logs" / "eval_zeroshot.log")  # fmt: skip
     bm = Path(args.out) / "bm25"
     if not (bm / "train" / "metrics.json").is_file():

@@ -17,13 +17,14 @@ def test_zeroshot_end_to_end_metrics_equal_pytrec_eval_on_the_trec_file(tiny_bac
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "eval.py", "--model", "zeroshot", "--model_name_or_path", str(tiny_backbone),
-         "--pooling", "mean", "--data_dir", str(tiny_beir), "--output_dir", str(out), "--batch_size", "7"],
+         "--pooling", "mean", "--data_dir", str(tiny_beir), "--output_dir", str(out), "--batch_size", "7", "--verify"],
         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     header = next(line for line in proc.stdout.splitlines() if line.startswith("| model"))
     assert header.split("|")[2:8] == [f" {c} " for c in ("Recall@1", "Recall@5", "Recall@10", "Recall@100", "NDCG@10", "MRR@10")]
     assert "FAISS: exact inner product on CPU" in proc.stdout
+    assert "metrics match pytrec_eval on the .trec file" in proc.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["split"] == "test" and metrics["checkpoints"]["zeroshot"] == str(tiny_backbone)
     _, _, qrels = load_beir(tiny_beir, "test")

@@ -190,8 +190,8 @@ def figures(args, seeds: list[int]) -> None:
             hist = json.loads((Path(args.ckpt_root) / f"seed{s}" / kind / "log_history.json").read_text())
             by_epoch: dict[int, list[float]] = {}
             for h in hist:
-                if "loss" in h and "epoch" in h:
-                    by_epoch.setdefault(int(np.ceil(h["epoch"] - 1e-9)), []).append(h["loss"])
+                if "contrastive_loss" in h and "epoch" in h:  # without DDP's world-size factor
+                    by_epoch.setdefault(int(np.ceil(h["epoch"] - 1e-9)), []).append(h["contrastive_loss"])
             losses.append([np.mean(by_epoch[e]) for e in sorted(by_epoch)])
             devs.append([h["eval_ndcg@10"] for h in hist if "eval_ndcg@10" in h])
             keys = sorted({k for h in hist for k in h if k.startswith("expert_share/")})
@@ -207,7 +207,7 @@ def figures(args, seeds: list[int]) -> None:
             ax.plot(x, arr.mean(0), marker="o", label=kind)
             if len(curves) > 1:
                 ax.fill_between(x, arr.min(0), arr.max(0), alpha=0.2)
-    ax_loss.set(title="training loss per epoch", xlabel="epoch", ylabel="InfoNCE (+ aux)")
+    ax_loss.set(title="training InfoNCE loss per epoch", xlabel="epoch", ylabel="InfoNCE")
     ax_dev.set(title="dev NDCG@10 per epoch", xlabel="epoch", ylabel="NDCG@10")
     for ax in (ax_loss, ax_dev):
         ax.legend()

@@ -18,7 +18,6 @@ CKPT ?= checkpoints/scifact$(if $(SMOKE),-smoke)
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@

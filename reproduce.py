@@ -159,7 +159,8 @@ def render(result: dict) -> str:
         cells = []
         for c in cols:
             m, s = row[c]
-            cells.append(f"{m:.4f} ± {s:.4f}" if name not in ("BM25", "zero-shot") else f"{m:.4f}")
+            spread = name not in ("BM25", "zero-shot") and n > 1  # no spread to show from one seed
+            cells.append(f"{m:.4f} ± {s:.4f}" if spread else f"{m:.4f}")
         lines.append(f"| {name}{mark} | " + " | ".join(cells) + " |")
     lines.append("")
     for name, t in result["tests"].items():
@@ -167,7 +168,8 @@ def render(result: dict) -> str:
         lines.append(f"- {name} vs baseline, test NDCG@10 per query (seed-averaged), paired: difference "
                      f"{t['mean_diff']:+.4f}, t-test p = {t['t_pvalue']:.3g}, randomisation p = {t['rand_pvalue']:.3g}: "
                      f"{verdict}.")  # fmt: skip
-    lines.append("- † marks a difference from the baseline significant at 0.05 in both paired tests.")
+    lines.append("- † marks a difference from the baseline significant at 0.05 in both paired tests "
+                 "(over test queries; with one seed this ignores seed-to-seed variance).")
     return "\n".join(lines) + "\n"
 
 

@@ -3,6 +3,7 @@
     python bench.py encode   --model_name_or_path M    # eval.py's encoder vs sentence-transformers' encode
     python bench.py models   --model_name_or_path M    # baseline / SB-MoE / MoE: params, FLOPs, speed, memory
     python bench.py pipeline --model_name_or_path M    # our eval pipeline vs BEIR's DenseRetrievalExactSearch
+    python bench.py params   --model_name_or_path M    # parameter counts, also on the TinyBERT-6L shape
 
 Each writes a JSON next to its printed table (--output). On a subset of the corpus (--docs N) the
 numbers are per-document rates, so they compare across subset sizes.
@@ -274,9 +275,34 @@ def bench_pipeline(args) -> dict:
     return report
 
 
+# --------------------------------------------------------------------------------------------
+# params: total and active parameters on the given backbone and on the paper's TinyBERT-6L shape
+
+
+TINYBERT_6L = dict(hidden_size=768, num_hidden_layers=6, num_attention_heads=12, intermediate_size=3072,
+                   vocab_size=30522)  # huawei-noah/TinyBERT_General_6L_768D  # fmt: skip
+
+
+def bench_params(args) -> dict:
+    import tempfile
+
+    from transformers import BertConfig, BertModel
+
+    report = {"backbones": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        BertModel(BertConfig(**TINYBERT_6L), add_pooling_layer=False).save_pretrained(tmp)  # random init
+        for name, path in ((args.model_name_or_path, args.model_name_or_path), ("TinyBERT-6L shape", tmp)):
+            rows = {k: count_parameters(build(k, path)) for k in KINDS}
+            report["backbones"][name] = rows
+            print(f"\n{name}")
+            for kind, c in rows.items():
+                print(f"  {kind:9s} total {c['total']:>12,}  active/token {c['active_per_token']:>12,}")
+    return report
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["encode", "models", "pipeline"])
+    p.add_argument("what", choices=["encode", "models", "pipeline", "params"])
     p.add_argument("--model_name_or_path", required=True)
     p.add_argument("--dataset", default="scifact")
     p.add_argument("--data_dir", default=None)
@@ -289,7 +315,9 @@ def main(argv=None) -> None:
     p.add_argument("--dtypes", default="cpu", help="'cpu' = fp32,bf16 (plus fp16 on a GPU), or a list")
     p.add_argument("--output", default=None, help="JSON report path (default results/bench/<what>.json)")
     args = p.parse_args(argv)
-    report = {"encode": bench_encode, "models": bench_models, "pipeline": bench_pipeline}[args.what](args)
+    report = {"encode": bench_encode, "models": bench_models, "pipeline": bench_pipeline, "params": bench_params}[
+        args.what
+    ](args)
     report["command"] = "python bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     report["peak_rss_mib_this_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = Path(args.output or f"results/bench/{args.what}.json")

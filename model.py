@@ -396,9 +396,8 @@ class TinyBERTMoERegular(BiEncoder):
         config = copy.deepcopy(dense.config)
         config.kind = cls.kind
         model = cls(config)
-        state = {k: v for k, v in dense.encoder.state_dict().items()}
-        missing, _ = model.encoder.load_state_dict(state, strict=False)
-        assert all(".intermediate." in k for k in missing), missing
+        missing, _ = model.encoder.load_state_dict(dense.encoder.state_dict(), strict=False)
+        assert all(".intermediate." in k for k in missing), missing  # only the new MoE blocks
         for i, block in zip(model.moe_layers, model.moe_blocks()):
             src = dense.encoder.encoder.layer[i]
             block.upcycle(src.intermediate.dense, src.output.dense)

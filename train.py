@@ -93,7 +93,6 @@ class RetrievalTrainingArguments(TrainingArguments):
     report_to: None | str | list[str] = field(default="none", metadata={"help": "none | tensorboard | ..."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "the dict collator needs every column"})
     dataloader_drop_last: bool = field(default=True, metadata={"help": "equal batches on every rank"})
-    save_safetensors: bool = field(default=True, metadata={"help": "kept for the record: always safetensors"})
     eval_batch_size: int = field(default=128, metadata={"help": "encoding batch size for dev evaluation"})
 
 

@@ -292,13 +292,13 @@ def per_query_metrics(
         print(f"ignore_identical_ids: dropped {dropped} retrieved documents whose id equals the query id")
     results = {q: {d: float(s) for d, s in docs.items()} for q, docs in results.items() if q in qrels}
     ks = ",".join(str(k) for k in k_values)
-    evaluator = pytrec_eval.RelevanceEvaluator(qrels, {f"ndcg_cut.{ks}", f"recall.{ks}", "map_cut.100"})
+    evaluator = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", f"recall.{ks}", "map_cut.100"})
     scores = evaluator.evaluate(results)
     rr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(truncate_run(results, 10))
     out = {}
     for qid in qrels:
         s = scores.get(qid, {})
-        row = {f"NDCG@{k}": s.get(f"ndcg_cut_{k}", 0.0) for k in k_values if k == 10}
+        row = {"NDCG@10": s.get("ndcg_cut_10", 0.0)}
         row.update({f"Recall@{k}": s.get(f"recall_{k}", 0.0) for k in k_values})
         row["MAP@100"] = s.get("map_cut_100", 0.0)
         row["MRR@10"] = rr.get(qid, {}).get("recip_rank", 0.0)

@@ -240,14 +240,15 @@ class ContrastiveTrainer(Trainer):
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staging = os.path.join(run_dir, ".staging")
         shutil.rmtree(staging, ignore_errors=True)
-        best = self.state.best_model_checkpoint
         self.args.output_dir = staging
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self.args.output_dir = run_dir
-        self.state.best_model_checkpoint = best
         final = os.path.join(run_dir, name)
+        if self.state.best_global_step:  # super() pointed it into the staging folder: point it at the real one
+            best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
+            self.state.best_model_checkpoint = best if best == final or os.path.isdir(best) else None
         if self.args.should_save:
             self.state.save_to_json(os.path.join(staging, name, "trainer_state.json"))
             shutil.rmtree(final, ignore_errors=True)

@@ -76,6 +76,8 @@ def test_two_steps_evaluate_and_resume(tiny_backbone, tiny_beir, tmp_path, scrip
                       2, "--save_strategy", "steps", "--save_steps", 2)  # fmt: skip
     run(script, *args)
     assert (out / "model.safetensors").is_file() and (out / "checkpoint-2").is_dir()
+    saved = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert saved["best_model_checkpoint"] == str(out / "checkpoint-2")  # the renamed folder, not the staging one
     history = json.loads((out / "log_history.json").read_text())
     assert any("eval_ndcg@10" in h for h in history) and any("contrastive_loss" in h for h in history)
     if script != "train.py":

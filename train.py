@@ -239,7 +239,8 @@ class ContrastiveTrainer(Trainer):
         run_dir = self._get_output_dir(trial=trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staging = os.path.join(run_dir, ".staging")
-        shutil.rmtree(staging, ignore_errors=True)
+        if self.args.should_save:  # only the saving rank touches the folders
+            shutil.rmtree(staging, ignore_errors=True)
         self.args.output_dir = staging
         try:
             super()._save_checkpoint(model, trial)

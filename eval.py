@@ -31,6 +31,7 @@ from utils import (
     fail,
     format_table,
     load_beir,
+    mean_metrics,
     per_query_metrics,
     read_trec,
     resolve_data_dir,
@@ -209,8 +210,7 @@ def main(argv=None) -> dict:
                 model, tokenizer, d_emb, list(corpus), queries, args.top_k, args.query_max_length, **kw
             )
             per_query = per_query_metrics(qrels, results, ignore_identical_ids=args.ignore_identical_ids)
-            names = next(iter(per_query.values())).keys()
-            rows[split][tag] = {m: float(np.mean([r[m] for r in per_query.values()])) for m in names}
+            rows[split][tag] = mean_metrics(per_query)
             out_dir = split_dir(args, split)
             write_trec(out_dir / f"{tag}.trec", results, tag, args.top_k)
             if args.verify:

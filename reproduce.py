@@ -22,6 +22,7 @@ from utils import (
     bm25_search,
     fail,
     load_beir,
+    mean_metrics,
     per_query_metrics,
     resolve_data_dir,
     write_trec,
@@ -85,11 +86,6 @@ def eval_all(args, seeds: list[int]) -> None:
             atomic_write_text(bm / split / "bm25.perquery.json", json.dumps(per_query, indent=1))
             summary = {"bm25": mean_metrics(per_query), "split": split, "dataset": args.dataset}
             atomic_write_text(bm / split / "metrics.json", json.dumps(summary, indent=2))
-
-
-def mean_metrics(per_query: dict) -> dict[str, float]:
-    names = next(iter(per_query.values())).keys()
-    return {m: float(np.mean([r[m] for r in per_query.values()])) for m in names}
 
 
 def per_query(folder: Path, name: str) -> dict:

@@ -306,11 +306,15 @@ def per_query_metrics(
     return out
 
 
-def evaluate_run(qrels: dict, results: dict, **kwargs) -> dict[str, float]:
-    """Metrics averaged over the split's judged queries."""
-    per_query = per_query_metrics(qrels, results, **kwargs)
+def mean_metrics(per_query: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Each metric averaged over the queries of a per-query table."""
     names = next(iter(per_query.values())).keys()
     return {m: float(np.mean([row[m] for row in per_query.values()])) for m in names}
+
+
+def evaluate_run(qrels: dict, results: dict, **kwargs) -> dict[str, float]:
+    """Metrics averaged over the split's judged queries."""
+    return mean_metrics(per_query_metrics(qrels, results, **kwargs))
 
 
 def format_table(rows: dict[str, dict[str, object]], columns: Iterable[str] = TABLE_COLUMNS) -> str:

@@ -35,6 +35,7 @@ from utils import (
     per_query_metrics,
     read_trec,
     resolve_data_dir,
+    truncate_run,
     write_trec,
 )
 
@@ -235,8 +236,7 @@ def verify_trec(path: Path, qrels: dict, metrics: dict[str, float], tol: float =
 
     run = read_trec(path)
     ev = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.1,5,10,100"}).evaluate(run)
-    top10 = {q: dict(sorted(d.items(), key=lambda x: (x[1], x[0]), reverse=True)[:10]) for q, d in run.items()}
-    rr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(top10)
+    rr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(truncate_run(run, 10))
     n = len(qrels)
     ref = {"NDCG@10": sum(v["ndcg_cut_10"] for v in ev.values()) / n, "MRR@10": sum(v["recip_rank"] for v in rr.values()) / n}
     ref.update({f"Recall@{k}": sum(v[f"recall_{k}"] for v in ev.values()) / n for k in (1, 5, 10, 100)})

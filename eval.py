@@ -194,7 +194,7 @@ def main(argv=None) -> dict:
     dataset = args.dataset or str(data_dir)
     dtype = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     rows = {split: {} for split in splits}
-    checkpoints = {}
+    checkpoints, seconds = {}, {}
     for i, name in enumerate(args.model):
         try:
             model, tokenizer, source = load_for_eval(name, args.checkpoint[i] if args.checkpoint else None, args)
@@ -218,11 +218,13 @@ def main(argv=None) -> dict:
                 worst = verify_trec(out_dir / f"{tag}.trec", qrels, rows[split][tag])
                 print(f"{tag}/{split}: metrics match pytrec_eval on the .trec file (max |diff| {worst:.1e})")
             atomic_write_text(out_dir / f"{tag}.perquery.json", json.dumps(per_query, indent=1))
-        elapsed = time.perf_counter() - start
+        elapsed = seconds[tag] = time.perf_counter() - start
         print(f"{tag}: {len(corpus)} docs, splits {', '.join(splits)}, retrieval {elapsed:.1f}s", flush=True)
     summaries = {}
     for split, split_rows in rows.items():
+        # retrieval_seconds: encoding the corpus and the queries of every split, search and metrics
         summary = {**split_rows, "split": split, "dataset": dataset, "checkpoints": checkpoints, "dtype": dtype}
+        summary["retrieval_seconds"] = seconds
         atomic_write_text(split_dir(args, split) / "metrics.json", json.dumps(summary, indent=2))
         print(f"\n{dataset} / {split} ({len(splits[split][2])} judged queries, {dtype})")
         print(format_table(split_rows, TABLE_COLUMNS))

@@ -27,6 +27,7 @@ def test_zeroshot_end_to_end_metrics_equal_pytrec_eval_on_the_trec_file(tiny_bac
     assert "metrics match pytrec_eval on the .trec file" in proc.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["split"] == "test" and metrics["checkpoints"]["zeroshot"] == str(tiny_backbone)
+    assert metrics["dtype"] == "fp32" and metrics["retrieval_seconds"]["zeroshot"] > 0
     _, _, qrels = load_beir(tiny_beir, "test")
     run = read_trec(out / "zeroshot.trec")
     assert set(run) == set(qrels) and all(len(docs) == 60 for docs in run.values())  # top_k capped at the corpus

@@ -144,5 +144,8 @@ def test_reproduce_smoke_builds_table_and_skips_finished_runs(tiny_backbone, tin
     for row in ("| BM25 |", "| zero-shot |", "| baseline |", "| sbmoe"):
         assert row in table
     assert "randomisation p" in table and "train NDCG@10" in table
+    assert "Per seed: seed 42 " in table and ", seed 43 " in table  # per-seed paired tests beside the pooled one
+    result = json.loads((tmp_path / "res" / "table1.json").read_text())
+    assert result["seeds"] == [42, 43] and len(result["tests"]["sbmoe"]["per_seed"]) == 2
     second = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True)
     assert second.returncode == 0 and "+ " not in second.stdout  # nothing re-run

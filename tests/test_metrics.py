@@ -65,3 +65,30 @@ def test_trec_round_trip_keeps_every_metric(tmp_path):
     assert a == b
     first = (tmp_path / "run.trec").read_text().splitlines()[0].split()
     assert first[1] == "Q0" and first[3] == "1" and first[5] == "tag"
+
+
+def test_compare_pairs_per_query_files_and_rejects_mismatched_queries(tmp_path, capsys):
+    import json
+
+    from scipy import stats
+
+    import compare
+
+    qrels, run = random_case(5)
+    rng = random.Random(0)
+    other = {q: {d: s + rng.random() for d, s in docs.items()} for q, docs in run.items()}  # a reshuffled ranking
+    a, b = per_query_metrics(qrels, run), per_query_metrics(qrels, other)
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    got = compare.main([str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    qids = sorted(a)
+    x, y = [a[q]["NDCG@10"] for q in qids], [b[q]["NDCG@10"] for q in qids]
+    assert len(set(x) ^ set(y)) > 0  # the runs differ, so the tests have something to find
+    assert got["mean_diff"] == pytest.approx(sum(x) / len(x) - sum(y) / len(y), abs=1e-12)
+    assert got["t_pvalue"] == pytest.approx(stats.ttest_rel(x, y).pvalue)
+    assert 0 < got["rand_pvalue"] <= 1 and "randomisation p" in capsys.readouterr().out
+    del b[qids[0]]
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    with pytest.raises(SystemExit) as exc:
+        compare.main([str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    assert exc.value.code == 2 and "score different queries" in capsys.readouterr().err

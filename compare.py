@@ -1,0 +1,53 @@
+"""Paired significance test of two runs on the same queries, from eval.py's per-query files.
+
+    python compare.py A.perquery.json B.perquery.json [--metric NDCG@10]
+
+Prints mean(A) - mean(B) of the metric over the queries both files score, with a paired t-test and a
+two-sided paired randomisation test (reproduce.paired_tests, the test behind Table 1). Use it for
+ablations: a variant's run against the baseline's run of the same seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from reproduce import paired_tests
+from utils import TABLE_COLUMNS, fail
+
+
+def load(path: str, metric: str) -> dict[str, float]:
+    try:
+        per_query = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        fail(f"{path}: cannot read a per-query JSON file ({exc})")
+    try:
+        return {q: float(m[metric]) for q, m in per_query.items()}
+    except (KeyError, TypeError, AttributeError):
+        fail(f"{path}: not eval.py's per-query format or no {metric!r} per query")
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("a", help="per-query JSON of the run under test")
+    p.add_argument("b", help="per-query JSON of the reference run")
+    p.add_argument("--metric", default="NDCG@10", choices=[*TABLE_COLUMNS, "MAP@100"])
+    args = p.parse_args(argv)
+    a, b = load(args.a, args.metric), load(args.b, args.metric)
+    if set(a) != set(b):
+        fail(f"{args.a} and {args.b} score different queries ({len(a)} vs {len(b)}, {len(set(a) & set(b))} shared)")
+    qids = sorted(a)
+    x, y = np.array([a[q] for q in qids]), np.array([b[q] for q in qids])
+    result = {"metric": args.metric, "queries": len(qids), "a": float(x.mean()), "b": float(y.mean())}
+    result.update(paired_tests(x, y))
+    print(f"{args.metric} over {len(qids)} queries: A {result['a']:.4f}, B {result['b']:.4f}, "
+          f"A - B {result['mean_diff']:+.4f}, t-test p = {result['t_pvalue']:.3g}, "
+          f"randomisation p = {result['rand_pvalue']:.3g}")  # fmt: skip
+    return result
+
+
+if __name__ == "__main__":
+    main()

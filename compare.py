@@ -2,7 +2,8 @@
 
     python compare.py A.perquery.json B.perquery.json [--metric NDCG@10]
 
-Prints mean(A) - mean(B) of the metric over the queries both files score, with a paired t-test and a
+Prints mean(A) - mean(B) of the metric over their queries (both files must score the same ones, i.e. come
+from the same split), with a paired t-test and a
 two-sided paired randomisation test (reproduce.paired_tests, the test behind Table 1). Use it for
 ablations: a variant's run against the baseline's run of the same seed.
 """

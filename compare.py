@@ -2,10 +2,9 @@
 
     python compare.py A.perquery.json B.perquery.json [--metric NDCG@10]
 
-Prints mean(A) - mean(B) of the metric over their queries (both files must score the same ones, i.e. come
-from the same split), with a paired t-test and a
-two-sided paired randomisation test (reproduce.paired_tests, the test behind Table 1). Use it for
-ablations: a variant's run against the baseline's run of the same seed.
+Prints mean(A) - mean(B) of the metric with a paired t-test and a two-sided paired randomisation test
+(reproduce.paired_tests, the test behind Table 1). Both files must score the same queries, i.e. come
+from the same split. Use it for ablations: a variant's run against the baseline's run of the same seed.
 """
 
 from __future__ import annotations

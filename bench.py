@@ -41,7 +41,7 @@ def machine() -> str:
 def interleaved(fns: dict, repeats: int, raw: dict | None = None) -> dict[str, float]:
     """Median seconds of each callable, run in turns so drifting machine load hits all alike.
     Every repeat's seconds go into `raw` when given."""
-    times = {k: [] for k in fns} if raw is None else raw
+    times = {} if raw is None else raw
     for _ in range(repeats):
         for name, fn in fns.items():
             start = time.perf_counter()

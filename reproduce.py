@@ -112,7 +112,7 @@ def paired_tests(a: np.ndarray, b: np.ndarray, n_perm: int = 10000, seed: int = 
 def build_table(args, seeds: list[int]) -> dict:
     out = Path(args.out)
     table, tests = {}, {}
-    test_pq, per_seed = {}, {}
+    per_seed = {}  # model -> (seeds, queries) test NDCG@10
     for name, folders in (("BM25", [out / "bm25"]), ("zero-shot", [out / "zeroshot"])):
         tag = "bm25" if name == "BM25" else "zeroshot"
         table[name] = summarise([per_query(f / "test", tag) for f in folders], [per_query(f / "train", tag) for f in folders])
@@ -121,12 +121,11 @@ def build_table(args, seeds: list[int]) -> dict:
         train_runs = [per_query(out / f"seed{s}" / "train", kind) for s in seeds]
         table[kind] = summarise(test_runs, train_runs)
         qids = sorted(test_runs[0])
-        per_seed[kind] = np.array([[run[q]["NDCG@10"] for q in qids] for run in test_runs])  # (seeds, queries)
-        test_pq[kind] = per_seed[kind].mean(0)
-    if "baseline" in test_pq:
+        per_seed[kind] = np.array([[run[q]["NDCG@10"] for q in qids] for run in test_runs])
+    if "baseline" in per_seed:
         for kind in args.models:
             if kind != "baseline":
-                tests[kind] = paired_tests(test_pq[kind], test_pq["baseline"])
+                tests[kind] = paired_tests(per_seed[kind].mean(0), per_seed["baseline"].mean(0))  # seed-averaged
                 tests[kind]["per_seed"] = [paired_tests(a, b) for a, b in zip(per_seed[kind], per_seed["baseline"])]
     return {"rows": table, "tests": tests, "seeds": seeds}
 

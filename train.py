@@ -24,16 +24,18 @@ from torch.utils.data import Dataset
 from transformers import AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from eval import evaluate_model
+from eval import evaluate_model, retrieve
 from model import MODEL_CLASSES, BiEncoder
 from utils import (
     DataError,
     atomic_write_text,
+    cached_negatives,
     default_cache_dir,
     doc_text,
     fail,
     load_beir,
     mine_bm25_negatives,
+    negatives_from_run,
     resolve_data_dir,
     split_dev,
 )
@@ -67,11 +69,14 @@ class DataArguments:
     data_dir: str | None = field(default=None, metadata={"help": "a BEIR folder (overrides --dataset)"})
     train_split: str = field(default="train", metadata={"help": "qrels split to train on"})
     dev_fraction: float = field(default=0.1, metadata={"help": "fraction of train queries held out for selection"})
-    hard_negatives: int = field(default=1, metadata={"help": "BM25 hard negatives per query"})
-    negative_depth: int = field(default=30, metadata={"help": "hard negatives are sampled from this BM25 depth"})
+    hard_negatives: int = field(default=1, metadata={"help": "hard negatives per query"})
+    negative_source: str = field(
+        default="bm25", metadata={"help": "bm25 | dense (the starting model's own top documents, mined once)"}
+    )
+    negative_depth: int = field(default=30, metadata={"help": "hard negatives are sampled from this depth"})
     query_max_length: int = field(default=64, metadata={"help": "query truncation (tokens)"})
     doc_max_length: int = field(default=256, metadata={"help": "document truncation (tokens)"})
-    cache_dir: str | None = field(default=None, metadata={"help": "BM25 negatives cache (default next to the data)"})
+    cache_dir: str | None = field(default=None, metadata={"help": "hard-negatives cache (default next to the data)"})
 
 
 @dataclass
@@ -109,7 +114,7 @@ class ContrastiveDataset(Dataset):
         self.queries, self.rng = queries, random.Random(seed)
         short = [q for q in qrels if len(negatives.get(q, [])) < num_negatives]
         if short:
-            raise DataError(f"query {short[0]!r}: fewer than {num_negatives} BM25 negatives (lower --hard_negatives)")
+            raise DataError(f"query {short[0]!r}: fewer than {num_negatives} hard negatives (lower --hard_negatives)")
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -290,6 +295,8 @@ def parse(kind: str, argv: list[str] | None):
         targs.ddp_find_unused_parameters = True  # experts that got no input this step have no gradient
     if not 0 < margs.top_k <= margs.num_experts:
         fail(f"--top_k {margs.top_k} must be between 1 and --num_experts {margs.num_experts}")
+    if dargs.negative_source not in ("bm25", "dense"):
+        fail(f"--negative_source {dargs.negative_source!r}: expected bm25 or dense")
     if dargs.hard_negatives > dargs.negative_depth:
         fail(f"--hard_negatives {dargs.hard_negatives} exceeds --negative_depth {dargs.negative_depth}")
     if not 0 < dargs.dev_fraction < 1:
@@ -313,21 +320,43 @@ def load_data(dargs: DataArguments, seed: int):
     if not train_qrels or not dev_qrels:
         raise DataError(f"{data_dir}: {len(qrels)} train queries are too few for a train/dev split")
     cache = Path(dargs.cache_dir) if dargs.cache_dir else default_cache_dir(data_dir)
-    negatives = mine_bm25_negatives(corpus, queries, train_qrels, dargs.negative_depth, cache)
-    return corpus, queries, train_qrels, dev_qrels, negatives
+    return corpus, queries, train_qrels, dev_qrels, cache
+
+
+def mine_negatives(model, tokenizer, corpus, queries, train_qrels, cache, margs, dargs, targs) -> dict:
+    """BM25 negatives, or the starting model's own (every variant starts as the pretrained retriever)."""
+    depth = dargs.negative_depth
+    if dargs.negative_source == "bm25":
+        return mine_bm25_negatives(corpus, queries, train_qrels, depth, cache)
+
+    def mine():
+        model.to(targs.device)
+        run = retrieve(
+            model, tokenizer, corpus, {q: queries[q] for q in train_qrels}, top_k=depth + 20,
+            query_max_length=dargs.query_max_length, doc_max_length=dargs.doc_max_length,
+            batch_size=targs.eval_batch_size, bf16=targs.bf16, fp16=targs.fp16, show_progress=False,
+        )  # fmt: skip
+        return negatives_from_run(run, train_qrels, depth)
+
+    key = [sorted(train_qrels), len(corpus), depth, str(margs.model_name_or_path), margs.pooling, dargs.doc_max_length]
+    return cached_negatives(cache, "dense_negatives", key, mine)
 
 
 def main(kind: str, argv: list[str] | None = None) -> None:
     margs, dargs, targs = parse(kind, argv)
     try:
-        corpus, queries, train_qrels, dev_qrels, negatives = load_data(dargs, targs.seed)
+        corpus, queries, train_qrels, dev_qrels, cache = load_data(dargs, targs.seed)
+    except DataError as exc:
+        fail(str(exc))
+    model = build_model(kind, margs)
+    tokenizer = AutoTokenizer.from_pretrained(margs.model_name_or_path)
+    negatives = mine_negatives(model, tokenizer, corpus, queries, train_qrels, cache, margs, dargs, targs)
+    try:
         train_set = ContrastiveDataset(queries, train_qrels, negatives, dargs.hard_negatives, targs.seed)
     except DataError as exc:
         fail(str(exc))
     if len(train_set) < targs.per_device_train_batch_size * targs.world_size:
         fail(f"{len(train_set)} training pairs are fewer than one global batch")
-    model = build_model(kind, margs)
-    tokenizer = AutoTokenizer.from_pretrained(margs.model_name_or_path)
     collator = ContrastiveCollator(
         tokenizer, corpus, queries, train_qrels, dargs.query_max_length, dargs.doc_max_length
     )

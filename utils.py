@@ -198,19 +198,31 @@ def default_cache_dir(data_dir: Path) -> Path:
     return Path("cache") / data_dir.name
 
 
-def mine_bm25_negatives(corpus: dict, queries: dict, qrels: dict, depth: int, cache_dir: Path) -> dict[str, list[str]]:
-    """Top-`depth` BM25 documents per query that are not known positives, cached as JSON."""
-    key = hashlib.sha1(json.dumps([sorted(qrels), len(corpus), depth]).encode()).hexdigest()[:12]
-    path = Path(cache_dir) / f"bm25_negatives_{key}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    run = bm25_search(corpus, {q: queries[q] for q in qrels}, top_k=depth + 20)
-    negatives = {
+def negatives_from_run(run: dict, qrels: dict, depth: int) -> dict[str, list[str]]:
+    """Each query's top-`depth` documents of a run that are not known positives, best first."""
+    return {
         qid: [d for d, _ in sorted(docs.items(), key=lambda x: -x[1]) if qrels[qid].get(d, 0) <= 0][:depth]
         for qid, docs in run.items()
     }
+
+
+def cached_negatives(cache_dir: Path, name: str, key: list, mine) -> dict[str, list[str]]:
+    """`mine()` once per key, kept as `<cache_dir>/<name>_<hash>.json` (written atomically)."""
+    path = Path(cache_dir) / f"{name}_{hashlib.sha1(json.dumps(key).encode()).hexdigest()[:12]}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    negatives = mine()
     atomic_write_text(path, json.dumps(negatives))
     return negatives
+
+
+def mine_bm25_negatives(corpus: dict, queries: dict, qrels: dict, depth: int, cache_dir: Path) -> dict[str, list[str]]:
+    """Top-`depth` BM25 documents per query that are not known positives, cached as JSON."""
+
+    def mine():
+        return negatives_from_run(bm25_search(corpus, {q: queries[q] for q in qrels}, top_k=depth + 20), qrels, depth)
+
+    return cached_negatives(cache_dir, "bm25_negatives", [sorted(qrels), len(corpus), depth], mine)
 
 
 # --------------------------------------------------------------------------------------------

@@ -149,3 +149,31 @@ def test_reproduce_smoke_builds_table_and_skips_finished_runs(tiny_backbone, tin
     assert result["seeds"] == [42, 43] and len(result["tests"]["sbmoe"]["per_seed"]) == 2
     second = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True)
     assert second.returncode == 0 and "+ " not in second.stdout  # nothing re-run
+
+
+def test_dense_negatives_are_the_starting_models_top_documents_minus_positives(tiny_backbone, tiny_beir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from eval import retrieve
+    from model import BiEncoder
+    from utils import load_beir, split_dev
+
+    args = train_args(tiny_backbone, tiny_beir, tmp_path / "dense", "--negative_source", "dense", "--negative_depth",
+                      5, "--max_steps", 1, "--eval_strategy", "no", "--save_strategy", "no",
+                      "--load_best_model_at_end", "false", "--seed", 7)  # fmt: skip
+    run("train_sbmoe.py", *args)  # SB-MoE starts as the pretrained retriever: it mines the baseline's negatives
+    (cached,) = (tiny_beir / "cache").glob("dense_negatives_*.json")
+    negatives = json.loads(cached.read_text())
+    _, queries, qrels = load_beir(tiny_beir, "train")
+    train_qrels, _ = split_dev(qrels, 0.2, 7)
+    assert set(negatives) == set(train_qrels)
+    model = BiEncoder.from_backbone(str(tiny_backbone))
+    tok = AutoTokenizer.from_pretrained(tiny_backbone)
+    corpus, _, _ = load_beir(tiny_beir, "train")
+    run_ = retrieve(model, tok, corpus, {q: queries[q] for q in train_qrels}, top_k=25, show_progress=False)
+    for qid, negs in negatives.items():
+        ranked = [d for d, _ in sorted(run_[qid].items(), key=lambda x: -x[1]) if d not in train_qrels[qid]]
+        assert negs == ranked[:5] and not set(negs) & set(train_qrels[qid])
+    proc = run("train.py", *train_args(tiny_backbone, tiny_beir, tmp_path / "x", "--negative_source", "tfidf"),
+               check=False)  # fmt: skip
+    assert proc.returncode != 0 and "--negative_source 'tfidf'" in proc.stderr and "Traceback" not in proc.stderr

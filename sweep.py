@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 import reproduce
-from utils import TABLE_COLUMNS, atomic_write_text, fail, mean_metrics
+from utils import atomic_write_text, fail, mean_metrics
 
 # name: (model kind, training flags, group of alternatives or None, eval.py flags)
 CHANGES = {
@@ -79,6 +80,8 @@ def job(args, names: list[str]) -> str:
         return f"{', '.join(names)}: training FAILED, see {log}"
     for name in names:
         out = Path(args.out) / name
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(ckpt / "log_history.json", out / "log_history.json")  # dev curve, kept with the results
         if (out / "metrics.json").is_file():
             continue
         cmd = [sys.executable, "eval.py", "--model", kind, "--checkpoint", str(ckpt), "--dataset", args.dataset,
@@ -88,8 +91,8 @@ def job(args, names: list[str]) -> str:
     return f"{', '.join(names)}: {time.time() - start:.0f} s"
 
 
-def dev_best(ckpt: Path) -> float | None:
-    hist = json.loads((ckpt / "log_history.json").read_text())
+def dev_best(folder: Path) -> float | None:
+    hist = json.loads((folder / "log_history.json").read_text())
     devs = [h["eval_ndcg@10"] for h in hist if "eval_ndcg@10" in h]
     return max(devs) if devs else None
 
@@ -107,13 +110,14 @@ def choose(args, rows: dict) -> list[str]:
 
 def summary(args) -> dict:
     out, rows = Path(args.out), {}
+    unseen = reproduce.unseen_queries(args.dataset)
     for name, (kind, flags, group, eval_flags) in CHANGES.items():
         if not (out / name / "metrics.json").is_file():
             continue
         per_query = json.loads((out / name / f"{name}.perquery.json").read_text())
         rows[name] = {"kind": kind, "train flags": flags, "eval flags": eval_flags, "group": group,
-                      "dev NDCG@10": dev_best(Path(args.ckpt_root) / ckpt_name(kind, flags)),
-                      **mean_metrics(per_query)}  # fmt: skip
+                      "dev NDCG@10": dev_best(out / name), **mean_metrics(per_query),
+                      "unseen NDCG@10": float(np.mean([per_query[q]["NDCG@10"] for q in unseen]))}  # fmt: skip
         ref = "baseline" if kind == "baseline" else kind  # each variant against the default of its kind
         ref_file = out / ref / f"{ref}.perquery.json"
         if name != ref and ref_file.is_file():
@@ -121,24 +125,32 @@ def summary(args) -> dict:
             qids = sorted(per_query)
             a = np.array([per_query[q]["NDCG@10"] for q in qids])
             rows[name]["vs " + ref] = reproduce.paired_tests(a, np.array([base[q]["NDCG@10"] for q in qids]))
-    return rows
+    return {"rows": rows, "unseen_queries": unseen}
 
 
-def render(rows: dict, chosen: list[str] | None, combined: dict | None) -> str:
-    lines = [f"Seed {SEED}, one change at a time to Table 1's recipe; test split unless marked dev.", "",
-             "| run | change | dev NDCG@10 (best) | test NDCG@10 | Recall@100 | vs default of its kind (test NDCG@10) |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+def render(summary_: dict, chosen: list[str] | None, combined: dict | None) -> str:
+    rows, n_unseen = summary_["rows"], len(summary_["unseen_queries"])
+    lines = [f"Seed {SEED}, one change at a time to Table 1's recipe; test split unless marked dev; *unseen*: the "
+             f"{n_unseen} test queries none of whose relevant documents is a positive of any training query.", "",
+             "| run | change | dev NDCG@10 (best) | test NDCG@10 | unseen NDCG@10 | Recall@100 | "
+             "vs default of its kind (test NDCG@10) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, r in rows.items():
         change = " ".join(r["train flags"] + r["eval flags"]) or "(Table 1 recipe)"
         test = next((v for k, v in r.items() if k.startswith("vs ")), None)
         versus = (f"{test['mean_diff']:+.4f} (t p = {test['t_pvalue']:.3g}, rand p = {test['rand_pvalue']:.3g})"
                   if test else "reference")  # fmt: skip
         dev = f"{r['dev NDCG@10']:.4f}" if r["dev NDCG@10"] is not None else "-"
-        lines.append(f"| {name} | `{change}` | {dev} | {r['NDCG@10']:.4f} | {r['Recall@100']:.4f} | {versus} |")
+        lines.append(f"| {name} | `{change}` | {dev} | {r['NDCG@10']:.4f} | {r['unseen NDCG@10']:.4f} | "
+                     f"{r['Recall@100']:.4f} | {versus} |")  # fmt: skip
     if chosen is not None:
         lines += ["", f"Chosen on dev for phase 2: `{' '.join(chosen) or '(no change beat the default on dev)'}`"]
+    if summary_.get("combined") and combined is None:
+        lines += ["", "Phase 2 runs evaluated so far (the table over seeds is not finished):", "",
+                  "| run | test NDCG@10 | unseen NDCG@10 | Recall@100 |", "|---|---|---|---|"]  # fmt: skip
+        for name, r in summary_["combined"].items():
+            lines.append(f"| {name} | {r['NDCG@10']:.4f} | {r['unseen NDCG@10']:.4f} | {r['Recall@100']:.4f} |")
     if combined is not None:
-        lines += ["", combined["table"]]
+        lines += ["", combined]
     return "\n".join(lines) + "\n"
 
 
@@ -154,42 +166,68 @@ def main(argv=None) -> None:
     p.add_argument("--torchrun", action="store_true", help="launch training through torchrun")
     p.add_argument("--nproc", type=int, default=1, help="processes per run with --torchrun")
     p.add_argument("--seeds", type=int, default=3, help="phase 2 seeds (0: phase 1 only)")
+    p.add_argument("--report", action="store_true", help="only rebuild sweep.md/json from the finished runs")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags for every training run")
     args = p.parse_args(argv)
     if "baseline" not in args.runs:
         fail("--runs must include baseline: every change is chosen and tested against it")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    groups: dict[str, list[str]] = {}
-    for name in args.runs:
-        groups.setdefault(ckpt_name(*CHANGES[name][:2]), []).append(name)
-    with ThreadPoolExecutor(args.parallel) as pool:
-        for message in pool.map(lambda names: job(args, names), groups.values()):
-            print(message, flush=True)
-    rows = summary(args)
-    failed = [n for n in args.runs if n not in rows]
-    if failed:
-        atomic_write_text(Path(args.out) / "sweep.md", render(rows, None, None))
+    if not args.report:
+        groups: dict[str, list[str]] = {}
+        for name in args.runs:
+            groups.setdefault(ckpt_name(*CHANGES[name][:2]), []).append(name)
+        with ThreadPoolExecutor(args.parallel) as pool:
+            for message in pool.map(lambda names: job(args, names), groups.values()):
+                print(message, flush=True)
+    result = summary(args)
+    failed = [n for n in args.runs if n not in result["rows"]]
+    if failed and not args.report:
+        atomic_write_text(Path(args.out) / "sweep.md", render(result, None, None))
         fail(f"runs without results: {', '.join(failed)}; see their logs under {args.out}")
-    chosen, combined = None, None
-    if args.seeds:
-        chosen = choose(args, rows)
-        extra = [*(["--fp16"] if args.fp16 else []), *args.extra, *chosen]
-        out2, ck2 = Path(args.out) / "combined", Path(args.ckpt_root) / "combined"
-        jobs = [(s, k) for s in range(42, 42 + args.seeds) for k in reproduce.SCRIPTS]
-        with ThreadPoolExecutor(args.parallel) as pool:  # train in parallel; reproduce.py then skips them
-            codes = pool.map(lambda sk: 0 if (ck2 / f"seed{sk[0]}" / sk[1] / "log_history.json").is_file() else
-                             run_logged(train_cmd(args, sk[1], chosen, ck2 / f"seed{sk[0]}" / sk[1], sk[0]),
-                                        out2 / "logs" / f"train_{sk[1]}_seed{sk[0]}.log"), jobs)  # fmt: skip
-            if any(list(codes)):
-                fail(f"a phase 2 training run failed; see {out2 / 'logs'}")
-        reproduce.main(["--model_name_or_path", args.model_name_or_path, "--dataset", args.dataset, "--seeds",
-                        str(args.seeds), "--out", str(out2), "--ckpt_root", str(ck2), "--extra", *extra])  # fmt: skip
-        combined = {"flags": chosen, "table": (out2 / "table1.md").read_text()}
-    result = {"seed": SEED, "rows": rows, "chosen": chosen, "columns": TABLE_COLUMNS}
+    out2, ck2 = Path(args.out) / "combined", Path(args.ckpt_root) / "combined"
+    if args.seeds and "baseline" in result["rows"]:
+        result["chosen"] = chosen = choose(args, result["rows"])
+        if not args.report:
+            combined_runs(args, chosen, out2, ck2)
+    result["combined"] = combined_rows(out2, result["unseen_queries"])
+    table = out2 / "table1.md"
+    text = render(result, result.get("chosen"), table.read_text() if table.is_file() else None)
     atomic_write_text(Path(args.out) / "sweep.json", json.dumps(result, indent=2))
-    text = render(rows, chosen, combined)
     atomic_write_text(Path(args.out) / "sweep.md", text)
     print(text)
+
+
+def combined_runs(args, chosen: list[str], out2: Path, ck2: Path) -> None:
+    """Phase 2: every model and seed with the chosen recipe, trained in parallel, then reproduce.py."""
+    extra = [*(["--fp16"] if args.fp16 else []), *args.extra, *chosen]
+    jobs = [(s, k) for s in range(42, 42 + args.seeds) for k in reproduce.SCRIPTS]
+
+    def train(seed_kind) -> int:
+        seed, kind = seed_kind
+        ckpt = ck2 / f"seed{seed}" / kind
+        if (ckpt / "log_history.json").is_file():
+            return 0
+        return run_logged(train_cmd(args, kind, chosen, ckpt, seed), out2 / "logs" / f"train_{kind}_seed{seed}.log")
+
+    with ThreadPoolExecutor(args.parallel) as pool:  # reproduce.py then finds them finished
+        if any(list(pool.map(train, jobs))):
+            fail(f"a phase 2 training run failed; see {out2 / 'logs'}")
+    reproduce.main(["--model_name_or_path", args.model_name_or_path, "--dataset", args.dataset, "--seeds",
+                    str(args.seeds), "--out", str(out2), "--ckpt_root", str(ck2), "--extra", *extra])  # fmt: skip
+
+
+def combined_rows(out2: Path, unseen: list[str]) -> dict:
+    """Test scores of each phase 2 run evaluated so far (also when the table is not finished)."""
+    rows = {}
+    for metrics in sorted(out2.glob("seed*/test/metrics.json")):
+        for kind in reproduce.SCRIPTS:
+            file = metrics.parent / f"{kind}.perquery.json"
+            if file.is_file():
+                per_query = json.loads(file.read_text())
+                rows[f"{kind} {metrics.parent.parent.name}"] = {
+                    **mean_metrics(per_query), "unseen NDCG@10": float(np.mean([per_query[q]["NDCG@10"] for q in unseen]))
+                }  # fmt: skip
+    return rows
 
 
 if __name__ == "__main__":

@@ -155,6 +155,17 @@ def split_dev(qrels: dict, dev_fraction: float, seed: int) -> tuple[dict, dict]:
     return ({q: d for q, d in qrels.items() if q not in dev}, {q: d for q, d in qrels.items() if q in dev})
 
 
+def unseen_document_queries(train_qrels: dict, test_qrels: dict) -> list[str]:
+    """Test queries none of whose relevant documents is relevant to any training query.
+
+    On SciFact most test claims cite an abstract that some training claim also cites; a model can
+    score those by remembering the abstract. This subset measures retrieval of documents never seen
+    as positives in training.
+    """
+    seen = {d for docs in train_qrels.values() for d, r in docs.items() if r > 0}
+    return sorted(q for q, docs in test_qrels.items() if not any(r > 0 and d in seen for d, r in docs.items()))
+
+
 def doc_text(doc: dict[str, str]) -> str:
     """BEIR's convention for dense models: title and text joined by a space."""
     return (doc.get("title", "") + " " + doc.get("text", "")).strip()

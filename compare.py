@@ -1,10 +1,12 @@
 """Paired significance test of two runs on the same queries, from eval.py's per-query files.
 
-    python compare.py A.perquery.json B.perquery.json [--metric NDCG@10]
+    python compare.py A.perquery.json B.perquery.json [--metric NDCG@10] [--subset all | unseen | seen] [--dataset scifact]
 
 Prints mean(A) - mean(B) of the metric with a paired t-test and a two-sided paired randomisation test
 (reproduce.paired_tests, the test behind Table 1). Both files must score the same queries, i.e. come
 from the same split. Use it for ablations: a variant's run against the baseline's run of the same seed.
+`--subset unseen` keeps the test queries none of whose relevant documents is a positive of any
+training query (`seen`: the others), read from the dataset's qrels.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from reproduce import paired_tests
-from utils import TABLE_COLUMNS, fail
+from reproduce import paired_tests, unseen_queries
+from utils import TABLE_COLUMNS, DataError, fail, load_beir, resolve_data_dir
 
 
 def load(path: str, metric: str) -> dict[str, float]:
@@ -35,15 +37,28 @@ def main(argv=None) -> dict:
     p.add_argument("a", help="per-query JSON of the run under test")
     p.add_argument("b", help="per-query JSON of the reference run")
     p.add_argument("--metric", default="NDCG@10", choices=[*TABLE_COLUMNS, "MAP@100"])
+    p.add_argument("--subset", default="all", choices=["all", "unseen", "seen"], help="test queries to compare")
+    p.add_argument("--dataset", default="scifact", help="BEIR dataset under $BEIR_DATA_DIR, for --subset")
     args = p.parse_args(argv)
     a, b = load(args.a, args.metric), load(args.b, args.metric)
     if set(a) != set(b):
         fail(f"{args.a} and {args.b} score different queries ({len(a)} vs {len(b)}, {len(set(a) & set(b))} shared)")
     qids = sorted(a)
+    if args.subset != "all":
+        try:
+            unseen = set(unseen_queries(args.dataset))
+        except DataError as exc:
+            fail(str(exc))
+        if not set(qids) <= set(load_beir(resolve_data_dir(args.dataset, None), "test")[2]):
+            fail(f"--subset {args.subset}: {args.a} does not score {args.dataset}'s test queries")
+        qids = [q for q in qids if (q in unseen) == (args.subset == "unseen")]
+        if len(qids) < 2:
+            fail(f"--subset {args.subset}: {len(qids)} queries, too few for a paired test")
     x, y = np.array([a[q] for q in qids]), np.array([b[q] for q in qids])
     result = {"metric": args.metric, "queries": len(qids), "a": float(x.mean()), "b": float(y.mean())}
     result.update(paired_tests(x, y))
-    print(f"{args.metric} over {len(qids)} queries: A {result['a']:.4f}, B {result['b']:.4f}, "
+    result["subset"] = args.subset
+    print(f"{args.metric} over {len(qids)} queries ({args.subset}): A {result['a']:.4f}, B {result['b']:.4f}, "
           f"A - B {result['mean_diff']:+.4f}, t-test p = {result['t_pvalue']:.3g}, "
           f"randomisation p = {result['rand_pvalue']:.3g}")  # fmt: skip
     return result

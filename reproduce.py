@@ -139,7 +139,20 @@ def build_table(args, seeds: list[int]) -> dict:
                 tests[kind] = paired_tests(a.mean(0), b.mean(0))  # seed-averaged
                 tests[kind]["per_seed"] = [paired_tests(x, y) for x, y in zip(a, b)]
                 tests[kind]["unseen"] = paired_tests(a.mean(0)[keep], b.mean(0)[keep]) if keep.sum() > 1 else None
-    return {"rows": table, "tests": tests, "seeds": seeds, "unseen_queries": unseen}
+    scale = {s: head_scale(Path(args.ckpt_root) / f"seed{s}" / "sbmoe") for s in seeds} if "sbmoe" in args.models else {}
+    return {"rows": table, "tests": tests, "seeds": seeds, "unseen_queries": unseen,
+            "sbmoe_fc_out_max_abs": {s: v for s, v in scale.items() if v is not None}}  # fmt: skip
+
+
+def head_scale(ckpt: Path) -> float | None:
+    """Largest |weight| in the SB-MoE experts' output projections (they start at exactly zero)."""
+    from safetensors import safe_open
+
+    if not (ckpt / "model.safetensors").is_file():
+        return None
+    with safe_open(ckpt / "model.safetensors", "pt") as f:
+        keys = [k for k in f.keys() if ".experts." in k and k.endswith("fc_out.weight")]
+        return max(float(f.get_tensor(k).abs().max()) for k in keys) if keys else None
 
 
 def summarise(test_runs: list[dict], train_runs: list[dict], unseen: list[str]) -> dict:
@@ -189,6 +202,9 @@ def render(result: dict) -> str:
             each = ", ".join(f"seed {seed} {r['mean_diff']:+.4f} (t p = {r['t_pvalue']:.3g})"
                              for seed, r in zip(result["seeds"], t["per_seed"]))  # fmt: skip
             lines.append(f"  Per seed: {each}.")
+    if result.get("sbmoe_fc_out_max_abs"):
+        scales = ", ".join(f"seed {k} {v:.4f}" for k, v in result["sbmoe_fc_out_max_abs"].items())
+        lines.append(f"- SB-MoE experts' output projections (zero at step 0), largest |weight| after training: {scales}.")
     lines.append("- † marks a difference from the baseline significant at 0.05 in both paired tests over test queries "
                  "on the seed-averaged scores; " + ("with one seed this ignores seed-to-seed variance." if n == 1 else
                  "the ± column and the per-seed lines show how much the seeds disagree."))  # fmt: skip

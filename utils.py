@@ -177,6 +177,8 @@ def doc_text(doc: dict[str, str]) -> str:
 
 def bm25_search(corpus: dict, queries: dict, top_k: int = 100) -> dict[str, dict[str, float]]:
     """BM25 (bm25s, Lucene variant, English stopwords and Snowball stemming) top-k run."""
+    # bm25s uses JAX when it is installed; JAX would otherwise reserve 75% of a GPU's memory per process
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import bm25s
 
     try:

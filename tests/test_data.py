@@ -8,7 +8,7 @@ import sys
 import pytest
 from conftest import ROOT, SCIFACT, needs_shared, write_tiny_beir
 
-from utils import DataError, load_beir, resolve_data_dir, split_dev
+from utils import DataError, load_beir, resolve_data_dir, split_dev, unseen_document_queries
 
 
 def test_plain_and_gzipped_corpus_load_the_same(tmp_path):
@@ -88,3 +88,9 @@ def test_scifact_matches_beir_statistics():
     _, train_queries, train_qrels = load_beir(SCIFACT, "train")
     assert len(train_queries) == 809 and sum(map(len, train_qrels.values())) == 919
     assert json.loads((SCIFACT / "queries.jsonl").open().readline())["_id"]
+
+
+def test_unseen_document_queries_have_no_positive_seen_in_training():
+    train = {"a": {"d1": 1, "d2": 0}, "b": {"d3": 1}}
+    test = {"x": {"d1": 1}, "y": {"d2": 1, "d4": 1}, "z": {"d4": 1, "d3": 1}, "w": {"d5": 1}}
+    assert unseen_document_queries(train, test) == ["w", "y"]  # d2 was judged non-relevant in training: unseen

@@ -92,3 +92,31 @@ def test_compare_pairs_per_query_files_and_rejects_mismatched_queries(tmp_path, 
     with pytest.raises(SystemExit) as exc:
         compare.main([str(tmp_path / "a.json"), str(tmp_path / "b.json")])
     assert exc.value.code == 2 and "score different queries" in capsys.readouterr().err
+
+
+def test_compare_subset_keeps_unseen_or_seen_test_queries(tiny_beir, tmp_path, monkeypatch, capsys):
+    import json
+
+    import compare
+    from utils import load_beir, unseen_document_queries
+
+    monkeypatch.setenv("BEIR_DATA_DIR", str(tiny_beir.parent))
+    _, _, train = load_beir(tiny_beir, "train")
+    _, _, test = load_beir(tiny_beir, "test")
+    unseen = unseen_document_queries(train, test)
+    a = {q: {"NDCG@10": 0.5 + 0.1 * (i % 3)} for i, q in enumerate(sorted(test))}
+    b = {q: {"NDCG@10": 0.5} for q in test}
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    for subset, qids in (("unseen", unseen), ("seen", sorted(set(test) - set(unseen)))):
+        if len(qids) < 2:
+            continue
+        got = compare.main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--subset", subset, "--dataset", "tiny"])
+        assert got["mean_diff"] == pytest.approx(sum(a[q]["NDCG@10"] - 0.5 for q in qids) / len(qids))
+        assert f"over {len(qids)} queries ({subset})" in capsys.readouterr().out
+    assert len(unseen) >= 2  # the tiny folder has such queries, so the unseen branch above ran
+    (tmp_path / "c.json").write_text(json.dumps({"zz": {"NDCG@10": 1.0}, "zy": {"NDCG@10": 0.0}}))
+    (tmp_path / "d.json").write_text(json.dumps({"zz": {"NDCG@10": 0.0}, "zy": {"NDCG@10": 1.0}}))
+    with pytest.raises(SystemExit):
+        compare.main([str(tmp_path / "c.json"), str(tmp_path / "d.json"), "--subset", "unseen", "--dataset", "tiny"])
+    assert "does not score tiny's test queries" in capsys.readouterr().err

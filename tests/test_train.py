@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from utils import info_nce
+from utils import info_nce, load_beir, unseen_document_queries
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
 
@@ -147,6 +147,14 @@ def test_reproduce_smoke_builds_table_and_skips_finished_runs(tiny_backbone, tin
     assert "Per seed: seed 42 " in table and ", seed 43 " in table  # per-seed paired tests beside the pooled one
     result = json.loads((tmp_path / "res" / "table1.json").read_text())
     assert result["seeds"] == [42, 43] and len(result["tests"]["sbmoe"]["per_seed"]) == 2
+    unseen = result["unseen_queries"]  # tiny test queries whose positives no training query has
+    _, _, train_qrels = load_beir(tiny_beir, "train")
+    _, _, test_qrels = load_beir(tiny_beir, "test")
+    assert unseen == unseen_document_queries(train_qrels, test_qrels) and unseen
+    bm25 = json.loads((tmp_path / "res" / "bm25" / "test" / "bm25.perquery.json").read_text())
+    assert result["rows"]["BM25"]["unseen NDCG@10"][0] == pytest.approx(sum(bm25[q]["NDCG@10"] for q in unseen) / len(unseen))
+    assert "unseen NDCG@10" in table and f"the {len(unseen)} test queries" in table
+    assert set(result["sbmoe_fc_out_max_abs"]) == {"42", "43"} and "largest |weight| after training" in table
     second = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True)
     assert second.returncode == 0 and "+ " not in second.stdout  # nothing re-run
 
@@ -177,3 +185,29 @@ def test_dense_negatives_are_the_starting_models_top_documents_minus_positives(t
     proc = run("train.py", *train_args(tiny_backbone, tiny_beir, tmp_path / "x", "--negative_source", "tfidf"),
                check=False)  # fmt: skip
     assert proc.returncode != 0 and "--negative_source 'tfidf'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sweep_trains_each_checkpoint_once_reports_and_chooses_on_dev(tiny_backbone, tiny_beir, tmp_path):
+    import sweep
+
+    out, ck = tmp_path / "sweep", tmp_path / "ck"
+    args = ["sweep.py", "--model_name_or_path", tiny_backbone, "--dataset", "tiny", "--out", out, "--ckpt_root", ck,
+            "--runs", "baseline", "negatives-3", "sbmoe", "sbmoe-all", "--parallel", "2", "--seeds", "0", "--extra",
+            "--per_device_train_batch_size", "4", "--num_experts", "4", "--use_cpu", "--dev_fraction", "0.2"]  # fmt: skip
+    env = {**ENV, "BEIR_DATA_DIR": str(tiny_beir.parent)}
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert sorted(p.name for p in ck.iterdir()) == ["baseline", "negatives-3", "sbmoe"]  # sbmoe-all reuses sbmoe
+    assert not (out / "sbmoe-all" / "train.log").exists() and (out / "sbmoe-all" / "log_history.json").is_file()
+    assert "--inference_mode all" in (out / "sbmoe-all" / "eval.log").read_text()
+    result = json.loads((out / "sweep.json").read_text())
+    assert list(result["rows"]) == ["baseline", "negatives-3", "sbmoe", "sbmoe-all"]
+    assert "vs baseline" in result["rows"]["negatives-3"] and "vs sbmoe" in result["rows"]["sbmoe-all"]
+    md = (out / "sweep.md").read_text()
+    assert "| negatives-3 | `--hard_negatives 3` |" in md
+    (out / "sweep.md").unlink()
+    again = subprocess.run([sys.executable, *map(str, args), "--report"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert again.returncode == 0 and (out / "sweep.md").read_text() == md  # rebuilt from the results alone
+    rows = {"baseline": {"dev NDCG@10": 0.5}, "epochs-5": {"dev NDCG@10": 0.6}, "epochs-10": {"dev NDCG@10": 0.7},
+            "negatives-3": {"dev NDCG@10": 0.4}, "temperature-0.02": {"dev NDCG@10": 0.5}}  # fmt: skip
+    assert sweep.choose(None, rows) == ["--num_train_epochs", "10"]  # best of its group, and only if above default

@@ -97,12 +97,15 @@ def dev_best(folder: Path) -> float | None:
     return max(devs) if devs else None
 
 
-def choose(args, rows: dict) -> list[str]:
+def choose(rows: dict) -> list[str]:
     """Per group, the option with the highest dev NDCG@10 if it beats the default baseline's dev score."""
     ref = rows["baseline"]["dev NDCG@10"]
+    if ref is None:
+        fail("the baseline run has no dev NDCG@10 (trained without dev evaluation): nothing to choose on")
     flags = []
     for group in dict.fromkeys(g for _, _, g, _ in CHANGES.values() if g):
-        options = [(rows[n]["dev NDCG@10"], n) for n, (_, _, g, _) in CHANGES.items() if g == group and n in rows]
+        options = [(rows[n]["dev NDCG@10"], n) for n, (_, _, g, _) in CHANGES.items()
+                   if g == group and n in rows and rows[n]["dev NDCG@10"] is not None]  # fmt: skip
         if options and max(options)[0] > ref:
             flags += CHANGES[max(options)[1]][1]
     return flags
@@ -128,7 +131,7 @@ def summary(args) -> dict:
     return {"rows": rows, "unseen_queries": unseen}
 
 
-def render(summary_: dict, chosen: list[str] | None, combined: dict | None) -> str:
+def render(summary_: dict, chosen: list[str] | None, combined: str | None) -> str:
     rows, n_unseen = summary_["rows"], len(summary_["unseen_queries"])
     lines = [f"Seed {SEED}, one change at a time to Table 1's recipe; test split unless marked dev; *unseen*: the "
              f"{n_unseen} test queries none of whose relevant documents is a positive of any training query.", "",
@@ -186,7 +189,7 @@ def main(argv=None) -> None:
         fail(f"runs without results: {', '.join(failed)}; see their logs under {args.out}")
     out2, ck2 = Path(args.out) / "combined", Path(args.ckpt_root) / "combined"
     if args.seeds and "baseline" in result["rows"]:
-        result["chosen"] = chosen = choose(args, result["rows"])
+        result["chosen"] = chosen = choose(result["rows"])
         if not args.report:
             combined_runs(args, chosen, out2, ck2)
     result["combined"] = combined_rows(out2, result["unseen_queries"])

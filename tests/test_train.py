@@ -206,8 +206,11 @@ def test_sweep_trains_each_checkpoint_once_reports_and_chooses_on_dev(tiny_backb
     md = (out / "sweep.md").read_text()
     assert "| negatives-3 | `--hard_negatives 3` |" in md
     (out / "sweep.md").unlink()
-    again = subprocess.run([sys.executable, *map(str, args), "--report"], cwd=ROOT, env=env, capture_output=True, text=True)
+    shutil.rmtree(ck)  # --report needs only the results folder
+    report = [*args[: args.index("--extra")], "--report"]
+    again = subprocess.run([sys.executable, *map(str, report)], cwd=ROOT, env=env, capture_output=True, text=True)
     assert again.returncode == 0 and (out / "sweep.md").read_text() == md  # rebuilt from the results alone
+    assert not ck.exists()  # nothing was trained again
     rows = {"baseline": {"dev NDCG@10": 0.5}, "epochs-5": {"dev NDCG@10": 0.6}, "epochs-10": {"dev NDCG@10": 0.7},
             "negatives-3": {"dev NDCG@10": 0.4}, "temperature-0.02": {"dev NDCG@10": 0.5}}  # fmt: skip
-    assert sweep.choose(None, rows) == ["--num_train_epochs", "10"]  # best of its group, and only if above default
+    assert sweep.choose(rows) == ["--num_train_epochs", "10"]  # best of its group, and only if above default

@@ -1,7 +1,8 @@
 # make test       create .venv if missing, install (pinned torch first), run the tests
 # make reproduce  Table 1 and the figures on SciFact test: SEEDS seeds of baseline, SB-MoE and MoE,
 #                 plus BM25 and the zero-shot backbone; finished runs are skipped, interrupted ones resumed.
-#                 Variables: MODEL=backbone, BEIR_DATA_DIR=data root, SEEDS=3, SMOKE=1 (2 steps, plumbing only)
+#                 Variables: MODEL=backbone, BEIR_DATA_DIR=data root, SEEDS=3, SMOKE=1 (2 steps, plumbing only),
+#                 EXTRA="training flags" (e.g. "--num_train_epochs 10 --fp16"; use a new OUT= and CKPT= with it)
 SHELL := bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -33,4 +34,4 @@ lint: install
 reproduce: install
 	mkdir -p $(OUT)
 	set -o pipefail; $(PY) reproduce.py --model_name_or_path $(MODEL) --seeds $(SEEDS) --out $(OUT) \
-		--ckpt_root $(CKPT) $(if $(SMOKE),--smoke) 2>&1 | tee -a $(OUT)/reproduce.log
+		--ckpt_root $(CKPT) $(if $(SMOKE),--smoke) $(if $(EXTRA),--extra $(EXTRA)) 2>&1 | tee -a $(OUT)/reproduce.log

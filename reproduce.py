@@ -102,12 +102,12 @@ def paired_tests(a: np.ndarray, b: np.ndarray, n_perm: int = 10000, seed: int = 
     from scipy import stats
 
     diff = a - b
-    t = stats.ttest_rel(a, b)
+    t_p = 1.0 if not diff.any() else float(stats.ttest_rel(a, b).pvalue)  # identical scores: no difference
     rng = np.random.default_rng(seed)
     flips = rng.choice([-1.0, 1.0], size=(n_perm, len(diff)))
     null = np.abs((flips * diff).mean(1))
     p_rand = (1 + np.sum(null >= abs(diff.mean()) - 1e-12)) / (n_perm + 1)
-    return {"mean_diff": float(diff.mean()), "t_pvalue": float(t.pvalue), "rand_pvalue": float(p_rand)}
+    return {"mean_diff": float(diff.mean()), "t_pvalue": t_p, "rand_pvalue": float(p_rand)}
 
 
 def unseen_queries(dataset: str) -> list[str]:

@@ -197,7 +197,29 @@ def main(argv=None) -> None:
     text = render(result, result.get("chosen"), table.read_text() if table.is_file() else None)
     atomic_write_text(Path(args.out) / "sweep.json", json.dumps(result, indent=2))
     atomic_write_text(Path(args.out) / "sweep.md", text)
+    figure(Path(args.out), result["rows"])
     print(text)
+
+
+def figure(out: Path, rows: dict) -> None:
+    """Dev NDCG@10 per epoch of every baseline-kind run: how long each recipe keeps improving."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, r in rows.items():
+        hist = json.loads((out / name / "log_history.json").read_text())
+        devs = [(h["epoch"], h["eval_ndcg@10"]) for h in hist if "eval_ndcg@10" in h]
+        if r["kind"] == "baseline" and devs:
+            ax.plot(*zip(*devs), marker="o", ms=3, label=name)
+    ax.set(title=f"dev NDCG@10 per epoch, seed {SEED}", xlabel="epoch", ylabel="dev NDCG@10")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "fig_dev_curves.png", dpi=120)
+    plt.close(fig)
 
 
 def combined_runs(args, chosen: list[str], out2: Path, ck2: Path) -> None:

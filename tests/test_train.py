@@ -204,6 +204,7 @@ def test_sweep_trains_each_checkpoint_once_reports_and_chooses_on_dev(tiny_backb
     assert list(result["rows"]) == ["baseline", "negatives-3", "sbmoe", "sbmoe-all"]
     assert "vs baseline" in result["rows"]["negatives-3"] and "vs sbmoe" in result["rows"]["sbmoe-all"]
     md = (out / "sweep.md").read_text()
+    assert (out / "fig_dev_curves.png").stat().st_size > 0
     assert "| negatives-3 | `--hard_negatives 3` |" in md
     (out / "sweep.md").unlink()
     shutil.rmtree(ck)  # --report needs only the results folder

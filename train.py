@@ -76,6 +76,9 @@ class DataArguments:
     negative_depth: int = field(default=30, metadata={"help": "hard negatives are sampled from this depth"})
     query_max_length: int = field(default=64, metadata={"help": "query truncation (tokens)"})
     doc_max_length: int = field(default=256, metadata={"help": "document truncation (tokens)"})
+    eval_doc_max_length: int | None = field(
+        default=None, metadata={"help": "dev evaluation document truncation (default --doc_max_length; eval.py uses 256)"}
+    )
     cache_dir: str | None = field(default=None, metadata={"help": "hard-negatives cache (default next to the data)"})
 
 
@@ -366,7 +369,7 @@ def main(kind: str, argv: list[str] | None = None) -> None:
         eval_dataset=sorted(dev_qrels),  # only its presence matters: evaluate() retrieves over the corpus
         dev_data=(corpus, dev_queries, dev_qrels), moe_learning_rate=margs.moe_learning_rate,
         eval_kwargs=dict(
-            query_max_length=dargs.query_max_length, doc_max_length=dargs.doc_max_length,
+            query_max_length=dargs.query_max_length, doc_max_length=dargs.eval_doc_max_length or dargs.doc_max_length,
             batch_size=targs.eval_batch_size,
         ),
     )  # fmt: skip

@@ -215,3 +215,21 @@ def test_sweep_trains_each_checkpoint_once_reports_and_chooses_on_dev(tiny_backb
     rows = {"baseline": {"dev NDCG@10": 0.5}, "epochs-5": {"dev NDCG@10": 0.6}, "epochs-10": {"dev NDCG@10": 0.7},
             "negatives-3": {"dev NDCG@10": 0.4}, "temperature-0.02": {"dev NDCG@10": 0.5}}  # fmt: skip
     assert sweep.choose(rows) == ["--num_train_epochs", "10"]  # best of its group, and only if above default
+
+
+def test_dev_evaluation_truncates_at_eval_doc_max_length(tiny_backbone, tiny_beir, tmp_path, monkeypatch):
+    import train
+
+    seen = []
+
+    def fake_evaluate(model, tokenizer, corpus, queries, qrels, **kwargs):
+        seen.append(kwargs["doc_max_length"])
+        return {"NDCG@10": 0.5}
+
+    monkeypatch.setattr(train, "evaluate_model", fake_evaluate)
+    common = ["--max_steps", 1, "--eval_strategy", "steps", "--eval_steps", 1, "--save_strategy", "no",
+              "--load_best_model_at_end", "false", "--doc_max_length", 16]  # fmt: skip
+    train.main("baseline", list(map(str, train_args(tiny_backbone, tiny_beir, tmp_path / "a", *common))))
+    train.main("baseline", list(map(str, train_args(tiny_backbone, tiny_beir, tmp_path / "b", *common,
+                                                    "--eval_doc_max_length", 48))))  # fmt: skip
+    assert seen == [16, 48]  # the training length unless the flag says otherwise

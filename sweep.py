@@ -74,6 +74,8 @@ def ckpt_name(kind: str, flags: list[str]) -> str:
 def job(args, names: list[str]) -> str:
     """Train one checkpoint (unless finished earlier), then evaluate every run that shares it."""
     kind, flags, _, _ = CHANGES[names[0]]
+    if all((Path(args.out) / n / "metrics.json").is_file() for n in names):
+        return f"{', '.join(names)}: done earlier"  # the checkpoint itself may be gone: no need to retrain
     ckpt, start = Path(args.ckpt_root) / ckpt_name(kind, flags), time.time()
     log = Path(args.out) / names[0] / "train.log"
     if not (ckpt / "log_history.json").is_file() and run_logged(train_cmd(args, kind, flags, ckpt, SEED), log):

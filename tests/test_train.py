@@ -207,7 +207,9 @@ def test_sweep_trains_each_checkpoint_once_reports_and_chooses_on_dev(tiny_backb
     assert (out / "fig_dev_curves.png").stat().st_size > 0
     assert "| negatives-3 | `--hard_negatives 3` |" in md
     (out / "sweep.md").unlink()
-    shutil.rmtree(ck)  # --report needs only the results folder
+    shutil.rmtree(ck)  # finished runs need only the results folder: a rerun trains nothing
+    rerun = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0 and rerun.stdout.count("done earlier") == 3 and not ck.exists()
     report = [*args[: args.index("--extra")], "--report"]
     again = subprocess.run([sys.executable, *map(str, report)], cwd=ROOT, env=env, capture_output=True, text=True)
     assert again.returncode == 0 and (out / "sweep.md").read_text() == md  # rebuilt from the results alone

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from reproduce import paired_tests, unseen_queries
-from utils import TABLE_COLUMNS, DataError, fail, load_beir, resolve_data_dir
+from reproduce import paired_tests, split_qrels
+from utils import TABLE_COLUMNS, DataError, fail, unseen_document_queries
 
 
 def load(path: str, metric: str) -> dict[str, float]:
@@ -46,11 +46,12 @@ def main(argv=None) -> dict:
     qids = sorted(a)
     if args.subset != "all":
         try:
-            unseen = set(unseen_queries(args.dataset))
+            train, test = split_qrels(args.dataset)
         except DataError as exc:
             fail(str(exc))
-        if not set(qids) <= set(load_beir(resolve_data_dir(args.dataset, None), "test")[2]):
+        if not set(qids) <= set(test):
             fail(f"--subset {args.subset}: {args.a} does not score {args.dataset}'s test queries")
+        unseen = set(unseen_document_queries(train, test))
         qids = [q for q in qids if (q in unseen) == (args.subset == "unseen")]
         if len(qids) < 2:
             fail(f"--subset {args.subset}: {len(qids)} queries, too few for a paired test")

@@ -22,6 +22,7 @@ from utils import (
     bm25_search,
     fail,
     load_beir,
+    load_qrels,
     mean_metrics,
     per_query_metrics,
     resolve_data_dir,
@@ -110,10 +111,20 @@ def paired_tests(a: np.ndarray, b: np.ndarray, n_perm: int = 10000, seed: int = 
     return {"mean_diff": float(diff.mean()), "t_pvalue": t_p, "rand_pvalue": float(p_rand)}
 
 
+def split_qrels(dataset: str) -> tuple[dict, dict]:
+    """The train and test qrels alone (no corpus to read)."""
+    data_dir = resolve_data_dir(dataset, None)
+    return load_qrels(data_dir / "qrels" / "train.tsv"), load_qrels(data_dir / "qrels" / "test.tsv")
+
+
 def unseen_queries(dataset: str) -> list[str]:
     """The test queries whose relevant documents no training query has as a positive."""
-    data_dir = resolve_data_dir(dataset, None)
-    return unseen_document_queries(load_beir(data_dir, "train")[2], load_beir(data_dir, "test")[2])
+    return unseen_document_queries(*split_qrels(dataset))
+
+
+def subset_mean(per_query: dict, qids: list[str], metric: str = "NDCG@10") -> float:
+    """Mean of one metric over some of a run's queries (NaN for none)."""
+    return float(np.mean([per_query[q][metric] for q in qids])) if qids else float("nan")
 
 
 def build_table(args, seeds: list[int]) -> dict:
@@ -132,7 +143,7 @@ def build_table(args, seeds: list[int]) -> dict:
         qids = sorted(test_runs[0])
         per_seed[kind] = np.array([[run[q]["NDCG@10"] for q in qids] for run in test_runs])
     if "baseline" in per_seed:
-        keep = np.isin(sorted(per_query(out / f"seed{seeds[0]}" / "test", "baseline")), unseen)
+        keep = np.isin(qids, unseen)  # every model scores the same test queries
         for kind in args.models:
             if kind != "baseline":
                 a, b = per_seed[kind], per_seed["baseline"]
@@ -163,7 +174,7 @@ def summarise(test_runs: list[dict], train_runs: list[dict], unseen: list[str]) 
         return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
 
     row = {col: mean_std([mean_metrics(r)[col] for r in test_runs]) for col in TABLE_COLUMNS}
-    row["unseen NDCG@10"] = mean_std([np.mean([r[q]["NDCG@10"] for q in unseen]) if unseen else np.nan for r in test_runs])
+    row["unseen NDCG@10"] = mean_std([subset_mean(r, unseen) for r in test_runs])
     for col in ("NDCG@10", "Recall@10"):
         row[f"train {col}"] = mean_std([mean_metrics(r)[col] for r in train_runs])
     return row

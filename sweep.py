@@ -122,7 +122,7 @@ def summary(args) -> dict:
         per_query = json.loads((out / name / f"{name}.perquery.json").read_text())
         rows[name] = {"kind": kind, "train flags": flags, "eval flags": eval_flags, "group": group,
                       "dev NDCG@10": dev_best(out / name), **mean_metrics(per_query),
-                      "unseen NDCG@10": float(np.mean([per_query[q]["NDCG@10"] for q in unseen]))}  # fmt: skip
+                      "unseen NDCG@10": reproduce.subset_mean(per_query, unseen)}  # fmt: skip
         ref = "baseline" if kind == "baseline" else kind  # each variant against the default of its kind
         ref_file = out / ref / f"{ref}.perquery.json"
         if name != ref and ref_file.is_file():
@@ -251,9 +251,8 @@ def combined_rows(out2: Path, unseen: list[str]) -> dict:
             file = metrics.parent / f"{kind}.perquery.json"
             if file.is_file():
                 per_query = json.loads(file.read_text())
-                rows[f"{kind} {metrics.parent.parent.name}"] = {
-                    **mean_metrics(per_query), "unseen NDCG@10": float(np.mean([per_query[q]["NDCG@10"] for q in unseen]))
-                }  # fmt: skip
+                row = {**mean_metrics(per_query), "unseen NDCG@10": reproduce.subset_mean(per_query, unseen)}
+                rows[f"{kind} {metrics.parent.parent.name}"] = row
     return rows
 
 

@@ -1,8 +1,9 @@
 # make test       create .venv if missing, install (pinned torch first), run the tests
-# make reproduce  Table 1 and the figures on SciFact test: SEEDS seeds of baseline, SB-MoE and MoE,
-#                 plus BM25 and the zero-shot backbone; finished runs are skipped, interrupted ones resumed.
-#                 Variables: MODEL=backbone, BEIR_DATA_DIR=data root, SEEDS=3, SMOKE=1 (2 steps, plumbing only),
-#                 EXTRA="training flags" (e.g. "--num_train_epochs 10 --fp16"; use a new OUT= and CKPT= with it)
+# make reproduce  Table 1 (experiments/table1.toml) on SciFact test: BM25, zero-shot, and three seeds of the
+#                 baseline, SB-MoE and MoE; finished runs are skipped, interrupted ones resumed.
+#                 Variables: MODEL=backbone, BEIR_DATA_DIR=data root, EXPERIMENT=another experiment file,
+#                 SMOKE=1 (2 steps, plumbing only, into results/smoke), PARALLEL=jobs at a time,
+#                 EXTRA="training flags" (e.g. "--fp16"; use a new RESULTS= and CKPT= with it)
 SHELL := bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,9 +12,10 @@ TORCH ?= torch==2.13.0
 MODEL ?= ../shared/models/all-minilm-l6-v2
 BEIR_DATA_DIR ?= ../shared/data/beir
 export BEIR_DATA_DIR
-SEEDS ?= 3
-OUT ?= results/scifact$(if $(SMOKE),-smoke)
-CKPT ?= checkpoints/scifact$(if $(SMOKE),-smoke)
+EXPERIMENT ?= experiments/table1.toml
+PARALLEL ?= 1
+RESULTS ?= results$(if $(SMOKE),/smoke)
+CKPT ?= checkpoints$(if $(SMOKE),/smoke)
 
 .PHONY: test install lint reproduce
 
@@ -32,6 +34,5 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 reproduce: install
-	mkdir -p $(OUT)
-	set -o pipefail; $(PY) reproduce.py --model_name_or_path $(MODEL) --seeds $(SEEDS) --out $(OUT) \
-		--ckpt_root $(CKPT) $(if $(SMOKE),--smoke) $(if $(EXTRA),--extra $(EXTRA)) 2>&1 | tee -a $(OUT)/reproduce.log
+	$(PY) experiment.py $(EXPERIMENT) --model_name_or_path $(MODEL) --results $(RESULTS) --ckpt_root $(CKPT) \
+		--parallel $(PARALLEL) $(if $(SMOKE),--smoke) $(if $(EXTRA),--extra $(EXTRA))

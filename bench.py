@@ -27,10 +27,8 @@ import torch
 from transformers import AutoTokenizer
 
 from eval import encode_texts, retrieve, search
-from model import MODEL_CLASSES, BiEncoder, TinyBERTMoERegular, TinyBERTWithMoE, count_parameters
-from utils import atomic_write_text, autocast, doc_text, evaluate_run, load_beir, resolve_data_dir
-
-KINDS = ("baseline", "sbmoe", "moe")
+from model import VARIANTS, BiEncoder, backbone_flops
+from utils import DataError, atomic_write_text, autocast, doc_text, evaluate_run, fail, load_beir, resolve_data_dir
 
 
 def machine() -> str:
@@ -66,8 +64,14 @@ def load_data(args):
 
 
 def build(kind: str, backbone: str) -> BiEncoder:
-    top_k = 2 if kind == "moe" else 1
-    return MODEL_CLASSES[kind].from_backbone(backbone, top_k=top_k).eval()
+    """A variant with its default settings, every zero-initialised weight made live (no path is free)."""
+    settings = {k: v for k, v in VARIANTS[kind].defaults().items() if k != "moe_learning_rate" and v is not None}
+    model = VARIANTS[kind].from_backbone(backbone, **settings).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if getattr(module, "zero_init", False):
+                torch.nn.init.normal_(module.weight, std=0.02)
+    return model
 
 
 def dtypes(args) -> list[str]:
@@ -124,18 +128,7 @@ def bench_encode(args) -> dict:
 
 def flops_per_doc(model: BiEncoder, T: float) -> float:
     """Analytic forward FLOPs (2 per multiply-add) for one document of T tokens; embeddings ignored."""
-    c = model.config.backbone_config
-    H, inner, L = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
-    attn = 2 * (4 * T * H * H + 2 * T * T * H)
-    ffn = 2 * 2 * T * H * inner
-    total = L * (attn + ffn)
-    E, k = model.config.num_experts, model.config.top_k
-    if isinstance(model, TinyBERTMoERegular):
-        total += len(model.moe_layers) * ((k - 1) * ffn + 2 * T * H * E)
-    if isinstance(model, TinyBERTWithMoE):
-        Ed = model.config.expert_dim or H // 2
-        total += 2 * H * E + k * 2 * 2 * H * Ed
-    return float(total)
+    return backbone_flops(model.config, T) + model.extra_flops(T)
 
 
 def rss_child(kind: str, backbone: str, n: int, length: int, dtype: str) -> float:
@@ -159,13 +152,10 @@ def bench_models(args) -> dict:
     lengths = [len(x) for x in tok(texts, truncation=True, max_length=args.doc_max_length)["input_ids"]]
     mean_len = float(np.mean(lengths))
     torch.manual_seed(0)
-    models = {k: build(k, args.model_name_or_path) for k in KINDS}
-    with torch.no_grad():  # SB-MoE's zero-initialised experts would let a lazy path look free: make them live
-        for e in models["sbmoe"].moe.experts:
-            torch.nn.init.normal_(e.fc_out.weight, std=0.02)
+    models = {k: build(k, args.model_name_or_path) for k in VARIANTS}
     report = {"machine": machine(), "docs": len(texts), "mean_doc_tokens": mean_len, "models": {}}
     for kind, m in models.items():
-        report["models"][kind] = {**count_parameters(m), "gflops_per_doc": flops_per_doc(m, mean_len) / 1e9}
+        report["models"][kind] = {**m.count_parameters(), "gflops_per_doc": flops_per_doc(m, mean_len) / 1e9}
     qids = list(queries)
     q_texts = [queries[q] for q in qids]
     for dtype in dtypes(args):
@@ -299,7 +289,7 @@ def bench_params(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         BertModel(BertConfig(**TINYBERT_6L), add_pooling_layer=False).save_pretrained(tmp)  # random init
         for name, path in ((args.model_name_or_path, args.model_name_or_path), ("TinyBERT-6L shape", tmp)):
-            rows = {k: count_parameters(build(k, path)) for k in KINDS}
+            rows = {k: build(k, path).count_parameters() for k in VARIANTS}
             report["backbones"][name] = rows
             print(f"\n{name}")
             for kind, c in rows.items():
@@ -322,9 +312,13 @@ def main(argv=None) -> None:
     p.add_argument("--dtypes", default="cpu", help="'cpu' = fp32,bf16 (plus fp16 on a GPU), or a list")
     p.add_argument("--output", default=None, help="JSON report path (default results/bench/<what>.json)")
     args = p.parse_args(argv)
-    report = {"encode": bench_encode, "models": bench_models, "pipeline": bench_pipeline, "params": bench_params}[
-        args.what
-    ](args)
+    bench = {"encode": bench_encode, "models": bench_models, "pipeline": bench_pipeline, "params": bench_params}
+    try:
+        report = bench[args.what](args)
+    except DataError as exc:
+        fail(str(exc))
+    except OSError as exc:  # a backbone folder or hub name that does not load
+        fail(f"--model_name_or_path {args.model_name_or_path}: cannot load ({str(exc).splitlines()[0]})")
     report["command"] = "python bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     report["peak_rss_mib_this_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = Path(args.output or f"results/bench/{args.what}.json")

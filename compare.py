@@ -3,7 +3,7 @@
     python compare.py A.perquery.json B.perquery.json [--metric NDCG@10] [--subset all | unseen | seen] [--dataset scifact]
 
 Prints mean(A) - mean(B) of the metric with a paired t-test and a two-sided paired randomisation test
-(reproduce.paired_tests, the test behind Table 1). Both files must score the same queries, i.e. come
+(analysis.paired_tests, the test behind every experiment report). Both files must score the same queries, i.e. come
 from the same split. Use it for ablations: a variant's run against the baseline's run of the same seed.
 `--subset unseen` keeps the test queries none of whose relevant documents is a positive of any
 training query (`seen`: the others), read from the dataset's qrels.
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from reproduce import paired_tests, split_qrels
-from utils import TABLE_COLUMNS, DataError, fail, unseen_document_queries
+from analysis import SUBSETS, paired_tests, query_subsets, split_qrels
+from utils import METRICS, DataError, fail, resolve_data_dir
 
 
 def load(path: str, metric: str) -> dict[str, float]:
@@ -36,9 +36,10 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("a", help="per-query JSON of the run under test")
     p.add_argument("b", help="per-query JSON of the reference run")
-    p.add_argument("--metric", default="NDCG@10", choices=[*TABLE_COLUMNS, "MAP@100"])
-    p.add_argument("--subset", default="all", choices=["all", "unseen", "seen"], help="test queries to compare")
+    p.add_argument("--metric", default="NDCG@10", choices=[m.name for m in METRICS])
+    p.add_argument("--subset", default="all", choices=["all", *SUBSETS], help="test queries to compare")
     p.add_argument("--dataset", default="scifact", help="BEIR dataset under $BEIR_DATA_DIR, for --subset")
+    p.add_argument("--data_dir", default=None, help="a BEIR folder (overrides --dataset)")
     args = p.parse_args(argv)
     a, b = load(args.a, args.metric), load(args.b, args.metric)
     if set(a) != set(b):
@@ -46,13 +47,13 @@ def main(argv=None) -> dict:
     qids = sorted(a)
     if args.subset != "all":
         try:
-            train, test = split_qrels(args.dataset)
+            train, test = split_qrels(resolve_data_dir(args.dataset, args.data_dir, download=False))
         except DataError as exc:
             fail(str(exc))
         if not set(qids) <= set(test):
             fail(f"--subset {args.subset}: {args.a} does not score {args.dataset}'s test queries")
-        unseen = set(unseen_document_queries(train, test))
-        qids = [q for q in qids if (q in unseen) == (args.subset == "unseen")]
+        subset = set(query_subsets(train, test)[args.subset])
+        qids = [q for q in qids if q in subset]
         if len(qids) < 2:
             fail(f"--subset {args.subset}: {len(qids)} queries, too few for a paired test")
     x, y = np.array([a[q] for q in qids]), np.array([b[q] for q in qids])

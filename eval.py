@@ -3,6 +3,9 @@
     python eval.py --model sbmoe                          # checkpoint from checkpoints/sbmoe
     python eval.py --model baseline sbmoe moe             # one table, a row per model
     python eval.py --model zeroshot --model_name_or_path M --pooling mean
+    python eval.py --model sbmoe --split test train --trec_depth train=10   # one corpus pass, two splits
+
+Writes `<tag>.trec.gz` (the run), `<tag>.perquery.json` and `metrics.json` per split.
 
 `retrieve` and `evaluate_model` are also what train.py calls for its dev evaluation.
 """
@@ -19,9 +22,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from model import MODEL_CLASSES, BiEncoder, load_model
+from analysis import run_path, write_per_query
+from model import VARIANTS, BiEncoder, load_model
 from utils import (
-    K_VALUES,
+    MAX_CUTOFF,
+    METRICS,
     TABLE_COLUMNS,
     DataError,
     atomic_write_text,
@@ -35,7 +40,6 @@ from utils import (
     per_query_metrics,
     read_trec,
     resolve_data_dir,
-    truncate_run,
     write_trec,
 )
 
@@ -137,7 +141,8 @@ def evaluate_model(model, tokenizer, corpus, queries, qrels, **kwargs) -> dict[s
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", nargs="+", required=True, choices=sorted(MODEL_CLASSES), help="models to evaluate")
+    p.add_argument("--model", nargs="+", required=True, choices=[*VARIANTS, "zeroshot"],
+                   help="trained variants to evaluate, or zeroshot: a plain encoder without training")  # fmt: skip
     p.add_argument("--model_name_or_path", help="backbone for --model zeroshot (hub name or local folder)")
     p.add_argument("--pooling", default="auto", choices=["auto", "cls", "mean"], help="zeroshot pooling")
     p.add_argument("--checkpoint", nargs="+", help="checkpoint dir per model (default checkpoints/<model>)")
@@ -145,7 +150,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data_dir", default=None, help="a BEIR folder (overrides --dataset)")
     p.add_argument("--split", nargs="+", default=["test"], help="one split, or several (corpus encoded once)")
     p.add_argument("--output_dir", default="results/eval")
-    p.add_argument("--top_k", type=int, default=100)
+    p.add_argument("--top_k", type=int, default=100, help="documents retrieved and scored per query")
+    p.add_argument("--trec_depth", nargs="+", default=[], metavar="SPLIT=K",
+                   help="write only the top K of SPLIT's run file (e.g. train=10); metrics use --top_k")  # fmt: skip
     p.add_argument("--query_max_length", type=int, default=64)
     p.add_argument("--doc_max_length", type=int, default=256)
     p.add_argument("--batch_size", type=int, default=128)
@@ -161,8 +168,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--checkpoint needs one folder per --model")
     if "zeroshot" in args.model and not args.model_name_or_path:
         p.error("--model zeroshot needs --model_name_or_path")
-    if args.top_k < max(K_VALUES):
-        p.error(f"--top_k must be at least {max(K_VALUES)} for Recall@{max(K_VALUES)}")
+    if args.top_k < MAX_CUTOFF:
+        p.error(f"--top_k must be at least {MAX_CUTOFF}, the deepest metric cutoff")
+    try:
+        args.trec_depth = {k: int(v) for k, v in (x.split("=") for x in args.trec_depth)}
+    except ValueError:
+        p.error(f"--trec_depth {' '.join(args.trec_depth)}: expected SPLIT=K entries")
     if args.dataset is None and args.data_dir is None:
         args.dataset = "scifact"
     return args
@@ -171,12 +182,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 def load_for_eval(name: str, checkpoint: str | None, args) -> tuple[BiEncoder, object, str]:
     if name == "zeroshot":
         source = args.model_name_or_path
-        model = BiEncoder.from_backbone(source, pooling=args.pooling)
+        try:
+            model = BiEncoder.from_backbone(source, pooling=args.pooling)
+        except OSError as exc:
+            raise DataError(f"--model_name_or_path {source}: cannot load an encoder ({str(exc).splitlines()[0]})") from None
     else:
         source = checkpoint or f"checkpoints/{name}"
         if not (Path(source) / "config.json").is_file():
             raise DataError(f"{source}: no checkpoint (config.json missing); train it first or pass --checkpoint")
-        model = load_model(source)
+        try:
+            model = load_model(source)
+        except (OSError, ValueError) as exc:
+            raise DataError(str(exc).splitlines()[0]) from None
     if args.inference_mode:
         model.config.inference_mode = args.inference_mode
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -213,11 +230,12 @@ def main(argv=None) -> dict:
             per_query = per_query_metrics(qrels, results, ignore_identical_ids=args.ignore_identical_ids)
             rows[split][tag] = mean_metrics(per_query)
             out_dir = split_dir(args, split)
-            write_trec(out_dir / f"{tag}.trec", results, tag, args.top_k)
+            depth = args.trec_depth.get(split, args.top_k)
+            write_trec(run_path(out_dir, tag), results, tag, depth)
             if args.verify:
-                worst = verify_trec(out_dir / f"{tag}.trec", qrels, rows[split][tag])
-                print(f"{tag}/{split}: metrics match pytrec_eval on the .trec file (max |diff| {worst:.1e})")
-            atomic_write_text(out_dir / f"{tag}.perquery.json", json.dumps(per_query, indent=1))
+                worst = verify_trec(run_path(out_dir, tag), qrels, rows[split][tag], depth)
+                print(f"{tag}/{split}: metrics match pytrec_eval on the run file (max |diff| {worst:.1e})")
+            write_per_query(out_dir, tag, per_query)
         elapsed = seconds[tag] = time.perf_counter() - start
         print(f"{tag}: {len(corpus)} docs, splits {', '.join(splits)}, retrieval {elapsed:.1f}s", flush=True)
     summaries = {}
@@ -232,19 +250,13 @@ def main(argv=None) -> dict:
     return summaries[args.split[0]] if len(summaries) == 1 else summaries
 
 
-def verify_trec(path: Path, qrels: dict, metrics: dict[str, float], tol: float = 1e-6) -> float:
-    """Re-read the written run and score it with pytrec_eval directly; fail if any printed metric differs."""
-    import pytrec_eval
-
-    run = read_trec(path)
-    ev = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.1,5,10,100"}).evaluate(run)
-    rr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(truncate_run(run, 10))
-    n = len(qrels)
-    ref = {"NDCG@10": sum(v["ndcg_cut_10"] for v in ev.values()) / n, "MRR@10": sum(v["recip_rank"] for v in rr.values()) / n}
-    ref.update({f"Recall@{k}": sum(v[f"recall_{k}"] for v in ev.values()) / n for k in (1, 5, 10, 100)})
-    worst = max(abs(ref[m] - metrics[m]) for m in TABLE_COLUMNS)
+def verify_trec(path: Path, qrels: dict, metrics: dict[str, float], depth: int, tol: float = 1e-6) -> float:
+    """Re-read the written run and score it again; fail if any metric the file is deep enough for differs."""
+    again = mean_metrics(per_query_metrics(qrels, read_trec(path)))
+    names = [m.name for m in METRICS if m.cutoff <= depth]
+    worst = max(abs(again[m] - metrics[m]) for m in names)
     if worst > tol:
-        raise SystemExit(f"error: {path}: metrics differ from pytrec_eval on the run file by {worst:.2e}")
+        fail(f"{path}: metrics differ from pytrec_eval on the run file by {worst:.2e}")
     return worst
 
 

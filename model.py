@@ -1,12 +1,18 @@
-"""Bi-encoders for dense retrieval: the plain baseline, SB-MoE and token-level (upcycled) MoE.
+"""Bi-encoders for dense retrieval: the plain baseline, SB-MoE (three published designs) and token-level MoE.
 
-Read bottom-up: routing helpers and experts first, then the config, then the three models.
+Read bottom-up: routing helpers and experts first, then the SB-MoE head, the config, then the models.
 Every model is a `PreTrainedModel`: `save_pretrained` writes safetensors and a config that rebuilds
-it exactly (`Model.from_pretrained(dir)`), offline, without the backbone's original files.
+it exactly (`load_model(dir)`), offline, without the backbone's original files.
+
+A variant is one class: subclassing `BiEncoder` with a new `kind` registers it in `VARIANTS`, and
+the class itself says what the rest of the project needs (default top-k and MoE learning rate, its
+MoE blocks, parameters active per input, FLOPs beyond the backbone). train.py, eval.py, bench.py
+and the experiment runner derive everything from there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from dataclasses import dataclass
@@ -28,39 +34,85 @@ from utils import info_nce
 
 @dataclass
 class Routing:
-    """One router decision: top-k expert indices and their weights, plus float32 logits."""
+    """One router decision: chosen expert indices and their weights, plus float32 logits and probabilities."""
 
     logits: torch.Tensor  # (N, E) float32
     probs: torch.Tensor  # (N, E) float32 softmax
     indices: torch.Tensor  # (N, k)
-    weights: torch.Tensor  # (N, k) in the input dtype
+    weights: torch.Tensor  # (N, k)
+
+    def select(self, keep: torch.Tensor) -> Routing:
+        """The rows where `keep` is true (e.g. the non-padding tokens)."""
+        keep = keep.reshape(-1).bool()
+        return Routing(self.logits[keep], self.probs[keep], self.indices[keep], self.weights[keep])
 
 
-def route(router: nn.Linear, x: torch.Tensor, top_k: int, renormalize: bool, noise_std: float = 0.0) -> Routing:
-    """Router in float32 even under autocast (Switch/Mixtral): softmax, top-k, optional renormalise.
+class Router(nn.Linear):
+    """A linear gate whose logits are float32 even under autocast (Switch, Mixtral)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
+
+
+class NoisyMLPRouter(nn.Module):
+    """Sokli et al.'s gate: hidden -> hidden/2 -> ReLU -> E; in training the logits get noise
+    N(0, 1) * softplus(a learned linear map of the input)."""
+
+    def __init__(self, hidden: int, num_experts: int):
+        super().__init__()
+        self.fc_in = nn.Linear(hidden, hidden // 2)
+        self.fc_out = nn.Linear(hidden // 2, num_experts)
+        self.noise = nn.Linear(hidden, num_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x.float()
+            logits = self.fc_out(F.relu(self.fc_in(x)))
+            if self.training:
+                logits = logits + torch.randn_like(logits) * F.softplus(self.noise(x))
+        return logits
+
+
+def route(logits: torch.Tensor, top_k: int, renormalize: bool, temperature: float = 1.0) -> Routing:
+    """Softmax (of logits / temperature), top-k, optional renormalisation; all in float32.
 
     With top-1 the raw softmax probability is kept as the weight (Switch), or the router would get
     no gradient; with k > 1 the k weights are renormalised to sum to 1 (Mixtral).
     """
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        logits = F.linear(x.float(), router.weight.float(), None if router.bias is None else router.bias.float())
-        if noise_std > 0:
-            logits = logits + torch.randn_like(logits) * noise_std
-        probs = logits.softmax(dim=-1)
-        weights, indices = probs.topk(top_k, dim=-1)
-        if renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-    return Routing(logits, probs, indices, weights.to(x.dtype))
+    logits = logits.float()
+    probs = (logits / temperature).softmax(dim=-1)
+    weights, indices = probs.topk(top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return Routing(logits, probs, indices, weights)
+
+
+def route_all(logits: torch.Tensor, temperature: float = 1.0) -> Routing:
+    """Every expert, weighted by its softmax probability (SB-MoE's `all` inference mode)."""
+    probs = (logits.float() / temperature).softmax(dim=-1)
+    return Routing(logits.float(), probs, torch.arange(probs.shape[-1], device=probs.device).expand_as(probs), probs)
+
+
+def route_fixed(n: int, num_experts: int, top_k: int, device, random: bool, generator=None) -> Routing:
+    """Control routings: k uniformly random distinct experts per input (or expert 0 for a dense head),
+    each with the fixed weight 1/k; the logits are uniform, so the balance statistics stay defined."""
+    if random:
+        indices = torch.rand(n, num_experts, device=device, generator=generator).argsort(-1)[:, :top_k]
+    else:
+        indices = torch.zeros(n, top_k, dtype=torch.long, device=device)
+    logits = torch.zeros(n, num_experts, device=device)
+    return Routing(logits, logits.softmax(-1), indices, torch.full((n, top_k), 1.0 / top_k, device=device))
 
 
 def dispatch(experts: nn.ModuleList, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-    """Sum over the k chosen experts of weight * expert(x), run only on the rows routed to each expert."""
+    """Sum over the chosen experts of weight * expert(x), run only on the rows routed to each expert."""
     out = torch.zeros_like(x)  # (N, H)
     for e, expert in enumerate(experts):
         rows, slot = torch.where(routing.indices == e)
         if rows.numel() == 0:
             continue
-        y = expert(x[rows]) * routing.weights[rows, slot, None]
+        y = expert(x[rows]) * routing.weights[rows, slot, None].to(x.dtype)
         out.index_add_(0, rows, y.to(out.dtype))
     return out
 
@@ -82,6 +134,11 @@ def load_balancing_loss(router_logits: torch.Tensor, top_k: int, mask: torch.Ten
     return num_experts * (f * p).sum()
 
 
+def gate_mse_loss(probs: torch.Tensor) -> torch.Tensor:
+    """The seed code's balance loss: mean squared difference between mean gate probabilities and 1/E."""
+    return (probs.float().mean(0) - 1.0 / probs.shape[-1]).pow(2).mean()
+
+
 def router_z_loss(router_logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """ST-MoE z-loss: mean squared logsumexp of the router logits, keeping them small."""
     logits = router_logits.float().reshape(-1, router_logits.shape[-1])
@@ -97,60 +154,141 @@ def routing_stats(indices: torch.Tensor, probs: torch.Tensor, num_experts: int) 
     return {"load": load.detach(), "entropy": entropy.detach()}
 
 
+@contextlib.contextmanager
+def record_outputs(modules: list[nn.Module]):
+    """Collect the outputs of `modules` during one forward (transformers' OutputRecorder idea).
+
+    The hooks live only inside the `with`: the recomputation that gradient checkpointing runs
+    during backward does not record twice, and nothing is left on the modules between calls.
+    """
+    outputs: list[torch.Tensor] = []
+    handles = [m.register_forward_hook(lambda _m, _in, out: outputs.append(out)) for m in modules]
+    try:
+        yield outputs
+    finally:
+        for h in handles:
+            h.remove()
+
+
 # --------------------------------------------------------------------------------------------
 # Experts and MoE blocks
 
 
 class Expert(nn.Module):
-    """A small FFN: Linear -> GELU -> Linear."""
+    """A small FFN: Linear -> activation -> (dropout) -> Linear."""
 
-    def __init__(self, hidden: int, inner: int, zero_init_out: bool = False):
+    def __init__(self, hidden: int, inner: int, zero_init_out: bool = False, act: str = "gelu", dropout: float = 0.0):
         super().__init__()
         self.fc_in = nn.Linear(hidden, inner)
         self.fc_out = nn.Linear(inner, hidden)
-        self.fc_out.zero_init = zero_init_out  # SB-MoE: adds exactly 0 at step 0, so it starts as the baseline
+        self.act = nn.GELU() if act == "gelu" else nn.ReLU()
+        self.dropout = nn.Dropout(dropout)
+        self.fc_out.zero_init = zero_init_out  # SB-MoE (residual-zero): adds exactly 0 at step 0
         if zero_init_out:
             nn.init.zeros_(self.fc_out.weight)
             nn.init.zeros_(self.fc_out.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc_out(F.gelu(self.fc_in(x)))
+        return self.fc_out(self.dropout(self.act(self.fc_in(x))))
+
+    def flops(self) -> float:
+        return 2.0 * 2 * self.fc_in.in_features * self.fc_in.out_features
+
+
+# The SB-MoE designs of the literature, as data: where the block sits, its gate, experts and output.
+SBMOE_DESIGNS = {
+    # ours: pooled vector, linear gate, GELU experts of hidden/2 whose output starts at zero, added back
+    "residual-zero": dict(per_token=False, gate="linear", act="gelu", inner=0.5, dropout=0.0, zero_init=True,
+                          renormalize=None, normalize_mix=False, aux="switch", top_k=1, gate_temperature=1.0),  # fmt: skip
+    # Sokli et al. (FaySokli/SB-MoE): noisy MLP gate, top-1 raw probability, L2-normalised mixture + pooled
+    "sokli": dict(per_token=False, gate="noisy-mlp", act="relu", inner=0.5, dropout=0.0, zero_init=False,
+                  renormalize=False, normalize_mix=True, aux=None, top_k=1, gate_temperature=1.0),  # fmt: skip
+    # the seed paper's code: per token on the last hidden states, LayerNorm, gate with temperature, top-2
+    "seed": dict(per_token=True, gate="linear", act="gelu", inner=2.0, dropout=0.1, zero_init=False,
+                 renormalize=True, normalize_mix=False, aux="gate-mse", top_k=2, gate_temperature=5.0),  # fmt: skip
+}
+ROUTINGS = ("learned", "dense", "random")  # dense: one expert, no gate; random: uniform random experts
 
 
 class SingleBlockMoE(nn.Module):
-    """SB-MoE head: the pooled vector is routed to top-k of E experts and added back residually."""
+    """SB-MoE: one MoE block after the last layer, in one of `SBMOE_DESIGNS`, with learned, dense or
+    random routing (the last two are the controls that separate routing from added capacity)."""
 
-    def __init__(self, hidden: int, num_experts: int, top_k: int, expert_dim: int, noise_std: float):
+    def __init__(self, hidden: int, config: RetrieverConfig):
         super().__init__()
-        self.top_k, self.noise_std = top_k, noise_std
-        self.router = nn.Linear(hidden, num_experts)
-        self.experts = nn.ModuleList(Expert(hidden, expert_dim, zero_init_out=True) for _ in range(num_experts))
+        d = self.design = SBMOE_DESIGNS[config.design]
+        self.routing_mode, self.top_k = config.routing, config.top_k
+        self.temperature, self.noise_std = config.gate_temperature, config.noise_std
+        self.num_experts = 1 if config.routing == "dense" else config.num_experts
+        inner = config.expert_dim or int(hidden * d["inner"])
+        self.norm = nn.LayerNorm(hidden) if d["per_token"] else None
+        self.router = None
+        if config.routing == "learned":
+            self.router = NoisyMLPRouter(hidden, self.num_experts) if d["gate"] == "noisy-mlp" else Router(
+                hidden, self.num_experts
+            )
+        self.experts = nn.ModuleList(
+            Expert(hidden, inner, zero_init_out=d["zero_init"], act=d["act"], dropout=d["dropout"])
+            for _ in range(self.num_experts)
+        )
 
-    def forward(self, pooled: torch.Tensor, mode: str = "top1") -> tuple[torch.Tensor, Routing]:
-        noise = self.noise_std if self.training else 0.0
-        routing = route(self.router, pooled, self.top_k, renormalize=self.top_k > 1, noise_std=noise)
-        if mode == "all":  # softmax-weighted sum of every expert (inference option of prior SB-MoE work)
-            mixed = torch.stack([e(pooled) for e in self.experts], dim=1)  # (B, E, H)
-            return pooled + (routing.probs.to(mixed.dtype)[..., None] * mixed).sum(1), routing
-        return pooled + dispatch(self.experts, pooled, routing), routing
+    def choose(self, x: torch.Tensor, mode: str) -> Routing:
+        if self.router is None:
+            generator = None
+            if not self.training:  # reproducible evaluation: the same draws on every run
+                generator = torch.Generator(x.device).manual_seed(0)
+            k = 1 if self.routing_mode == "dense" else self.top_k
+            return route_fixed(x.shape[0], self.num_experts, k, x.device, self.routing_mode == "random", generator)
+        logits = self.router(x)
+        if self.noise_std > 0 and self.training:
+            logits = logits + torch.randn_like(logits) * self.noise_std
+        if mode == "all" and not self.training:
+            return route_all(logits, self.temperature)
+        renormalize = self.design["renormalize"]
+        return route(logits, self.top_k, self.top_k > 1 if renormalize is None else renormalize, self.temperature)
+
+    def forward(self, x: torch.Tensor, mode: str = "top1") -> tuple[torch.Tensor, Routing]:
+        """x: (N, H) rows to transform (pooled vectors, or the non-padding tokens of the seed design)."""
+        z = self.norm(x) if self.norm is not None else x
+        routing = self.choose(z, mode)
+        mixed = dispatch(self.experts, z, routing)  # (N, H)
+        if self.design["normalize_mix"]:
+            mixed = F.normalize(mixed, dim=-1, eps=1e-6)
+        return x + mixed, routing
+
+    def aux_loss(self, routing: Routing, coef: float) -> torch.Tensor | None:
+        if self.router is None or not self.design["aux"] or coef == 0:
+            return None
+        if self.design["aux"] == "gate-mse":
+            return coef * gate_mse_loss(routing.probs)
+        return coef * load_balancing_loss(routing.logits, self.top_k)
+
+    def active_experts(self, inference_mode: str) -> int:
+        if self.router is None:
+            return 1 if self.routing_mode == "dense" else self.top_k
+        return self.num_experts if inference_mode == "all" else self.top_k
+
+    def flops(self, inference_mode: str) -> float:
+        """Forward FLOPs for one input row: gate plus the active experts."""
+        gate = sum(2.0 * m.in_features * m.out_features for m in (self.router.modules() if self.router else [])
+                   if isinstance(m, nn.Linear) and m is not getattr(self.router, "noise", None))  # fmt: skip
+        return gate + self.active_experts(inference_mode) * self.experts[0].flops()
 
 
 class SparseMoEFeedForward(nn.Module):
     """Token-level top-k MoE replacing a BERT layer's FFN (intermediate + output.dense).
 
     It is installed as `layer.intermediate` with `layer.output.dense` set to Identity, so BertOutput
-    still applies dropout, the residual and LayerNorm. Only non-padding tokens are routed: the
-    model sets `token_mask` before each backbone call. The router logits of the last call are kept
-    in `last_routing` for the auxiliary losses.
+    still applies dropout, the residual and LayerNorm. Like Mixtral it routes every position and the
+    model masks padding out of the auxiliary losses; the model reads the router logits back with
+    `record_outputs` on `router`, so no routing state is kept on the module.
     """
 
     def __init__(self, hidden: int, inner: int, num_experts: int, top_k: int):
         super().__init__()
         self.top_k = top_k
-        self.router = nn.Linear(hidden, num_experts, bias=False)
+        self.router = Router(hidden, num_experts, bias=False)
         self.experts = nn.ModuleList(Expert(hidden, inner) for _ in range(num_experts))
-        self.token_mask: torch.Tensor | None = None
-        self.last_routing: Routing | None = None
 
     @torch.no_grad()
     def upcycle(self, intermediate_dense: nn.Linear, output_dense: nn.Linear) -> None:
@@ -161,17 +299,8 @@ class SparseMoEFeedForward(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # (B, T, H)
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])  # (B*T, H)
-        if self.token_mask is not None:
-            keep = self.token_mask.reshape(-1).bool()
-            tokens = flat[keep]
-        else:
-            keep, tokens = None, flat
-        routing = route(self.router, tokens, self.top_k, renormalize=True)
-        self.last_routing = routing
-        out = dispatch(self.experts, tokens, routing)
-        if keep is not None:
-            out = torch.zeros_like(flat).index_put_((keep.nonzero().squeeze(1),), out)
-        return out.reshape_as(hidden_states)
+        routing = route(self.router(flat), self.top_k, renormalize=True)
+        return dispatch(self.experts, flat, routing).reshape_as(hidden_states)
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,7 +312,7 @@ class RetrieverConfig(PretrainedConfig):
 
     model_type = "moe_retriever"
 
-    kind: str = "baseline"  # baseline | sbmoe | moe
+    kind: str = "baseline"  # a key of VARIANTS
     backbone: str = ""  # name or path the backbone came from (a record; never re-read on load)
     backbone_config: dict | None = None  # the backbone's BertConfig as a dict
     pooling: str = "cls"  # cls | mean
@@ -191,8 +320,11 @@ class RetrieverConfig(PretrainedConfig):
     temperature: float = 0.05
     num_experts: int = 8
     top_k: int = 1
-    expert_dim: int | None = None  # SB-MoE expert hidden size; None means hidden / 2
-    noise_std: float = 0.0  # SB-MoE noisy gating during training (0 = off)
+    expert_dim: int | None = None  # SB-MoE expert hidden size; None means the design's (hidden/2 or 2*hidden)
+    noise_std: float = 0.0  # SB-MoE: extra Gaussian noise on the gate logits in training (0 = off)
+    design: str = "residual-zero"  # SB-MoE: a key of SBMOE_DESIGNS
+    routing: str = "learned"  # SB-MoE: learned | dense (one expert, no gate) | random
+    gate_temperature: float = 1.0  # SB-MoE: softmax temperature of the gate (the seed design's default is 5)
     moe_layers: list[int] | None = None  # token-level MoE: None means every other layer (1, 3, 5, ...)
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.0
@@ -214,18 +346,30 @@ class RetrieverOutput(ModelOutput):
     logits: torch.Tensor | None = None
     q_reps: torch.Tensor | None = None
     d_reps: torch.Tensor | None = None
-    expert_load: torch.Tensor | None = None  # (L, E) assignments per expert, per MoE layer
+    expert_load: torch.Tensor | None = None  # (L, E) assignments per expert, per MoE block
     router_entropy: torch.Tensor | None = None  # (L,)
+
+
+@dataclass
+class Embedding:
+    """What `embed` returns: (B, H) representations and the routing decisions made on the way."""
+
+    reps: torch.Tensor
+    routings: list[Routing]
+    aux_loss: torch.Tensor | None = None
 
 
 # --------------------------------------------------------------------------------------------
 # Models
+
+VARIANTS: dict[str, type[BiEncoder]] = {}
 
 
 class BiEncoder(PreTrainedModel):
     """Shared BERT encoder for queries and documents; pooling and optional L2 normalisation.
 
     The subclasses add MoE; the contrastive loss lives here, so the trainer only calls forward.
+    A subclass with its own `kind` registers itself in `VARIANTS`.
     """
 
     config_class = RetrieverConfig
@@ -234,6 +378,18 @@ class BiEncoder(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     kind = "baseline"
+    default_top_k = 1  # experts per input when --top_k is not given
+    default_moe_learning_rate: float | None = None  # routers and experts; None: the backbone's rate
+
+    @classmethod
+    def defaults(cls, design: str | None = None) -> dict:
+        """Settings this variant uses when the command line leaves them unset."""
+        return {"top_k": cls.default_top_k, "moe_learning_rate": cls.default_moe_learning_rate}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "kind" in cls.__dict__:
+            VARIANTS[cls.kind] = cls
 
     def __init__(self, config: RetrieverConfig):
         super().__init__(config)
@@ -243,6 +399,35 @@ class BiEncoder(PreTrainedModel):
 
     def add_moe(self, config: RetrieverConfig) -> None:
         """Subclasses add their MoE modules here, before the one `post_init`."""
+
+    # ---- what the rest of the project asks of a variant ----------------------------------
+    def moe_blocks(self) -> list[nn.Module]:
+        """The MoE blocks (each with `router` and `experts`); their parameters train at the MoE rate."""
+        return []
+
+    def moe_parameter_names(self) -> set[str]:
+        """Parameters trained at the MoE/head learning rate: the MoE blocks and anything outside the backbone."""
+        in_blocks = {id(p) for block in self.moe_blocks() for p in block.parameters()}
+        return {n for n, p in self.named_parameters() if id(p) in in_blocks or not n.startswith("encoder.")}
+
+    def count_parameters(self) -> dict[str, int]:
+        """Total parameters, and parameters active per input: all but the experts not chosen.
+
+        Embedding tables are counted whole in both (the usual convention for MoE reports).
+        """
+        total = sum(p.numel() for p in self.parameters())
+        inactive = 0
+        for block in self.moe_blocks():
+            per_expert = sum(p.numel() for p in block.experts[0].parameters())
+            inactive += (len(block.experts) - self.active_experts(block)) * per_expert
+        return {"total": total, "active_per_token": total - inactive}
+
+    def active_experts(self, block: nn.Module) -> int:
+        return block.top_k
+
+    def extra_flops(self, tokens: float) -> float:
+        """Forward FLOPs (2 per multiply-add) beyond the backbone's, for one input of `tokens` tokens."""
+        return 0.0
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -257,11 +442,7 @@ class BiEncoder(PreTrainedModel):
         )
         model = cls(config)
         model.encoder.load_state_dict(backbone.state_dict())
-        model.after_backbone_loaded()
         return model
-
-    def after_backbone_loaded(self) -> None:
-        """Hook for subclasses that derive weights from the backbone (upcycling)."""
 
     def _init_weights(self, module: nn.Module) -> None:
         if getattr(module, "zero_init", False):
@@ -280,28 +461,20 @@ class BiEncoder(PreTrainedModel):
             return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
         return hidden[:, 0]
 
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, list]:
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Embedding:
         """(B, H) representations and the routing decisions made on the way (none for the baseline)."""
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
-        return self.pool(hidden, attention_mask), []
+        return Embedding(self.pool(self.hidden_states(input_ids, attention_mask), attention_mask), [])
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        reps, _ = self.embed(input_ids, attention_mask)
-        return F.normalize(reps, dim=-1) if self.config.normalize else reps
+        return self._norm(self.embed(input_ids, attention_mask).reps)
 
-    def aux_losses(self, routings: list[Routing]) -> torch.Tensor | None:
-        """coef * balance + z-coef * z-loss, averaged over MoE blocks; None without MoE.
-
-        Token-level blocks route only non-padding tokens, so padding never enters these losses.
-        """
-        if not routings:
-            return None
-        total = 0.0
-        for routing in routings:
-            total = total + self.config.aux_loss_coef * load_balancing_loss(routing.logits, self.config.top_k)
-            if self.config.z_loss_coef > 0:
-                total = total + self.config.z_loss_coef * router_z_loss(routing.logits)
-        return total / len(routings)
+    def aux_losses(self, embeddings: list[Embedding]) -> torch.Tensor | None:
+        """The auxiliary losses of the MoE blocks, averaged over the embed calls; None without any."""
+        losses = [e.aux_loss for e in embeddings if e.aux_loss is not None]
+        return sum(losses) / len(losses) if losses else None
 
     # ---- training forward ---------------------------------------------------------------
     def forward(
@@ -314,18 +487,19 @@ class BiEncoder(PreTrainedModel):
         pos_ids: torch.Tensor | None = None,
         **_: object,
     ) -> RetrieverOutput:
-        q, q_routing = self.embed(query_input_ids, query_attention_mask)
+        q = self.embed(query_input_ids, query_attention_mask)
         if doc_input_ids is None:
-            return RetrieverOutput(q_reps=self._norm(q))
-        d, d_routing = self.embed(doc_input_ids, doc_attention_mask)
-        q, d = self._norm(q), self._norm(d)
-        contrastive, logits = info_nce(q, d, self.config.temperature, doc_ids, pos_ids)
-        routings = q_routing + d_routing
-        aux = self.aux_losses(routings)
+            return RetrieverOutput(q_reps=self._norm(q.reps))
+        d = self.embed(doc_input_ids, doc_attention_mask)
+        q_reps, d_reps = self._norm(q.reps), self._norm(d.reps)
+        contrastive, logits = info_nce(q_reps, d_reps, self.config.temperature, doc_ids, pos_ids)
+        aux = self.aux_losses([q, d])
         loss = contrastive if aux is None else contrastive + aux
-        out = RetrieverOutput(loss=loss, contrastive_loss=contrastive.detach(), logits=logits, q_reps=q, d_reps=d)
+        out = RetrieverOutput(loss=loss, contrastive_loss=contrastive.detach(), logits=logits, q_reps=q_reps,
+                              d_reps=d_reps)  # fmt: skip
+        routings = q.routings + d.routings
         if routings:
-            out.aux_loss = aux.detach()
+            out.aux_loss = aux.detach() if aux is not None else torch.zeros((), device=loss.device)
             stats = self.routing_summary(routings)
             out.expert_load, out.router_entropy = stats["load"], stats["entropy"]
         return out
@@ -335,43 +509,62 @@ class BiEncoder(PreTrainedModel):
 
     def routing_summary(self, routings: list[Routing]) -> dict[str, torch.Tensor]:
         """Per MoE block (queries and documents pooled): assignments per expert and router entropy."""
-        n_blocks = self.num_moe_blocks()
+        blocks = self.moe_blocks()
         loads, entropies = [], []
-        for b in range(n_blocks):
-            parts = routings[b::n_blocks]
-            stats = [routing_stats(r.indices, r.probs, self.config.num_experts) for r in parts]
+        for b, block in enumerate(blocks):
+            parts = routings[b :: len(blocks)]
+            stats = [routing_stats(r.indices, r.probs, len(block.experts)) for r in parts]
             loads.append(sum(s["load"] for s in stats))
             entropies.append(torch.stack([s["entropy"] for s in stats]).mean())
         return {"load": torch.stack(loads), "entropy": torch.stack(entropies)}
 
-    def num_moe_blocks(self) -> int:
-        return 0
-
 
 class TinyBERTWithMoE(BiEncoder):
-    """SB-MoE: one MoE block on the pooled vector after the final layer; equals the baseline at init."""
+    """SB-MoE: one MoE block after the final layer (`--design`, `--routing`); see SBMOE_DESIGNS."""
 
     kind = "sbmoe"
+    default_moe_learning_rate = 1e-4
+
+    @classmethod
+    def defaults(cls, design: str | None = None) -> dict:
+        d = SBMOE_DESIGNS.get(design or "residual-zero", SBMOE_DESIGNS["residual-zero"])
+        return {**super().defaults(), "top_k": d["top_k"], "gate_temperature": d["gate_temperature"]}
 
     def add_moe(self, config: RetrieverConfig) -> None:
-        hidden = config.backbone_config["hidden_size"]
-        self.moe = SingleBlockMoE(
-            hidden, config.num_experts, config.top_k, config.expert_dim or hidden // 2, config.noise_std
-        )
+        if config.design not in SBMOE_DESIGNS or config.routing not in ROUTINGS:
+            raise ValueError(f"SB-MoE design {config.design!r} / routing {config.routing!r}: expected one of "
+                             f"{sorted(SBMOE_DESIGNS)} / {list(ROUTINGS)}")  # fmt: skip
+        self.moe = SingleBlockMoE(config.backbone_config["hidden_size"], config)
+
+    def moe_blocks(self) -> list[nn.Module]:
+        return [self.moe]
+
+    def active_experts(self, block: nn.Module) -> int:
+        return block.active_experts(self.config.inference_mode)
+
+    def extra_flops(self, tokens: float) -> float:
+        per_row = self.moe.flops(self.config.inference_mode)
+        return per_row * tokens if self.moe.design["per_token"] else per_row
 
     def embed(self, input_ids, attention_mask):
-        pooled, _ = super().embed(input_ids, attention_mask)
-        out, routing = self.moe(pooled, mode=self.config.inference_mode if not self.training else "top1")
-        return out, [routing]
-
-    def num_moe_blocks(self) -> int:
-        return 1
+        mode = self.config.inference_mode if not self.training else "top1"
+        hidden = self.hidden_states(input_ids, attention_mask)  # (B, T, H)
+        if self.moe.design["per_token"]:  # route the non-padding tokens, then pool
+            keep = attention_mask.reshape(-1).bool()
+            flat = hidden.reshape(-1, hidden.shape[-1])
+            out, routing = self.moe(flat[keep], mode=mode)
+            hidden = flat.index_put((keep.nonzero().squeeze(1),), out).reshape_as(hidden)
+            reps = self.pool(hidden, attention_mask)
+        else:
+            reps, routing = self.moe(self.pool(hidden, attention_mask), mode=mode)
+        return Embedding(reps, [routing], self.moe.aux_loss(routing, self.config.aux_loss_coef) if self.training else None)
 
 
 class TinyBERTMoERegular(BiEncoder):
     """Token-level top-k MoE in the FFN of chosen layers, experts upcycled from the dense FFN."""
 
     kind = "moe"
+    default_top_k = 2
 
     def add_moe(self, config: RetrieverConfig) -> None:
         bc = config.backbone_config
@@ -383,11 +576,15 @@ class TinyBERTMoERegular(BiEncoder):
             )
             layer.output.dense = nn.Identity()
 
-    def moe_blocks(self) -> list[SparseMoEFeedForward]:
+    def moe_blocks(self) -> list[nn.Module]:
         return [self.encoder.encoder.layer[i].intermediate for i in self.moe_layers]
 
-    def num_moe_blocks(self) -> int:
-        return len(self.moe_layers)
+    def extra_flops(self, tokens: float) -> float:
+        """Per MoE layer: k - 1 more FFNs than the dense layer, plus the router."""
+        c = self.config.backbone_config
+        ffn = 2.0 * 2 * tokens * c["hidden_size"] * c["intermediate_size"]
+        router = 2.0 * tokens * c["hidden_size"] * self.config.num_experts
+        return len(self.moe_layers) * ((self.config.top_k - 1) * ffn + router)
 
     @classmethod
     def from_backbone(cls, name_or_path: str, pooling: str = "auto", **settings) -> TinyBERTMoERegular:
@@ -405,28 +602,27 @@ class TinyBERTMoERegular(BiEncoder):
 
     def embed(self, input_ids, attention_mask):
         blocks = self.moe_blocks()
-        for block in blocks:
-            block.token_mask = attention_mask
-        try:
-            pooled, _ = super().embed(input_ids, attention_mask)
-        finally:
-            for block in blocks:
-                block.token_mask = None
-        return pooled, [block.last_routing for block in blocks]
+        with record_outputs([b.router for b in blocks]) as logits:
+            reps = self.pool(self.hidden_states(input_ids, attention_mask), attention_mask)
+        routings = [route(x, self.config.top_k, renormalize=True).select(attention_mask) for x in logits]
+        aux = None
+        if self.training:  # padding never enters the losses
+            aux = sum(self.config.aux_loss_coef * load_balancing_loss(r.logits, self.config.top_k) for r in routings)
+            if self.config.z_loss_coef > 0:
+                aux = aux + sum(self.config.z_loss_coef * router_z_loss(r.logits) for r in routings)
+            aux = aux / len(routings)
+        return Embedding(reps, routings, aux)
 
 
-MODEL_CLASSES: dict[str, type[BiEncoder]] = {
-    "baseline": BiEncoder,
-    "zeroshot": BiEncoder,
-    "sbmoe": TinyBERTWithMoE,
-    "moe": TinyBERTMoERegular,
-}
+VARIANTS["baseline"] = BiEncoder
 
 
 def load_model(path: str | Path) -> BiEncoder:
     """A saved retriever of any kind; the class comes from its config, never from code in the folder."""
     config = RetrieverConfig.from_pretrained(path)
-    return MODEL_CLASSES[config.kind].from_pretrained(path, config=config)
+    if config.kind not in VARIANTS:
+        raise ValueError(f"{path}: model kind {config.kind!r} is not one of {sorted(VARIANTS)}")
+    return VARIANTS[config.kind].from_pretrained(path, config=config)
 
 
 def detect_pooling(name_or_path: str) -> str:
@@ -437,17 +633,9 @@ def detect_pooling(name_or_path: str) -> str:
     return "cls"
 
 
-def count_parameters(model: BiEncoder) -> dict[str, int]:
-    """Total parameters, and parameters active per token: all but the (E - k) experts not chosen.
+def backbone_flops(config: RetrieverConfig, tokens: float) -> float:
+    """Analytic forward FLOPs (2 per multiply-add) of the backbone for one input; embeddings ignored."""
+    c = config.backbone_config
+    H, inner, L, T = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], tokens
+    return float(L * (2 * (4 * T * H * H + 2 * T * T * H) + 2 * 2 * T * H * inner))
 
-    Embedding tables are counted whole in both (the usual convention for MoE reports).
-    """
-    total = sum(p.numel() for p in model.parameters())
-    inactive = 0
-    blocks = [model.moe] if isinstance(model, TinyBERTWithMoE) else []
-    if isinstance(model, TinyBERTMoERegular):
-        blocks = model.moe_blocks()
-    for block in blocks:
-        per_expert = sum(p.numel() for p in block.experts[0].parameters())
-        inactive += (len(block.experts) - block.top_k) * per_expert
-    return {"total": total, "active_per_token": total - inactive}

@@ -1,12 +1,15 @@
-"""The one training driver: arguments, data, ContrastiveTrainer; `main(kind)` serves all three models.
+"""The one training driver: arguments, data, ContrastiveTrainer; `main(kind)` serves every variant.
 
     python train.py        --model_name_or_path M --dataset scifact          # baseline bi-encoder
-    python train_sbmoe.py  --num_experts 8 --top_k 1 ...                      # SB-MoE
-    python train_moe.py    --num_experts 8 --top_k 2 --moe_layers 1 3 5 ...   # token-level MoE
+    python train.py        --kind K ...                                      # any variant in model.VARIANTS
+    python train_sbmoe.py  --num_experts 8 --top_k 1 [--design sokli] ...    # SB-MoE (the paper's command line)
+    python train_moe.py    --num_experts 8 --top_k 2 --moe_layers 1 3 5 ...  # token-level MoE
     torchrun --nproc_per_node N train_sbmoe.py --fp16 ...                     # DDP
 
-Training reads only the train split: a seeded dev slice of its queries picks the best epoch
-(dev NDCG@10, the same evaluation function as eval.py). The test split is never read here.
+Training reads only the train split and a dev split: the official one (qrels/dev.tsv, or --dev_split),
+else a seeded dev slice of the train queries, picks the best epoch (dev NDCG@10, the same evaluation
+function as eval.py). The test split is never read here. An epoch visits each training query once with
+one sampled positive (--sampling query; --sampling pair: each (query, positive) pair once).
 """
 
 from __future__ import annotations
@@ -16,16 +19,18 @@ import math
 import os
 import random
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
-from transformers import AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
+from transformers import AutoTokenizer, HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from analysis import DEV_METRIC, expert_share_key, write_log_history
 from eval import evaluate_model, retrieve
-from model import MODEL_CLASSES, BiEncoder
+from model import ROUTINGS, SBMOE_DESIGNS, VARIANTS, BiEncoder
 from utils import (
     DataError,
     atomic_write_text,
@@ -34,17 +39,18 @@ from utils import (
     doc_text,
     fail,
     load_beir,
+    load_qrels,
+    load_queries,
     mine_bm25_negatives,
     negatives_from_run,
     resolve_data_dir,
     split_dev,
 )
 
-DEFAULT_TOP_K = {"baseline": 1, "sbmoe": 1, "moe": 2}
-
 
 @dataclass
 class ModelArguments:
+    kind: str | None = field(default=None, metadata={"help": "model variant: " + " | ".join(VARIANTS)})
     model_name_or_path: str = field(
         default="huawei-noah/TinyBERT_General_6L_768D", metadata={"help": "backbone: hub name or local folder"}
     )
@@ -52,14 +58,18 @@ class ModelArguments:
     normalize: bool = field(default=True, metadata={"help": "L2-normalise embeddings (cosine similarity)"})
     temperature: float = field(default=0.05, metadata={"help": "InfoNCE temperature"})
     num_experts: int = field(default=8, metadata={"help": "experts per MoE block"})
-    top_k: int | None = field(default=None, metadata={"help": "experts per input (default 1 for sbmoe, 2 for moe)"})
-    expert_dim: int | None = field(default=None, metadata={"help": "SB-MoE expert hidden size (default hidden/2)"})
-    noise_std: float = field(default=0.0, metadata={"help": "SB-MoE noisy gating std during training (0 = off)"})
+    top_k: int | None = field(default=None, metadata={"help": "experts per input (default: the variant's)"})
+    design: str = field(default="residual-zero", metadata={"help": "SB-MoE design: " + " | ".join(SBMOE_DESIGNS)})
+    routing: str = field(default="learned", metadata={"help": "SB-MoE routing: " + " | ".join(ROUTINGS)})
+    gate_temperature: float | None = field(default=None, metadata={"help": "SB-MoE gate softmax temperature"})
+    expert_dim: int | None = field(default=None, metadata={"help": "SB-MoE expert hidden size (default: the design's)"})
+    noise_std: float = field(default=0.0, metadata={"help": "SB-MoE extra gate noise std during training (0 = off)"})
     moe_layers: list[int] = field(default_factory=list, metadata={"help": "MoE layers (default every other layer)"})
     aux_loss_coef: float = field(default=0.01, metadata={"help": "load-balancing loss coefficient"})
     z_loss_coef: float = field(default=0.0, metadata={"help": "router z-loss coefficient"})
     moe_learning_rate: float | None = field(
-        default=None, metadata={"help": "learning rate of routers and experts (default 1e-4 sbmoe, backbone lr moe)"}
+        default=None,
+        metadata={"help": "learning rate of routers, experts and head (default: the variant's, else --learning_rate)"},
     )
 
 
@@ -69,6 +79,17 @@ class DataArguments:
     data_dir: str | None = field(default=None, metadata={"help": "a BEIR folder (overrides --dataset)"})
     train_split: str = field(default="train", metadata={"help": "qrels split to train on"})
     dev_fraction: float = field(default=0.1, metadata={"help": "fraction of train queries held out for selection"})
+    dev_split: str | None = field(
+        default=None,
+        metadata={"help": "qrels split that selects the best epoch (default: dev when qrels/dev.tsv exists, "
+                          "else a seeded --dev_fraction slice of the train queries); none forces the slice"},
+    )  # fmt: skip
+    sampling: str = field(
+        default="query",
+        metadata={"help": "query: an epoch visits each training query once, with one positive sampled from its "
+                          "judged documents of relevance >= 1 (Tevatron); pair: one example per (query, positive) "
+                          "pair. Queries without a positive are skipped; draws depend only on (seed, epoch, index)"},
+    )  # fmt: skip
     hard_negatives: int = field(default=1, metadata={"help": "hard negatives per query"})
     negative_source: str = field(
         default="bm25", metadata={"help": "bm25 | dense (the starting model's own top documents, mined once)"}
@@ -96,7 +117,7 @@ class RetrievalTrainingArguments(TrainingArguments):
     save_strategy: str = field(default="epoch", metadata={"help": "checkpoint schedule"})
     save_total_limit: int | None = field(default=2, metadata={"help": "checkpoints kept (the best one is kept)"})
     load_best_model_at_end: bool = field(default=True, metadata={"help": "final model = best dev NDCG@10"})
-    metric_for_best_model: str | None = field(default="ndcg@10", metadata={"help": "selection metric (dev)"})
+    metric_for_best_model: str | None = field(default=DEV_METRIC, metadata={"help": "selection metric (dev)"})
     logging_steps: float = field(default=5, metadata={"help": "log every N steps"})
     report_to: None | str | list[str] = field(default="none", metadata={"help": "none | tensorboard | ..."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "the dict collator needs every column"})
@@ -108,24 +129,61 @@ class RetrievalTrainingArguments(TrainingArguments):
 # Data
 
 
-class ContrastiveDataset(Dataset):
-    """One example per (query, positive document) pair, with hard negatives sampled from BM25."""
+SAMPLINGS = ("query", "pair")
 
-    def __init__(self, queries, qrels, negatives, num_negatives: int, seed: int):
-        self.pairs = [(q, d) for q in sorted(qrels) for d in sorted(qrels[q]) if qrels[q][d] > 0]
-        self.negatives, self.num_negatives = negatives, num_negatives
-        self.queries, self.rng = queries, random.Random(seed)
-        short = [q for q in qrels if len(negatives.get(q, [])) < num_negatives]
+
+class ContrastiveDataset(Dataset):
+    """Training examples (query, one positive, hard negatives), with what example i of epoch e holds a pure
+    function of (seed, e, i): a resumed run, or another rank, sees the same data.
+
+    sampling="query" (Tevatron's epochs): one example per training query, its positive drawn each epoch from
+    the query's judged documents of relevance >= 1. sampling="pair": one example per (query, positive) pair.
+    Queries without a positive are skipped (listed in `skipped`). Hard negatives are drawn from the query's
+    mined ones. The Trainer (and `EpochCallback`, which also covers DDP) calls `set_epoch`.
+    """
+
+    def __init__(self, queries, qrels, negatives, num_negatives: int, seed: int, sampling: str = "query"):
+        if sampling not in SAMPLINGS:
+            raise DataError(f"--sampling {sampling!r}: expected one of {', '.join(SAMPLINGS)}")
+        positives = {q: sorted(d for d, r in qrels[q].items() if r >= 1) for q in sorted(qrels)}
+        self.skipped = [q for q, docs in positives.items() if not docs]
+        positives = {q: docs for q, docs in positives.items() if docs}
+        if sampling == "query":
+            self.examples = [(q, tuple(docs)) for q, docs in positives.items()]
+        else:
+            self.examples = [(q, (d,)) for q, docs in positives.items() for d in docs]
+        self.queries, self.negatives, self.num_negatives = queries, negatives, num_negatives
+        self.seed, self.sampling, self.epoch = seed, sampling, 0
+        short = [q for q in positives if len(negatives.get(q, [])) < num_negatives]
         if short:
             raise DataError(f"query {short[0]!r}: fewer than {num_negatives} hard negatives (lower --hard_negatives)")
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
     def __len__(self) -> int:
-        return len(self.pairs)
+        return len(self.examples)
 
     def __getitem__(self, i: int) -> dict:
-        qid, pos = self.pairs[i]
-        negs = self.rng.sample(self.negatives[qid], self.num_negatives) if self.num_negatives else []
+        qid, positives = self.examples[i]
+        rng = random.Random(f"{self.seed}/{self.epoch}/{i}")  # a str seed is hashed with SHA-512: stable across runs
+        pos = rng.choice(positives)
+        negs = rng.sample(self.negatives[qid], self.num_negatives) if self.num_negatives else []
         return {"qid": qid, "docs": [pos, *negs]}
+
+
+class EpochCallback(TrainerCallback):
+    """Set the training set's epoch as each epoch begins (state.epoch is e + the fraction done, also on resume).
+
+    The Trainer's dataloader forwards `set_epoch` to the dataset only in one process: under DDP accelerate's
+    sharded sampler takes the call instead, so without this every epoch would reuse epoch 0's draws.
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.set_epoch(math.floor(state.epoch or 0))
 
 
 class ContrastiveCollator:
@@ -208,7 +266,7 @@ class ContrastiveTrainer(Trainer):
                 load = sums["expert_load"] / sums["expert_load"].sum(-1, keepdim=True)  # (L, E) shares
                 for b, row in enumerate(load):
                     for e, share in enumerate(row):
-                        logs[f"expert_share/b{b}/e{e}"] = round(share.item(), 4)
+                        logs[expert_share_key(b, e)] = round(share.item(), 4)
             for i, group in enumerate(self.optimizer.param_groups if self.optimizer else []):
                 logs[f"lr/{group.get('name', i)}"] = group["lr"]
             self._sums, self._count = {}, 0
@@ -218,11 +276,12 @@ class ContrastiveTrainer(Trainer):
         """AdamW with the Trainer's decay groups, each split into backbone and MoE (router + experts) parts."""
         if self.optimizer is None:
             opt = super().create_optimizer(model)
-            names = {id(p): n for n, p in (model or self.model).named_parameters()}
+            model = unwrap(model or self.model)
+            moe = {id(p) for n, p in model.named_parameters() if n in model.moe_parameter_names()}
             groups = []
             for group in opt.param_groups:
                 for part in ("backbone", "moe"):
-                    params = [p for p in group["params"] if (part == "moe") == is_moe_param(names[id(p)])]
+                    params = [p for p in group["params"] if (part == "moe") == (id(p) in moe)]
                     if params:
                         lr = self.moe_learning_rate if part == "moe" and self.moe_learning_rate else group["lr"]
                         groups.append({**group, "params": params, "lr": lr, "initial_lr": lr, "name": part})
@@ -274,27 +333,43 @@ class ContrastiveTrainer(Trainer):
         )  # fmt: skip
 
 
-def is_moe_param(name: str) -> bool:
-    return ".router." in f".{name}" or ".experts." in f".{name}"
+def unwrap(model):
+    """The model inside DDP or compile wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
 
 
 # --------------------------------------------------------------------------------------------
 # Entry point
 
 
-def parse(kind: str, argv: list[str] | None):
+def parse(kind: str | None, argv: list[str] | None):
     parser = HfArgumentParser((ModelArguments, DataArguments, RetrievalTrainingArguments))
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    if not torch.cuda.is_available() and not any(a.split("=")[0] == "--use_cpu" for a in argv):
+        argv.append("--use_cpu")  # no GPU: the CPU is the device, also for --bf16
     try:
         margs, dargs, targs = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=False)
     except ValueError as exc:  # HfArgumentParser reports leftover (unknown) flags this way
         fail(str(exc).splitlines()[0])
+    if kind and margs.kind and margs.kind != kind:
+        fail(f"--kind {margs.kind}: this entry point trains {kind} (use train.py --kind {margs.kind})")
+    margs.kind = kind = margs.kind or kind or "baseline"
+    if kind not in VARIANTS:
+        fail(f"--kind {kind!r}: expected one of {', '.join(VARIANTS)}")
+    if margs.design not in SBMOE_DESIGNS or margs.routing not in ROUTINGS:
+        fail(f"--design {margs.design} --routing {margs.routing}: expected a design in {', '.join(SBMOE_DESIGNS)} "
+             f"and a routing in {', '.join(ROUTINGS)}")  # fmt: skip
+    defaults = VARIANTS[kind].defaults(margs.design)
+    for name, value in defaults.items():
+        if getattr(margs, name) is None:
+            setattr(margs, name, value)
+    if margs.moe_learning_rate is None:
+        margs.moe_learning_rate = targs.learning_rate
     if targs.output_dir is None:
         targs.output_dir = f"checkpoints/{kind}"
-    if margs.top_k is None:
-        margs.top_k = DEFAULT_TOP_K[kind]
-    if margs.moe_learning_rate is None:
-        margs.moe_learning_rate = 1e-4 if kind == "sbmoe" else targs.learning_rate
-    if kind != "baseline" and targs.ddp_find_unused_parameters is None:
+    if VARIANTS[kind] is not BiEncoder and targs.ddp_find_unused_parameters is None:
         targs.ddp_find_unused_parameters = True  # experts that got no input this step have no gradient
     if not 0 < margs.top_k <= margs.num_experts:
         fail(f"--top_k {margs.top_k} must be between 1 and --num_experts {margs.num_experts}")
@@ -304,26 +379,72 @@ def parse(kind: str, argv: list[str] | None):
         fail(f"--hard_negatives {dargs.hard_negatives} exceeds --negative_depth {dargs.negative_depth}")
     if not 0 < dargs.dev_fraction < 1:
         fail(f"--dev_fraction {dargs.dev_fraction} must be in (0, 1)")
+    if dargs.sampling not in SAMPLINGS:
+        fail(f"--sampling {dargs.sampling!r}: expected one of {', '.join(SAMPLINGS)}")
+    if dargs.dev_split is not None and dargs.dev_split == dargs.train_split:
+        fail(f"--dev_split {dargs.dev_split}: the dev split must differ from --train_split")
     return margs, dargs, targs
 
 
-def build_model(kind: str, margs: ModelArguments) -> BiEncoder:
+def build_model(margs: ModelArguments) -> BiEncoder:
     settings = dict(
         normalize=margs.normalize, temperature=margs.temperature, num_experts=margs.num_experts, top_k=margs.top_k,
         expert_dim=margs.expert_dim, noise_std=margs.noise_std, moe_layers=margs.moe_layers or None,
-        aux_loss_coef=margs.aux_loss_coef, z_loss_coef=margs.z_loss_coef,
+        aux_loss_coef=margs.aux_loss_coef, z_loss_coef=margs.z_loss_coef, design=margs.design, routing=margs.routing,
     )  # fmt: skip
-    return MODEL_CLASSES[kind].from_backbone(margs.model_name_or_path, pooling=margs.pooling, **settings)
+    if margs.gate_temperature is not None:
+        settings["gate_temperature"] = margs.gate_temperature
+    try:
+        return VARIANTS[margs.kind].from_backbone(margs.model_name_or_path, pooling=margs.pooling, **settings)
+    except OSError as exc:
+        fail(f"--model_name_or_path {margs.model_name_or_path}: cannot load a backbone ({str(exc).splitlines()[0]})")
 
 
 def load_data(dargs: DataArguments, seed: int):
+    """Corpus, queries (train and dev), train and dev qrels, the negatives cache and where dev came from.
+
+    Dev is the official split (`--dev_split`, by default `dev` when qrels/dev.tsv exists; then every train
+    query trains) or else a seeded `--dev_fraction` slice of the train queries (`--dev_split none`).
+    """
     data_dir = resolve_data_dir(dargs.dataset, dargs.data_dir)
     corpus, queries, qrels = load_beir(data_dir, dargs.train_split)
-    train_qrels, dev_qrels = split_dev(qrels, dargs.dev_fraction, seed)
-    if not train_qrels or not dev_qrels:
-        raise DataError(f"{data_dir}: {len(qrels)} train queries are too few for a train/dev split")
+    name = dargs.dev_split
+    if name is None and dargs.train_split != "dev" and (data_dir / "qrels" / "dev.tsv").is_file():
+        name = "dev"
+    if name is None or name.lower() == "none":
+        train_qrels, dev_qrels = split_dev(qrels, dargs.dev_fraction, seed)
+        if not train_qrels or not dev_qrels:
+            raise DataError(f"{data_dir}: {len(qrels)} train queries are too few for a train/dev split")
+        dev = {"source": f"slice of {dargs.train_split} ({dargs.dev_fraction * 100:g}%, seed {seed})"}
+    else:
+        dev_qrels, dev_queries = load_dev_split(data_dir, name, corpus)
+        queries = {**queries, **dev_queries}
+        train_qrels = {q: docs for q, docs in qrels.items() if q not in dev_qrels}  # dev stays held out
+        if not train_qrels:
+            raise DataError(f"--dev_split {name}: every {dargs.train_split} query is also a dev query")
+        dev = {"source": f"split {name}"}
+        if len(train_qrels) < len(qrels):
+            dev["left_out_of_training"] = len(qrels) - len(train_qrels)
+    dev["queries"] = len(dev_qrels)
     cache = Path(dargs.cache_dir) if dargs.cache_dir else default_cache_dir(data_dir)
-    return corpus, queries, train_qrels, dev_qrels, cache
+    return corpus, queries, train_qrels, dev_qrels, cache, dev
+
+
+def load_dev_split(data_dir: Path, name: str, corpus: dict) -> tuple[dict, dict]:
+    """qrels/<name>.tsv and its queries, checked as load_beir checks a split (without reading the corpus again)."""
+    path = data_dir / "qrels" / f"{name}.tsv"
+    if not path.is_file():
+        raise DataError(f"--dev_split {name}: {path} does not exist")
+    qrels, queries = load_qrels(path), load_queries(data_dir)
+    if not qrels:
+        raise DataError(f"{path}: no judgments")
+    for qid, docs in qrels.items():
+        if qid not in queries:
+            raise DataError(f"{path}: query {qid!r} is not in the queries file")
+        for did in docs:
+            if did not in corpus:
+                raise DataError(f"{path}: document {did!r} (query {qid!r}) is not in the corpus")
+    return qrels, {qid: queries[qid] for qid in qrels}
 
 
 def mine_negatives(model, tokenizer, corpus, queries, train_qrels, cache, margs, dargs, targs) -> dict:
@@ -345,21 +466,24 @@ def mine_negatives(model, tokenizer, corpus, queries, train_qrels, cache, margs,
     return cached_negatives(cache, "dense_negatives", key, mine)
 
 
-def main(kind: str, argv: list[str] | None = None) -> None:
+def main(kind: str | None = None, argv: list[str] | None = None) -> None:
     margs, dargs, targs = parse(kind, argv)
+    kind = margs.kind
     try:
-        corpus, queries, train_qrels, dev_qrels, cache = load_data(dargs, targs.seed)
+        corpus, queries, train_qrels, dev_qrels, cache, dev_info = load_data(dargs, targs.seed)
     except DataError as exc:
         fail(str(exc))
-    model = build_model(kind, margs)
+    model = build_model(margs)
     tokenizer = AutoTokenizer.from_pretrained(margs.model_name_or_path)
     negatives = mine_negatives(model, tokenizer, corpus, queries, train_qrels, cache, margs, dargs, targs)
     try:
-        train_set = ContrastiveDataset(queries, train_qrels, negatives, dargs.hard_negatives, targs.seed)
+        train_set = ContrastiveDataset(
+            queries, train_qrels, negatives, dargs.hard_negatives, targs.seed, sampling=dargs.sampling
+        )
     except DataError as exc:
         fail(str(exc))
     if len(train_set) < targs.per_device_train_batch_size * targs.world_size:
-        fail(f"{len(train_set)} training pairs are fewer than one global batch")
+        fail(f"{len(train_set)} examples per epoch ({dargs.sampling} sampling) are fewer than one global batch")
     collator = ContrastiveCollator(
         tokenizer, corpus, queries, train_qrels, dargs.query_max_length, dargs.doc_max_length
     )
@@ -368,6 +492,7 @@ def main(kind: str, argv: list[str] | None = None) -> None:
         model=model, args=targs, train_dataset=train_set, data_collator=collator, processing_class=tokenizer,
         eval_dataset=sorted(dev_qrels),  # only its presence matters: evaluate() retrieves over the corpus
         dev_data=(corpus, dev_queries, dev_qrels), moe_learning_rate=margs.moe_learning_rate,
+        callbacks=[EpochCallback(train_set)],
         eval_kwargs=dict(
             query_max_length=dargs.query_max_length, doc_max_length=dargs.eval_doc_max_length or dargs.doc_max_length,
             batch_size=targs.eval_batch_size,
@@ -385,7 +510,9 @@ def main(kind: str, argv: list[str] | None = None) -> None:
         print(f"{kind}: resuming from {resume} at step {step}", flush=True)
     if trainer.is_world_process_zero():
         print(
-            f"{kind}: {len(train_set)} training pairs ({len(train_qrels)} queries), {len(dev_qrels)} dev queries, "
+            f"{kind}: {dargs.sampling} sampling, {len(train_set)} examples per epoch "
+            f"({len(train_qrels) - len(train_set.skipped)} training queries, {len(train_set.skipped)} without a "
+            f"positive skipped), {len(dev_qrels)} dev queries ({dev_info['source']}), "
             f"{dargs.hard_negatives} hard negatives, {sum(p.numel() for p in model.parameters()):,} parameters",
             flush=True,
         )
@@ -396,7 +523,13 @@ def main(kind: str, argv: list[str] | None = None) -> None:
     trainer.save_model(targs.output_dir)
     if trainer.is_world_process_zero():
         history = trainer.state.log_history
-        atomic_write_text(Path(targs.output_dir) / "log_history.json", json.dumps(history, indent=1))
+        write_log_history(targs.output_dir, history)
+        run_info = {
+            "sampling": dargs.sampling, "examples_per_epoch": len(train_set), "seed": targs.seed,
+            "train_queries": len(train_qrels) - len(train_set.skipped), "skipped_queries": len(train_set.skipped),
+            "dev": dev_info,
+        }  # fmt: skip
+        atomic_write_text(Path(targs.output_dir) / "run_info.json", json.dumps(run_info, indent=1) + "\n")
         best = trainer.state.best_metric
         print(f"{kind}: best dev NDCG@10 {best if best is None else round(best, 4)} -> {targs.output_dir}")
         if best is not None and math.isnan(best):
@@ -404,4 +537,4 @@ def main(kind: str, argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main("baseline")
+    main()

@@ -17,6 +17,7 @@ import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +26,35 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{}.zip"
-K_VALUES: tuple[int, ...] = (1, 5, 10, 100)
-TABLE_COLUMNS: tuple[str, ...] = ("Recall@1", "Recall@5", "Recall@10", "Recall@100", "NDCG@10", "MRR@10")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric: its name in tables and files, the pytrec_eval measure and cutoff behind it."""
+
+    name: str
+    measure: str  # pytrec_eval measure family: recall | ndcg_cut | map_cut | recip_rank
+    cutoff: int
+    table: bool = True  # a column of the printed tables
+
+    @property
+    def key(self) -> str:
+        """The key pytrec_eval reports it under (recip_rank is computed on the run cut to `cutoff`)."""
+        return self.measure if self.measure == "recip_rank" else f"{self.measure}_{self.cutoff}"
+
+
+# The one metric list: per-query metrics, printed tables, --verify and the reports derive from it.
+METRICS: tuple[Metric, ...] = (
+    Metric("Recall@1", "recall", 1),
+    Metric("Recall@5", "recall", 5),
+    Metric("Recall@10", "recall", 10),
+    Metric("Recall@100", "recall", 100),
+    Metric("NDCG@10", "ndcg_cut", 10),
+    Metric("MRR@10", "recip_rank", 10),
+    Metric("MAP@100", "map_cut", 100, table=False),
+)
+TABLE_COLUMNS: tuple[str, ...] = tuple(m.name for m in METRICS if m.table)
+MAX_CUTOFF = max(m.cutoff for m in METRICS)
 
 
 class DataError(Exception):
@@ -301,34 +329,36 @@ def truncate_run(results: dict[str, dict[str, float]], k: int) -> dict[str, dict
 def per_query_metrics(
     qrels: dict[str, dict[str, int]],
     results: dict[str, dict[str, float]],
-    k_values: Sequence[int] = K_VALUES,
+    metrics: Sequence[Metric] | None = None,
     ignore_identical_ids: bool = False,
 ) -> dict[str, dict[str, float]]:
-    """Per-query NDCG@10, Recall@k, MAP@100, MRR@10 for every judged query (missing runs score 0).
+    """Per-query scores of every metric in `metrics` for every judged query (missing runs score 0).
 
-    `ignore_identical_ids` drops a retrieved doc whose id equals the query id (BEIR's default, off
-    here): the count of what was dropped is printed, never silent.
+    Reciprocal rank is scored on each query's top `cutoff` (trec_eval's order). `ignore_identical_ids`
+    drops a retrieved doc whose id equals the query id (BEIR's default, off here): the count of what
+    was dropped is printed, never silent.
     """
     import pytrec_eval
 
+    metrics = METRICS if metrics is None else metrics
     if ignore_identical_ids:
         dropped = sum(1 for q, docs in results.items() if q in docs)
         results = {q: {d: s for d, s in docs.items() if d != q} for q, docs in results.items()}
         print(f"ignore_identical_ids: dropped {dropped} retrieved documents whose id equals the query id")
     results = {q: {d: float(s) for d, s in docs.items()} for q, docs in results.items() if q in qrels}
-    ks = ",".join(str(k) for k in k_values)
-    evaluator = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", f"recall.{ks}", "map_cut.100"})
-    scores = evaluator.evaluate(results)
-    rr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(truncate_run(results, 10))
-    out = {}
-    for qid in qrels:
-        s = scores.get(qid, {})
-        row = {"NDCG@10": s.get("ndcg_cut_10", 0.0)}
-        row.update({f"Recall@{k}": s.get(f"recall_{k}", 0.0) for k in k_values})
-        row["MAP@100"] = s.get("map_cut_100", 0.0)
-        row["MRR@10"] = rr.get(qid, {}).get("recip_rank", 0.0)
-        out[qid] = row
-    return out
+    scores: dict[Metric, dict] = {}
+    plain = [m for m in metrics if m.measure != "recip_rank"]
+    if plain:
+        families: dict[str, list[str]] = {}
+        for m in plain:
+            families.setdefault(m.measure, []).append(str(m.cutoff))
+        measures = {f"{family}.{','.join(cuts)}" for family, cuts in families.items()}
+        evaluated = pytrec_eval.RelevanceEvaluator(qrels, measures).evaluate(results)
+        scores.update({m: evaluated for m in plain})
+    for m in metrics:
+        if m.measure == "recip_rank":
+            scores[m] = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(truncate_run(results, m.cutoff))
+    return {qid: {m.name: scores[m].get(qid, {}).get(m.key, 0.0) for m in metrics} for qid in qrels}
 
 
 def mean_metrics(per_query: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -357,17 +387,25 @@ def format_table(rows: dict[str, dict[str, object]], columns: Iterable[str] = TA
 
 
 def write_trec(path: Path, results: dict[str, dict[str, float]], tag: str, top_k: int) -> None:
-    """TREC run `qid Q0 docid rank score tag`; scores as repr so reading them back is lossless."""
+    """TREC run `qid Q0 docid rank score tag`; scores as repr so reading them back is lossless.
+
+    A path ending in `.gz` is written gzip-compressed (reproducibly: no timestamp in the header).
+    """
     lines = []
     for qid, docs in truncate_run(results, top_k).items():
         for rank, (did, score) in enumerate(docs.items(), 1):
             lines.append(f"{qid} Q0 {did} {rank} {float(score)!r} {tag}\n")
-    atomic_write_text(path, "".join(lines))
+    text = "".join(lines)
+    if str(path).endswith(".gz"):
+        atomic_write_bytes(path, gzip.compress(text.encode("utf-8"), mtime=0))
+    else:
+        atomic_write_text(path, text)
 
 
 def read_trec(path: Path) -> dict[str, dict[str, float]]:
+    """A TREC run file, plain or `.gz`."""
     run: dict[str, dict[str, float]] = {}
-    with open(path, encoding="utf-8") as fh:
+    with _open_text(Path(path)) as fh:
         for lineno, line in enumerate(fh, 1):
             parts = line.split()
             if len(parts) != 6:
@@ -378,12 +416,16 @@ def read_trec(path: Path) -> dict[str, dict[str, float]]:
 
 def atomic_write_text(path: Path | str, text: str) -> None:
     """Write to a temp file in the same folder, then rename: readers never see half a file."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

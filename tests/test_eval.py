@@ -24,12 +24,12 @@ def test_zeroshot_end_to_end_metrics_equal_pytrec_eval_on_the_trec_file(tiny_bac
     header = next(line for line in proc.stdout.splitlines() if line.startswith("| model"))
     assert header.split("|")[2:8] == [f" {c} " for c in ("Recall@1", "Recall@5", "Recall@10", "Recall@100", "NDCG@10", "MRR@10")]
     assert "FAISS: exact inner product on CPU" in proc.stdout
-    assert "metrics match pytrec_eval on the .trec file" in proc.stdout
+    assert "metrics match pytrec_eval on the run file" in proc.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["split"] == "test" and metrics["checkpoints"]["zeroshot"] == str(tiny_backbone)
     assert metrics["dtype"] == "fp32" and metrics["retrieval_seconds"]["zeroshot"] > 0
     _, _, qrels = load_beir(tiny_beir, "test")
-    run = read_trec(out / "zeroshot.trec")
+    run = read_trec(out / "zeroshot.trec.gz")
     assert set(run) == set(qrels) and all(len(docs) == 60 for docs in run.values())  # top_k capped at the corpus
     measures = {"ndcg_cut.10", "recall.1,5,10,100", "recip_rank"}
     ev = pytrec_eval.RelevanceEvaluator(qrels, measures).evaluate(run)

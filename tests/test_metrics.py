@@ -56,15 +56,40 @@ def test_identical_ids_dropped_only_when_asked(capsys):
     assert "dropped 1" in capsys.readouterr().out
 
 
-def test_trec_round_trip_keeps_every_metric(tmp_path):
+@pytest.mark.parametrize("name", ["run.trec", "run.trec.gz"])
+def test_trec_round_trip_keeps_every_metric(tmp_path, name):
+    import gzip
+
     qrels, run = random_case(7)
-    write_trec(tmp_path / "run.trec", run, "tag", top_k=100)
-    back = read_trec(tmp_path / "run.trec")
+    write_trec(tmp_path / name, run, "tag", top_k=100)
+    back = read_trec(tmp_path / name)
     assert back == truncate_run(run, 100)
     a, b = evaluate_run(qrels, truncate_run(run, 100)), evaluate_run(qrels, back)
     assert a == b
-    first = (tmp_path / "run.trec").read_text().splitlines()[0].split()
+    raw = (tmp_path / name).read_bytes()
+    text = gzip.decompress(raw).decode() if name.endswith(".gz") else raw.decode()
+    assert raw[:2] == b"\x1f\x8b" if name.endswith(".gz") else raw[:2] != b"\x1f\x8b"  # really compressed, or not
+    first = text.splitlines()[0].split()
     assert first[1] == "Q0" and first[3] == "1" and first[5] == "tag"
+
+
+def test_every_metric_comes_from_the_one_list_and_a_new_entry_flows_through(tmp_path, monkeypatch):
+    import eval as evaluation
+    import utils
+
+    qrels, run = random_case(3)
+    extra = utils.Metric("NDCG@5", "ndcg_cut", 5)
+    monkeypatch.setattr(utils, "METRICS", (*utils.METRICS, extra))
+    monkeypatch.setattr(evaluation, "METRICS", utils.METRICS)
+    per_query = per_query_metrics(qrels, run, metrics=utils.METRICS)
+    ev = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.5"}).evaluate(run)
+    assert all(per_query[q]["NDCG@5"] == pytest.approx(ev[q]["ndcg_cut_5"]) for q in ev)
+    write_trec(tmp_path / "r.trec.gz", run, "t", 100)
+    means = utils.mean_metrics(per_query)
+    assert evaluation.verify_trec(tmp_path / "r.trec.gz", qrels, means, depth=100) < 1e-9  # no KeyError
+    means["NDCG@5"] += 0.01
+    with pytest.raises(SystemExit):
+        evaluation.verify_trec(tmp_path / "r.trec.gz", qrels, means, depth=100)
 
 
 def test_compare_pairs_per_query_files_and_rejects_mismatched_queries(tmp_path, capsys):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from utils import info_nce, load_beir, unseen_document_queries
+from utils import info_nce, load_beir
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
 
@@ -132,33 +132,6 @@ def test_killed_mid_run_resumes_and_finishes(tiny_backbone, tiny_beir, tmp_path)
     assert (out / "model.safetensors").is_file()
 
 
-def test_reproduce_smoke_builds_table_and_skips_finished_runs(tiny_backbone, tiny_beir, tmp_path):
-    env_root = str(tiny_beir.parent)
-    args = ["reproduce.py", "--model_name_or_path", tiny_backbone, "--dataset", "tiny", "--seeds", "2", "--models",
-            "baseline", "sbmoe", "--out", tmp_path / "res", "--ckpt_root", tmp_path / "ck", "--smoke", "--extra",
-            "--per_device_train_batch_size", "4", "--num_experts", "4", "--use_cpu"]  # fmt: skip
-    env = {**ENV, "BEIR_DATA_DIR": env_root}
-    first = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
-    table = (tmp_path / "res" / "table1.md").read_text()
-    for row in ("| BM25 |", "| zero-shot |", "| baseline |", "| sbmoe"):
-        assert row in table
-    assert "randomisation p" in table and "train NDCG@10" in table
-    assert "Per seed: seed 42 " in table and ", seed 43 " in table  # per-seed paired tests beside the pooled one
-    result = json.loads((tmp_path / "res" / "table1.json").read_text())
-    assert result["seeds"] == [42, 43] and len(result["tests"]["sbmoe"]["per_seed"]) == 2
-    unseen = result["unseen_queries"]  # tiny test queries whose positives no training query has
-    _, _, train_qrels = load_beir(tiny_beir, "train")
-    _, _, test_qrels = load_beir(tiny_beir, "test")
-    assert unseen == unseen_document_queries(train_qrels, test_qrels) and unseen
-    bm25 = json.loads((tmp_path / "res" / "bm25" / "test" / "bm25.perquery.json").read_text())
-    assert result["rows"]["BM25"]["unseen NDCG@10"][0] == pytest.approx(sum(bm25[q]["NDCG@10"] for q in unseen) / len(unseen))
-    assert "unseen NDCG@10" in table and f"the {len(unseen)} test queries" in table
-    assert set(result["sbmoe_fc_out_max_abs"]) == {"42", "43"} and "largest |weight| after training" in table
-    second = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert second.returncode == 0 and "+ " not in second.stdout  # nothing re-run
-
-
 def test_dense_negatives_are_the_starting_models_top_documents_minus_positives(tiny_backbone, tiny_beir, tmp_path):
     from transformers import AutoTokenizer
 
@@ -187,38 +160,6 @@ def test_dense_negatives_are_the_starting_models_top_documents_minus_positives(t
     assert proc.returncode != 0 and "--negative_source 'tfidf'" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_sweep_trains_each_checkpoint_once_reports_and_chooses_on_dev(tiny_backbone, tiny_beir, tmp_path):
-    import sweep
-
-    out, ck = tmp_path / "sweep", tmp_path / "ck"
-    args = ["sweep.py", "--model_name_or_path", tiny_backbone, "--dataset", "tiny", "--out", out, "--ckpt_root", ck,
-            "--runs", "baseline", "negatives-3", "sbmoe", "sbmoe-all", "--parallel", "2", "--seeds", "0", "--extra",
-            "--per_device_train_batch_size", "4", "--num_experts", "4", "--use_cpu", "--dev_fraction", "0.2"]  # fmt: skip
-    env = {**ENV, "BEIR_DATA_DIR": str(tiny_beir.parent)}
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert sorted(p.name for p in ck.iterdir()) == ["baseline", "negatives-3", "sbmoe"]  # sbmoe-all reuses sbmoe
-    assert not (out / "sbmoe-all" / "train.log").exists() and (out / "sbmoe-all" / "log_history.json").is_file()
-    assert "--inference_mode all" in (out / "sbmoe-all" / "eval.log").read_text()
-    result = json.loads((out / "sweep.json").read_text())
-    assert list(result["rows"]) == ["baseline", "negatives-3", "sbmoe", "sbmoe-all"]
-    assert "vs baseline" in result["rows"]["negatives-3"] and "vs sbmoe" in result["rows"]["sbmoe-all"]
-    md = (out / "sweep.md").read_text()
-    assert (out / "fig_dev_curves.png").stat().st_size > 0
-    assert "| negatives-3 | `--hard_negatives 3` |" in md
-    (out / "sweep.md").unlink()
-    shutil.rmtree(ck)  # finished runs need only the results folder: a rerun trains nothing
-    rerun = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert rerun.returncode == 0 and rerun.stdout.count("done earlier") == 3 and not ck.exists()
-    report = [*args[: args.index("--extra")], "--report"]
-    again = subprocess.run([sys.executable, *map(str, report)], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert again.returncode == 0 and (out / "sweep.md").read_text() == md  # rebuilt from the results alone
-    assert not ck.exists()  # nothing was trained again
-    rows = {"baseline": {"dev NDCG@10": 0.5}, "epochs-5": {"dev NDCG@10": 0.6}, "epochs-10": {"dev NDCG@10": 0.7},
-            "negatives-3": {"dev NDCG@10": 0.4}, "temperature-0.02": {"dev NDCG@10": 0.5}}  # fmt: skip
-    assert sweep.choose(rows) == ["--num_train_epochs", "10"]  # best of its group, and only if above default
-
-
 def test_dev_evaluation_truncates_at_eval_doc_max_length(tiny_backbone, tiny_beir, tmp_path, monkeypatch):
     import train
 
@@ -235,3 +176,75 @@ def test_dev_evaluation_truncates_at_eval_doc_max_length(tiny_backbone, tiny_bei
     train.main("baseline", list(map(str, train_args(tiny_backbone, tiny_beir, tmp_path / "b", *common,
                                                     "--eval_doc_max_length", 48))))  # fmt: skip
     assert seen == [16, 48]  # the training length unless the flag says otherwise
+
+
+def test_collator_ids_match_the_qrels(tiny_backbone, tiny_beir):
+    from transformers import AutoTokenizer
+
+    from train import ContrastiveCollator
+
+    corpus, queries, qrels = load_beir(tiny_beir, "train")
+    qrels = {q: dict(d) for q, d in qrels.items()}
+    first = sorted(qrels)[0]
+    qrels[first]["d59"] = 0  # a judged non-relevant document is not a positive
+    tok = AutoTokenizer.from_pretrained(tiny_backbone)
+    collator = ContrastiveCollator(tok, corpus, queries, qrels, 16, 16)
+    qids = sorted(qrels)[:4]
+    examples = [{"qid": q, "docs": [next(d for d, r in qrels[q].items() if r > 0), "d0"]} for q in qids]
+    batch = collator(examples)
+    order = list(corpus)
+    assert [order[i] for i in batch["doc_ids"].tolist()] == [d for e in examples for d in e["docs"]]
+    for row, q in enumerate(qids):
+        known = {order[i] for i in batch["pos_ids"][row].tolist() if i >= 0}
+        assert known == {d for d, r in qrels[q].items() if r > 0} and known  # every positive, nothing else
+        assert order[batch["doc_ids"][2 * row]] in known  # the target sits first in its group
+    assert batch["pos_ids"].shape[1] == max(sum(r > 0 for r in d.values()) for d in qrels.values())
+
+
+@pytest.mark.parametrize("kind", ["sbmoe", "moe"])
+def test_optimizer_groups_cover_every_trainable_parameter(tiny_backbone, tmp_path, kind):
+    from model import VARIANTS
+    from train import ContrastiveTrainer, RetrievalTrainingArguments
+
+    model = VARIANTS[kind].from_backbone(str(tiny_backbone), num_experts=4, top_k=2 if kind == "moe" else 1)
+    args = RetrievalTrainingArguments(output_dir=str(tmp_path), use_cpu=True, learning_rate=2e-5, eval_strategy="no",
+                                      save_strategy="no", load_best_model_at_end=False)
+    trainer = ContrastiveTrainer(model=model, args=args, moe_learning_rate=1e-3)
+    groups = trainer.create_optimizer().param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen = [names[id(p)] for g in groups for p in g["params"]]
+    assert sorted(seen) == sorted(n for n, p in model.named_parameters() if p.requires_grad)  # each exactly once
+    lr = {names[id(p)]: g["lr"] for g in groups for p in g["params"]}
+    moe = [n for n in lr if ".router." in f".{n}" or ".experts." in f".{n}"]
+    assert moe and all(lr[n] == 1e-3 for n in moe)
+    assert all(v == 2e-5 for n, v in lr.items() if n.startswith("encoder.") and n not in moe)
+    assert {g["name"] for g in groups} == {"backbone", "moe"}
+
+
+def test_bf16_without_a_gpu_trains_on_the_cpu(tiny_backbone, tiny_beir, tmp_path):
+    import train
+
+    args = train_args(tiny_backbone, tiny_beir, tmp_path / "bf16", "--bf16", "--max_steps", 1, "--eval_strategy",
+                      "no", "--save_strategy", "no", "--load_best_model_at_end", "false")  # fmt: skip
+    args.remove("--use_cpu")
+    train.main("baseline", list(map(str, args)))  # the Trainer would refuse bf16 here without --use_cpu
+    assert (tmp_path / "bf16" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval.py", "--model", "zeroshot", "--model_name_or_path", "/no/such/dir"],
+    ["bench.py", "params", "--model_name_or_path", "/no/such/dir"],
+    ["bench.py", "encode", "--model_name_or_path", "/no/such/dir", "--dataset", "no-such-dataset"],
+    ["train.py", "--model_name_or_path", "/no/such/dir", "--kind", "nope"],
+])  # fmt: skip
+def test_bad_paths_are_one_line_errors(tiny_beir, monkeypatch, capsys, argv):
+    import importlib
+
+    monkeypatch.setenv("BEIR_DATA_DIR", str(tiny_beir.parent))
+    module = importlib.import_module(argv[0].removesuffix(".py"))
+    extra = ["--data_dir", str(tiny_beir)] if argv[0] == "eval.py" else []
+    with pytest.raises(SystemExit) as exc:
+        module.main(*([None] if argv[0] == "train.py" else []), argv[1:] + extra)  # train.main(kind, argv)
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # progress bars may come first
+    assert exc.value.code == 2 and err.startswith("error: ")
+    assert ("/no/such/dir" in err) or ("no-such-dataset" in err) or ("nope" in err)

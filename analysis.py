@@ -1,0 +1,150 @@
+"""Named readers for the files the scripts hand each other, and the statistics behind every report.
+
+Training writes `log_history.json` and `run_info.json` next to its checkpoint; eval.py writes
+`<tag>.perquery.json`, `<tag>.trec.gz` and `metrics.json` per split. Every key and file name of
+those files is spelled here once; experiment.py, compare.py, eval.py and train.py go through these
+functions.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from utils import atomic_write_text, load_qrels, unseen_document_queries
+
+DEV_METRIC = "ndcg@10"  # the Trainer's metric_for_best_model; logged as eval_<metric>
+DEV_KEY = f"eval_{DEV_METRIC}"
+LOSS_KEY = "contrastive_loss"  # InfoNCE without DDP's world-size factor
+SHARE_PREFIX = "expert_share/"
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+
+
+def per_query_path(folder: Path | str, tag: str) -> Path:
+    return Path(folder) / f"{tag}.perquery.json"
+
+
+def run_path(folder: Path | str, tag: str) -> Path:
+    return Path(folder) / f"{tag}.trec.gz"
+
+
+def write_per_query(folder: Path | str, tag: str, per_query: dict) -> None:
+    atomic_write_text(per_query_path(folder, tag), json.dumps(per_query, indent=1))
+
+
+def read_per_query(folder: Path | str, tag: str) -> dict[str, dict[str, float]]:
+    """eval.py's per-query scores: {qid: {metric: value}}."""
+    return json.loads(per_query_path(folder, tag).read_text(encoding="utf-8"))
+
+
+def read_log_history(folder: Path | str) -> list[dict]:
+    return json.loads((Path(folder) / "log_history.json").read_text(encoding="utf-8"))
+
+
+def write_log_history(folder: Path | str, history: list[dict]) -> None:
+    atomic_write_text(Path(folder) / "log_history.json", json.dumps(history, indent=1))
+
+
+def write_checkpoint_facts(folder: Path | str, facts: dict) -> None:
+    atomic_write_text(Path(folder) / "checkpoint.json", json.dumps(facts, indent=1))
+
+
+def read_checkpoint_facts(folder: Path | str) -> dict:
+    """What the runner recorded about a trained checkpoint (e.g. `expert_out_max_abs`); {} if nothing."""
+    path = Path(folder) / "checkpoint.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def expert_share_key(block: int, expert: int) -> str:
+    return f"{SHARE_PREFIX}b{block}/e{expert}"
+
+
+def dev_curve(history: list[dict]) -> list[tuple[float, float]]:
+    """(epoch, dev NDCG@10) of every dev evaluation."""
+    return [(h.get("epoch", float("nan")), h[DEV_KEY]) for h in history if DEV_KEY in h]
+
+
+def best_dev(history: list[dict]) -> float | None:
+    scores = [v for _, v in dev_curve(history)]
+    return max(scores) if scores else None
+
+
+def epoch_losses(history: list[dict]) -> list[float]:
+    """Mean logged InfoNCE per epoch (1, 2, ...)."""
+    by_epoch: dict[int, list[float]] = {}
+    for h in history:
+        if LOSS_KEY in h and "epoch" in h:
+            by_epoch.setdefault(int(np.ceil(h["epoch"] - 1e-9)), []).append(h[LOSS_KEY])
+    return [float(np.mean(by_epoch[e])) for e in sorted(by_epoch)]
+
+
+def expert_shares(history: list[dict]) -> dict[int, list[float]]:
+    """Share of routed inputs per expert, averaged over the logging steps: {block: [share per expert]}."""
+    keys = sorted({k for h in history for k in h if k.startswith(SHARE_PREFIX)})
+    shares: dict[int, dict[int, float]] = {}
+    for key in keys:
+        block, expert = (int(part[1:]) for part in key[len(SHARE_PREFIX) :].split("/"))
+        shares.setdefault(block, {})[expert] = float(np.mean([h[key] for h in history if key in h]))
+    return {b: [row[e] for e in sorted(row)] for b, row in sorted(shares.items())}
+
+
+# --------------------------------------------------------------------------------------------
+# Query subsets
+
+
+def split_qrels(folder: Path | str, split: str = "test") -> tuple[dict, dict]:
+    """The train qrels and one evaluation split's qrels, read alone (no corpus)."""
+    folder = Path(folder)
+    return load_qrels(folder / "qrels" / "train.tsv"), load_qrels(folder / "qrels" / f"{split}.tsv")
+
+
+SUBSETS = ("unseen", "seen")
+
+
+def query_subsets(train_qrels: dict, test_qrels: dict) -> dict[str, list[str]]:
+    """`unseen`: test queries none of whose relevant documents is a positive of a training query;
+    `seen`: the others. Both sorted."""
+    unseen = unseen_document_queries(train_qrels, test_qrels)
+    return {"unseen": unseen, "seen": sorted(set(test_qrels) - set(unseen))}
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics
+
+
+def paired_tests(a: np.ndarray, b: np.ndarray, n_perm: int = 10000, seed: int = 0) -> dict[str, float]:
+    """Paired t-test and a two-sided paired randomisation (sign-flip) test of mean(a - b)."""
+    from scipy import stats
+
+    diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    t_p = 1.0 if not diff.any() else float(stats.ttest_rel(a, b).pvalue)  # identical scores: no difference
+    rng = np.random.default_rng(seed)
+    flips = rng.choice([-1.0, 1.0], size=(n_perm, len(diff)))
+    null = np.abs((flips * diff).mean(1))
+    p_rand = (1 + np.sum(null >= abs(diff.mean()) - 1e-12)) / (n_perm + 1)
+    return {"mean_diff": float(diff.mean()), "t_pvalue": t_p, "rand_pvalue": float(p_rand)}
+
+
+def significant(test: dict, alpha: float = 0.05) -> bool:
+    """Both paired tests below alpha."""
+    return test["t_pvalue"] < alpha and test["rand_pvalue"] < alpha
+
+
+def subset_mean(per_query: dict, qids: list[str], metric: str = "NDCG@10") -> float:
+    """Mean of one metric over some of a run's queries (NaN for none)."""
+    return float(np.mean([per_query[q][metric] for q in qids])) if qids else float("nan")
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def scores_matrix(runs: list[dict], qids: list[str], metric: str = "NDCG@10") -> np.ndarray:
+    """(seeds, queries) array of one metric."""
+    return np.array([[run[q][metric] for q in qids] for run in runs])

@@ -1,0 +1,590 @@
+"""The one experiment runner: an experiment is a TOML file under experiments/, this turns it into results.
+
+    python experiment.py experiments/table1.toml [--model_name_or_path M] [--parallel 4] [--torchrun --fp16]
+    python experiment.py experiments/sweep.toml --report          # re-render from the results alone
+
+It trains every (run, seed) whose results are missing (resuming an interrupted checkpoint; runs that
+differ only in evaluation flags share one), evaluates each checkpoint once for all splits (one corpus
+pass), and writes `results/<experiment>/`: per run and seed the dev curve, expert shares and
+per-query scores, per run `summary.json`, then `report.md` / `report.json` (mean ± std over seeds,
+paired tests over queries, seed-averaged and per seed, on all queries and on each query subset)
+and figures. With a `[select]` table, a second stage trains the combination of options chosen on
+*dev* (never test) over its seeds. The file format is described in experiments/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+import analysis as an
+from model import VARIANTS
+from utils import (
+    MAX_CUTOFF,
+    TABLE_COLUMNS,
+    DataError,
+    atomic_write_text,
+    bm25_search,
+    fail,
+    load_beir,
+    mean_metrics,
+    per_query_metrics,
+    resolve_data_dir,
+    write_trec,
+)
+
+UNTRAINED = ("zeroshot", "bm25")  # evaluated once, seed-independent
+SMOKE_TRAIN = ["--max_steps", "2", "--doc_max_length", "32", "--eval_strategy", "no", "--load_best_model_at_end",
+               "false", "--save_strategy", "no"]  # fmt: skip
+SMOKE_EVAL = ["--doc_max_length", "32"]
+TOP_KEYS = {"name", "description", "dataset", "data_dir", "model", "seeds", "splits", "subsets", "recipe", "eval",
+            "trec_depth", "runs", "select", "figures"}  # fmt: skip
+RUN_KEYS = {"kind", "train", "eval", "label", "reference", "group", "seeds"}
+
+
+# --------------------------------------------------------------------------------------------
+# The experiment file
+
+
+@dataclass
+class Run:
+    name: str
+    kind: str
+    train: list[str] = field(default_factory=list)
+    eval: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    label: str = ""
+    reference: str | None = None
+    group: str | None = None
+
+    @property
+    def trained(self) -> bool:
+        return self.kind not in UNTRAINED
+
+    @property
+    def tag(self) -> str:
+        """Name of its files and of the TREC run column."""
+        return self.name.rsplit("/", 1)[-1]
+
+
+@dataclass
+class Experiment:
+    name: str
+    description: str
+    dataset: str | None
+    data_dir: str | None
+    model: str | None
+    seeds: list[int]
+    splits: list[str]
+    subsets: list[str]
+    recipe: list[str]
+    eval: list[str]
+    trec_depth: dict[str, int]
+    runs: dict[str, Run]
+    select: dict | None
+    figures: list[str]
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Parse and check an experiment file; every mistake is a one-line DataError naming the file."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise DataError(f"{path}: cannot read an experiment file ({exc})") from None
+
+    def check(ok: bool, message: str) -> None:
+        if not ok:
+            raise DataError(f"{path}: {message}")
+
+    check(not set(raw) - TOP_KEYS, f"unknown key(s) {sorted(set(raw) - TOP_KEYS)}; expected {sorted(TOP_KEYS)}")
+    check(isinstance(raw.get("runs"), dict) and bool(raw["runs"]), "no [runs.NAME] tables")
+    seeds = raw.get("seeds", [42])
+    splits = raw.get("splits", ["test"])
+    runs = {}
+    for name, spec in raw["runs"].items():
+        check(isinstance(spec, dict), f"runs.{name} must be a table")
+        check(not set(spec) - RUN_KEYS, f"runs.{name}: unknown key(s) {sorted(set(spec) - RUN_KEYS)}")
+        kind = spec.get("kind", "")
+        check(kind in VARIANTS or kind in UNTRAINED, f"runs.{name}: kind {kind!r} is not one of "
+              f"{', '.join([*VARIANTS, *UNTRAINED])}")  # fmt: skip
+        for key in ("train", "eval"):
+            check(all(isinstance(x, str) for x in spec.get(key, [])), f"runs.{name}.{key} must be a list of strings")
+        runs[name] = Run(name, kind, list(spec.get("train", [])), list(spec.get("eval", [])),
+                         list(spec.get("seeds", seeds)), spec.get("label", name), spec.get("reference"),
+                         spec.get("group"))  # fmt: skip
+    for run in runs.values():
+        check(run.reference is None or run.reference in runs, f"runs.{run.name}.reference {run.reference!r} is not a run")
+    select = raw.get("select")
+    if select is not None:
+        check(select.get("reference") in runs, "select.reference must name a run")
+        check(all(r in runs for r in select.get("runs", [])), "select.runs must name runs")
+    check(set(raw.get("subsets", [])) <= set(an.SUBSETS), f"subsets must be among {an.SUBSETS}")
+    return Experiment(
+        name=raw.get("name", path.stem), description=raw.get("description", ""), dataset=raw.get("dataset"),
+        data_dir=raw.get("data_dir"), model=raw.get("model"), seeds=seeds, splits=splits,
+        subsets=list(raw.get("subsets", [])), recipe=list(raw.get("recipe", [])), eval=list(raw.get("eval", [])),
+        trec_depth=dict(raw.get("trec_depth", {})), runs=runs, select=select,
+        figures=list(raw.get("figures", ["training", "experts"])),
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Where things live
+
+
+class Layout:
+    """results/<experiment>/<run>/seed<S>/<split>/ and checkpoints/<experiment>/<checkpoint>/seed<S>."""
+
+    def __init__(self, exp: Experiment, results: str, ckpt_root: str):
+        self.exp, self.root, self.ckpts = exp, Path(results) / exp.name, Path(ckpt_root) / exp.name
+
+    def run_dir(self, run: Run, seed: int | None) -> Path:
+        return self.root / run.name if not run.trained else self.root / run.name / f"seed{seed}"
+
+    def split_dir(self, run: Run, seed: int | None, split: str) -> Path:
+        return self.run_dir(run, seed) / split
+
+    def evaluated(self, run: Run, seed: int | None) -> bool:
+        return all(an.per_query_path(self.split_dir(run, seed, s), run.tag).is_file() for s in self.exp.splits)
+
+    def checkpoint(self, run: Run, runs: list[Run], seed: int) -> Path:
+        """Runs that differ only in evaluation flags share one checkpoint, named after the first of them."""
+        first = next(r for r in runs if r.trained and (r.kind, r.train) == (run.kind, run.train))
+        return self.ckpts / first.name / f"seed{seed}"
+
+
+# --------------------------------------------------------------------------------------------
+# Training and evaluation
+
+
+class Runner:
+    def __init__(self, exp: Experiment, args, folder: Path):
+        self.exp, self.args, self.folder = exp, args, folder
+        self.layout = Layout(exp, args.results, args.ckpt_root)
+        self.model = args.model_name_or_path or exp.model
+        self.data = ["--data_dir", str(folder)]
+
+    def execute(self, script: str, kind: str | None, argv: list[str], log: Path, launch: list[str]) -> bool:
+        """One training or evaluation step, logged; in this process (--in_process) or a fresh one."""
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a", encoding="utf-8") as fh:
+            fh.write("+ " + " ".join([*launch, script, *argv]) + "\n")
+            fh.flush()
+            if not self.args.in_process:
+                return subprocess.run([*launch, script, *argv], stdout=fh, stderr=subprocess.STDOUT).returncode == 0
+            import eval as evaluation
+            import train
+
+            try:
+                with contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
+                    train.main(kind, argv) if script == "train.py" else evaluation.main(argv)
+            except SystemExit as exc:
+                return exc.code in (0, None)
+        return True
+
+    def train(self, run: Run, seed: int, ckpt: Path, log: Path) -> bool:
+        launch = [sys.executable]
+        if self.args.torchrun:
+            launch += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(self.args.nproc)]
+        argv = ["--kind", run.kind, "--model_name_or_path", self.model, *self.data, "--seed", str(seed),
+                "--output_dir", str(ckpt), *self.exp.recipe, *run.train, *(["--fp16"] if self.args.fp16 else []),
+                *(SMOKE_TRAIN if self.args.smoke else []), *self.args.extra]  # fmt: skip
+        if any(ckpt.glob("checkpoint-*/trainer_state.json")):
+            argv += ["--resume_from_checkpoint", "last"]
+        return self.execute("train.py", None, argv, log, launch)
+
+    def evaluate(self, run: Run, seed: int | None, ckpt: Path | None) -> bool:
+        out = self.layout.run_dir(run, seed)
+        splits = self.exp.splits
+        target = ["--checkpoint", str(ckpt)] if ckpt else ["--model_name_or_path", self.model]
+        depth = [f"{s}={k}" for s, k in self.exp.trec_depth.items() if s in splits]
+        argv = ["--model", run.kind, *target, *self.data, "--split", *splits, "--tag", run.tag, "--verify",
+                "--output_dir", str(out if len(splits) > 1 else out / splits[0]),
+                *(["--trec_depth", *depth] if depth else []), *self.exp.eval, *run.eval,
+                *(["--fp16"] if self.args.fp16 else []), *(SMOKE_EVAL if self.args.smoke else [])]  # fmt: skip
+        return self.execute("eval.py", None, argv, out / "eval.log", [sys.executable])
+
+    def bm25(self, run: Run) -> bool:
+        for split in self.exp.splits:
+            corpus, queries, qrels = load_beir(self.folder, split)
+            results = bm25_search(corpus, queries, top_k=MAX_CUTOFF)
+            per_query = per_query_metrics(qrels, results)
+            out = self.layout.split_dir(run, None, split)
+            write_trec(an.run_path(out, run.tag), results, run.tag, self.exp.trec_depth.get(split, MAX_CUTOFF))
+            an.write_per_query(out, run.tag, per_query)
+            summary = {run.tag: mean_metrics(per_query), "split": split, "dataset": self.folder.name}
+            atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2))
+        return True
+
+    def job(self, runs: list[Run], seed: int | None, all_runs: list[Run]) -> str:
+        """Train one checkpoint if needed, then evaluate every run that shares it."""
+        names = ", ".join(r.name for r in runs) + ("" if seed is None else f" seed {seed}")
+        pending = [r for r in runs if not self.layout.evaluated(r, seed)]
+        if not pending:
+            return f"{names}: done earlier"  # the checkpoint itself may be gone: no need to retrain
+        start, lead = time.time(), runs[0]
+        if lead.kind == "bm25":
+            self.bm25(lead)
+        elif lead.kind == "zeroshot":
+            if not self.evaluate(lead, None, None):
+                return f"{names}: evaluation FAILED, see {self.layout.run_dir(lead, None) / 'eval.log'}"
+        else:
+            ckpt = self.layout.checkpoint(lead, all_runs, seed)
+            log = self.layout.run_dir(lead, seed) / "train.log"
+            if not (ckpt / "log_history.json").is_file() and not self.train(lead, seed, ckpt, log):
+                return f"{names}: training FAILED, see {log}"
+            for run in runs:
+                keep_training_record(ckpt, self.layout.run_dir(run, seed))
+            for run in pending:
+                if not self.evaluate(run, seed, ckpt):
+                    return f"{names}: evaluation FAILED, see {self.layout.run_dir(run, seed) / 'eval.log'}"
+        return f"{names}: {time.time() - start:.0f} s"
+
+    def run_stage(self, runs: list[Run]) -> list[str]:
+        """Every missing (checkpoint, seed) of these runs, `--parallel` at a time; returns failures."""
+        groups: dict[tuple, list[Run]] = {}
+        for run in runs:
+            for seed in run.seeds if run.trained else [None]:
+                key = (str(self.layout.checkpoint(run, runs, seed)), seed) if run.trained else (run.name, None)
+                groups.setdefault(key, []).append(run)
+        with ThreadPoolExecutor(1 if self.args.in_process else self.args.parallel) as pool:
+            messages = list(pool.map(lambda item: self.job(item[1], item[0][1], runs), groups.items()))
+        self.layout.root.mkdir(parents=True, exist_ok=True)
+        with open(self.layout.root / "runner.log", "a", encoding="utf-8") as log:
+            for message in messages:
+                print(message, flush=True)
+                log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+        return [m for m in messages if "FAILED" in m]
+
+
+def keep_training_record(ckpt: Path, out: Path) -> None:
+    """Copy what training recorded (dev curve, run info) and the expert scale next to the results."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("log_history.json", "run_info.json"):
+        if (ckpt / name).is_file():
+            shutil.copyfile(ckpt / name, out / name)
+    scale = expert_out_max_abs(ckpt)
+    if scale is not None:
+        an.write_checkpoint_facts(out, {"expert_out_max_abs": scale})
+
+
+def expert_out_max_abs(ckpt: Path) -> float | None:
+    """Largest |weight| of the experts' output projections (SB-MoE's residual-zero design starts them at 0)."""
+    from safetensors import safe_open
+
+    if not (ckpt / "model.safetensors").is_file():
+        return None
+    with safe_open(ckpt / "model.safetensors", "pt") as f:
+        keys = [k for k in f.keys() if ".experts." in k and k.endswith("fc_out.weight")]
+        return max(float(f.get_tensor(k).abs().max()) for k in keys) if keys else None
+
+
+# --------------------------------------------------------------------------------------------
+# Selection on dev
+
+
+def choose(exp: Experiment, layout: Layout) -> list[str]:
+    """Per group of alternatives, the option with the best dev NDCG@10 if it beats the reference's.
+
+    Dev scores come from each run's first seed; the test split plays no part.
+    """
+
+    def dev(run: Run) -> float | None:
+        folder = layout.run_dir(run, run.seeds[0])
+        return an.best_dev(an.read_log_history(folder)) if (folder / "log_history.json").is_file() else None
+
+    ref = dev(exp.runs[exp.select["reference"]])
+    if ref is None:
+        fail(f"select: the reference run {exp.select['reference']!r} has no dev NDCG@10 (trained without dev "
+             "evaluation?): nothing to choose on")  # fmt: skip
+    flags = []
+    for group in dict.fromkeys(r.group for r in exp.runs.values() if r.group):
+        options = [(score, run.name) for run in exp.runs.values() if run.group == group
+                   and (score := dev(run)) is not None]  # fmt: skip
+        if options and max(options)[0] > ref:
+            flags += exp.runs[max(options)[1]].train
+    return flags
+
+
+def chosen_runs(exp: Experiment, flags: list[str]) -> dict[str, Run]:
+    """Stage 2: the named runs again with the chosen flags, over the select seeds, against the reference."""
+    sel, ref = exp.select, exp.select["reference"]
+    out = {}
+    for name in sel.get("runs", [ref]):
+        run = exp.runs[name]
+        out[f"chosen/{name}"] = replace(run, name=f"chosen/{name}", train=[*run.train, *flags],
+                                        seeds=list(sel.get("seeds", exp.seeds)), group=None,
+                                        reference=None if name == ref else f"chosen/{ref}")  # fmt: skip
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+
+
+def summarise(exp: Experiment, layout: Layout, runs: dict[str, Run], subsets: dict[str, list[str]]) -> dict:
+    """Rows (mean ± std over the evaluated seeds) and paired tests of one stage."""
+    main = exp.splits[0]
+    rows, scores = {}, {}
+    for run in runs.values():
+        seeds = [s for s in (run.seeds if run.trained else [None]) if layout.evaluated(run, s)]
+        if not seeds:
+            continue
+        per_split = {split: [an.read_per_query(layout.split_dir(run, s, split), run.tag) for s in seeds]
+                     for split in exp.splits}  # fmt: skip
+        row = {"label": run.label, "kind": run.kind, "change": " ".join(run.train + run.eval),
+               "seeds": seeds if run.trained else [], "planned_seeds": run.seeds if run.trained else []}  # fmt: skip
+        for split, per_seed in per_split.items():
+            prefix = "" if split == main else f"{split} "
+            for col in TABLE_COLUMNS:
+                row[prefix + col] = an.mean_std([mean_metrics(r)[col] for r in per_seed])
+        for name, qids in subsets.items():
+            row[f"{name} NDCG@10"] = an.mean_std([an.subset_mean(r, qids) for r in per_split[main]])
+        histories = [an.read_log_history(layout.run_dir(run, s)) for s in seeds
+                     if run.trained and (layout.run_dir(run, s) / "log_history.json").is_file()]  # fmt: skip
+        devs = [d for d in (an.best_dev(h) for h in histories) if d is not None]
+        row["dev NDCG@10"] = an.mean_std(devs) if devs else None
+        facts = {s: an.read_checkpoint_facts(layout.run_dir(run, s)) for s in seeds if run.trained}
+        row["expert_out_max_abs"] = {str(s): f["expert_out_max_abs"] for s, f in facts.items()
+                                     if f.get("expert_out_max_abs") is not None}  # fmt: skip
+        rows[run.name] = row
+        scores[run.name] = dict(zip(seeds, per_split[main]))
+    tests = {}
+    for run in runs.values():
+        if run.reference and run.name in scores and run.reference in scores:
+            tests[run.name] = compare(scores[run.name], scores[run.reference], run.reference, subsets)
+    return {"rows": rows, "tests": tests}
+
+
+def compare(a: dict, b: dict, reference: str, subsets: dict[str, list[str]]) -> dict:
+    """Paired tests over queries of one run against its reference: seed-averaged and per seed, on all
+    queries and on each subset. Seeds present in both (an untrained reference serves every seed)."""
+    seeds = [s for s in a if s in b] or ([s for s in a] if list(b) == [None] else [])
+    pick = (lambda s: b[s]) if list(b) != [None] else (lambda s: b[None])
+    qids = sorted(next(iter(a.values())))
+    x = an.scores_matrix([a[s] for s in seeds], qids)
+    y = an.scores_matrix([pick(s) for s in seeds], qids)
+    out = {"reference": reference, "seeds": seeds, "queries": len(qids), **an.paired_tests(x.mean(0), y.mean(0))}
+    out["per_seed"] = [an.paired_tests(xs, ys) for xs, ys in zip(x, y)]
+    for name, subset in subsets.items():
+        keep = np.isin(qids, subset)
+        out[name] = an.paired_tests(x.mean(0)[keep], y.mean(0)[keep]) if keep.sum() > 1 else None
+    return out
+
+
+def build_report(exp: Experiment, layout: Layout, folder: Path, stages: list[dict[str, Run]],
+                 chosen: list[str] | None) -> dict:
+    """Every stage summarised; each run's row also written as `<run>/summary.json`."""
+    subsets = {}
+    if exp.subsets:
+        train, reported = an.split_qrels(folder, exp.splits[0])
+        subsets = {k: v for k, v in an.query_subsets(train, reported).items() if k in exp.subsets}
+    result = {"experiment": exp.name, "description": exp.description, "splits": exp.splits,
+              "recipe": exp.recipe, "subsets": subsets,
+              "stages": [summarise(exp, layout, runs, subsets) for runs in stages]}  # fmt: skip
+    if chosen is not None:
+        result["chosen"] = chosen
+    for stage in result["stages"]:
+        for name, row in stage["rows"].items():
+            atomic_write_text(layout.root / name / "summary.json", json.dumps(row, indent=2))
+    return result
+
+
+def render(result: dict) -> str:
+    main, others = result["splits"][0], result["splits"][1:]
+    subsets = result["subsets"]
+    cols = [*TABLE_COLUMNS, *(f"{k} NDCG@10" for k in subsets), *(f"{s} {c}" for s in others
+                                                                 for c in ("NDCG@10", "Recall@10"))]  # fmt: skip
+    lines = [f"# {result['experiment']}", ""]
+    if result["description"]:
+        lines += [result["description"], ""]
+    notes = [f"Metrics on the {main} split; trained runs: mean ± std over their seeds."]
+    for name, qids in subsets.items():
+        what = "none of whose relevant documents is a positive of any" if name == "unseen" else (
+            "with a relevant document that is a positive of some")
+        notes.append(f"*{name}*: the {len(qids)} {main} queries {what} training query.")
+    for split in others:
+        notes.append(f"Columns *{split} ...*: the same models on the {split} queries"
+                     + (" (the paper's leaky protocol)." if split == "train" else "."))  # fmt: skip
+    lines += [" ".join(notes), "", f"Recipe of every trained run: `{' '.join(result['recipe']) or '(defaults)'}`."]
+    for i, stage in enumerate(result["stages"]):
+        if i == 1:
+            lines += ["", "## Stage 2: the combination chosen on dev", "",
+                      f"Chosen on dev: `{' '.join(result.get('chosen') or []) or '(no option beat the reference)'}`"]
+        lines += ["", *table(stage, cols), "", *tests_text(stage, subsets)]
+    if result.get("chosen") is not None and len(result["stages"]) == 1:
+        lines += ["", f"Chosen on dev for stage 2: `{' '.join(result['chosen']) or '(none)'}` (not trained yet)."]
+    return "\n".join(lines) + "\n"
+
+
+def cell(value, spread: bool) -> str:
+    if value is None:
+        return "-"
+    m, s = value
+    return f"{m:.4f} ± {s:.4f}" if spread else f"{m:.4f}"
+
+
+def table(stage: dict, cols: list[str]) -> list[str]:
+    lines = ["| run | change | seeds | dev NDCG@10 | " + " | ".join(cols) + " |", "|---" * (len(cols) + 4) + "|"]
+    for name, row in stage["rows"].items():
+        mark = " †" if name in stage["tests"] and an.significant(stage["tests"][name]) else ""
+        spread = len(row["seeds"]) > 1
+        seeds = ", ".join(map(str, row["seeds"])) or "-"
+        if len(row["seeds"]) < len(row["planned_seeds"]):
+            seeds += f" (of {len(row['planned_seeds'])})"
+        cells = [f"`{row['change']}`" if row["change"] else "", seeds, cell(row["dev NDCG@10"], spread)]
+        cells += [cell(row.get(c), spread) for c in cols]
+        lines.append(f"| {row['label']}{mark} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def p_text(t: dict) -> str:
+    return f"{t['mean_diff']:+.4f}, t-test p = {t['t_pvalue']:.3g}, randomisation p = {t['rand_pvalue']:.3g}"
+
+
+def tests_text(stage: dict, subsets: dict) -> list[str]:
+    lines = []
+    rows = stage["rows"]
+    for name, t in stage["tests"].items():
+        verdict = "significant" if an.significant(t) else "not significant (inside the noise)"
+        n = len(t["seeds"])
+        avg = "seed-averaged " if n > 1 else ""
+        lines.append(f"- {rows[name]['label']} vs {rows[t['reference']]['label']}, NDCG@10 per query ({avg}"
+                     f"{t['queries']} queries, paired): difference {p_text(t)}: {verdict}.")  # fmt: skip
+        for sub in subsets:
+            if t.get(sub):
+                lines.append(f"  On the {len(subsets[sub])} {sub}-document queries: difference {p_text(t[sub])}.")
+        if n > 1:
+            each = ", ".join(f"seed {s} {r['mean_diff']:+.4f} (t p = {r['t_pvalue']:.3g})"
+                             for s, r in zip(t["seeds"], t["per_seed"]))  # fmt: skip
+            lines.append(f"  Per seed: {each}.")
+    for row in rows.values():
+        if row["expert_out_max_abs"] and row["kind"] == "sbmoe":
+            scales = ", ".join(f"seed {k} {v:.4f}" for k, v in row["expert_out_max_abs"].items())
+            lines.append(f"- {row['label']}: experts' output projections, largest |weight| after training: {scales}.")
+    if stage["tests"]:
+        lines.append("- † marks a difference from the reference significant at 0.05 in both paired tests; the ± "
+                     "and the per-seed lines show how much the seeds disagree.")  # fmt: skip
+    return lines
+
+
+# --------------------------------------------------------------------------------------------
+# Figures
+
+
+def figures(exp: Experiment, layout: Layout, stages: list[dict[str, Run]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for stage in stages for r in stage.values() if r.trained]
+    histories = {r.name: [an.read_log_history(layout.run_dir(r, s)) for s in r.seeds
+                          if (layout.run_dir(r, s) / "log_history.json").is_file()] for r in runs}  # fmt: skip
+    histories = {k: v for k, v in histories.items() if v}
+    if "training" in exp.figures and histories:
+        fig, (ax_loss, ax_dev) = plt.subplots(1, 2, figsize=(11, 4))
+        for name, hists in histories.items():
+            for ax, curves in ((ax_loss, [an.epoch_losses(h) for h in hists]),
+                               (ax_dev, [[v for _, v in an.dev_curve(h)] for h in hists])):  # fmt: skip
+                n = min(len(c) for c in curves)
+                if n == 0:
+                    continue
+                arr = np.array([c[:n] for c in curves])
+                x = np.arange(1, n + 1)
+                ax.plot(x, arr.mean(0), marker="o", ms=3, label=exp.runs.get(name, Run(name, "")).label or name)
+                if len(curves) > 1:
+                    ax.fill_between(x, arr.min(0), arr.max(0), alpha=0.2)
+        ax_loss.set(title="training InfoNCE per epoch", xlabel="epoch", ylabel="InfoNCE")
+        ax_dev.set(title="dev NDCG@10 per epoch", xlabel="epoch", ylabel="NDCG@10")
+        for ax in (ax_loss, ax_dev):
+            ax.grid(alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=6)
+        fig.suptitle(f"{exp.name}: mean over seeds; band = min..max")
+        fig.tight_layout()
+        fig.savefig(layout.root / "fig_training.png", dpi=120)
+        plt.close(fig)
+    shares = {name: [an.expert_shares(h) for h in hists] for name, hists in histories.items()}
+    shares = {k: v for k, v in shares.items() if v and v[0]}
+    if "experts" in exp.figures and shares:
+        fig, axes = plt.subplots(1, len(shares), figsize=(4 * len(shares), 3.5), squeeze=False)
+        for ax, (name, per_seed) in zip(axes[0], shares.items()):
+            blocks = sorted(per_seed[0])
+            width = 0.8 / len(blocks)
+            for b, block in enumerate(blocks):
+                vals = np.mean([s[block] for s in per_seed if block in s], axis=0)
+                ax.bar(np.arange(len(vals)) + b * width, vals, width, label=f"block {block}")
+            ax.axhline(1 / len(per_seed[0][blocks[0]]), color="k", ls="--", lw=0.8, label="uniform")
+            ax.set(title=f"{name}: share per expert", xlabel="expert", ylabel="share of routed inputs")
+            ax.legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(layout.root / "fig_experts.png", dpi=120)
+        plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("experiment", help="an experiment file (experiments/*.toml)")
+    p.add_argument("--model_name_or_path", help="backbone (default: the file's `model`)")
+    p.add_argument("--dataset", help="BEIR dataset under $BEIR_DATA_DIR (default: the file's)")
+    p.add_argument("--data_dir", help="a BEIR folder (overrides --dataset and the file)")
+    p.add_argument("--results", default="results", help="results root; the experiment writes <results>/<name>/")
+    p.add_argument("--ckpt_root", default="checkpoints", help="checkpoints root")
+    p.add_argument("--parallel", type=int, default=1, help="jobs at a time (one GPU holds several)")
+    p.add_argument("--torchrun", action="store_true", help="launch training through torchrun")
+    p.add_argument("--nproc", type=int, default=1, help="processes per training run with --torchrun")
+    p.add_argument("--fp16", action="store_true", help="fp16 mixed precision in training and evaluation (GPU)")
+    p.add_argument("--smoke", action="store_true", help="2 training steps, 32-token documents: plumbing only")
+    p.add_argument("--in_process", action="store_true", help="train and evaluate in this process, one at a time")
+    p.add_argument("--report", action="store_true", help="only rebuild the report from the results on disk")
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags for every training run")
+    args = p.parse_args(argv)
+    try:
+        exp = load_experiment(args.experiment)
+        folder = resolve_data_dir(args.dataset or exp.dataset, args.data_dir or exp.data_dir, download=not args.report)
+    except DataError as exc:
+        fail(str(exc))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    runner = Runner(exp, args, folder)
+    if not args.report and not runner.model:
+        fail("no backbone: give --model_name_or_path or `model` in the experiment file")
+    layout = runner.layout
+    stages = [exp.runs]
+    if not args.report and (failed := runner.run_stage(list(exp.runs.values()))):
+        fail(f"{len(failed)} job(s) failed: {failed[0]}")
+    chosen = None
+    if exp.select:
+        chosen = choose(exp, layout)
+        stages.append(chosen_runs(exp, chosen))
+        if not args.report and (failed := runner.run_stage(list(stages[1].values()))):
+            fail(f"{len(failed)} stage 2 job(s) failed: {failed[0]}")
+    result = build_report(exp, layout, folder, stages, chosen)
+    text = render(result)
+    atomic_write_text(layout.root / "report.json", json.dumps(result, indent=2))
+    atomic_write_text(layout.root / "report.md", text)
+    if not args.smoke:
+        figures(exp, layout, stages)
+    print(text)
+    return result
+
+
+if __name__ == "__main__":
+    main()

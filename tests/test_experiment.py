@@ -1,0 +1,216 @@
+"""The experiment runner, the variant registry and the files they hand each other."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+
+import analysis as an
+from utils import load_beir, read_trec, unseen_document_queries
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+TINY = ["--per_device_train_batch_size", "4", "--num_experts", "4", "--dev_fraction", "0.2"]
+
+TABLE = """
+name = "tiny-table"
+dataset = "tiny"
+seeds = [42, 43]
+splits = ["test", "train"]
+trec_depth = { train = 10 }
+subsets = ["unseen", "seen"]
+recipe = ["--num_train_epochs", "1"]
+
+[runs.bm25]
+kind = "bm25"
+label = "BM25"
+
+[runs.zeroshot]
+kind = "zeroshot"
+
+[runs.baseline]
+kind = "baseline"
+
+[runs.sbmoe]
+kind = "sbmoe"
+reference = "baseline"
+
+[runs.sbmoe-all]
+kind = "sbmoe"
+eval = ["--inference_mode", "all"]
+reference = "sbmoe"
+"""
+
+
+def runner(args, env, check=True):
+    proc = subprocess.run([sys.executable, "experiment.py", *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_runner_trains_evaluates_reports_and_skips_finished_runs(tiny_backbone, tiny_beir, tmp_path, monkeypatch,
+                                                                 capsys):  # fmt: skip
+    import experiment
+
+    (tmp_path / "tiny.toml").write_text(TABLE)
+    monkeypatch.setenv("BEIR_DATA_DIR", str(tiny_beir.parent))
+    monkeypatch.chdir(ROOT)
+    args = [tmp_path / "tiny.toml", "--model_name_or_path", tiny_backbone, "--results", tmp_path / "res",
+            "--ckpt_root", tmp_path / "ck", "--smoke", "--in_process", "--extra", *TINY]  # fmt: skip
+    experiment.main(list(map(str, args)))
+    root = tmp_path / "res" / "tiny-table"
+    assert sorted(p.name for p in (tmp_path / "ck" / "tiny-table").iterdir()) == ["baseline", "sbmoe"]  # shared
+    for run in ("baseline", "sbmoe", "sbmoe-all"):
+        for seed in (42, 43):
+            for split in ("test", "train"):
+                assert an.per_query_path(root / run / f"seed{seed}" / split, run).is_file()
+    train_run = read_trec(an.run_path(root / "sbmoe" / "seed42" / "train", "sbmoe"))
+    assert max(len(docs) for docs in train_run.values()) == 10  # the leakage run keeps only its top 10
+    assert "--inference_mode all" in (root / "sbmoe-all" / "seed42" / "eval.log").read_text()
+    report = json.loads((root / "report.json").read_text())
+    rows, tests = report["stages"][0]["rows"], report["stages"][0]["tests"]
+    assert list(rows) == ["bm25", "zeroshot", "baseline", "sbmoe", "sbmoe-all"]
+    _, _, train_qrels = load_beir(tiny_beir, "train")
+    _, _, test_qrels = load_beir(tiny_beir, "test")
+    unseen = unseen_document_queries(train_qrels, test_qrels)
+    assert report["subsets"]["unseen"] == unseen and unseen
+    assert sorted(report["subsets"]["seen"] + unseen) == sorted(test_qrels)
+    bm25 = an.read_per_query(root / "bm25" / "test", "bm25")
+    assert rows["bm25"]["unseen NDCG@10"][0] == pytest.approx(an.subset_mean(bm25, unseen))
+    per_seed = [an.read_per_query(root / "sbmoe" / f"seed{s}" / "test", "sbmoe") for s in (42, 43)]
+    assert rows["sbmoe"]["NDCG@10"] == pytest.approx(an.mean_std([an.subset_mean(r, sorted(r)) for r in per_seed]))
+    assert tests["sbmoe"]["seeds"] == [42, 43] and len(tests["sbmoe"]["per_seed"]) == 2
+    assert tests["sbmoe-all"]["reference"] == "sbmoe" and tests["sbmoe"]["unseen"] is not None
+    assert json.loads((root / "sbmoe" / "summary.json").read_text())["seeds"] == [42, 43]
+    md = (root / "report.md").read_text()
+    for text in ("| BM25 |", "| zeroshot |", "| baseline |", "| sbmoe", "train NDCG@10", "randomisation p",
+                 "Per seed: seed 42 ", f"the {len(unseen)} test queries", "unseen-document queries"):  # fmt: skip
+        assert text in md, text
+    capsys.readouterr()
+    experiment.main(list(map(str, args)))
+    assert capsys.readouterr().out.count("done earlier") == 6  # 2 untrained runs + 2 checkpoints x 2 seeds
+    (root / "report.md").unlink()
+    experiment.main(list(map(str, [tmp_path / "tiny.toml", "--results", tmp_path / "res", "--report"])))
+    assert (root / "report.md").read_text() == md  # rebuilt from the results alone
+
+
+def test_runner_subprocesses_in_parallel_resume_an_interrupted_checkpoint(tiny_backbone, tiny_beir, tmp_path):
+    (tmp_path / "one.toml").write_text('name = "one"\nseeds = [42]\nrecipe = ["--save_strategy", "steps", '
+                                       '"--save_steps", "1", "--eval_strategy", "no", "--load_best_model_at_end", '
+                                       '"false", "--max_steps", "2"]\n[runs.sbmoe]\nkind = "sbmoe"\n'
+                                       '[runs.moe]\nkind = "moe"\n')  # fmt: skip
+    args = [tmp_path / "one.toml", "--model_name_or_path", tiny_backbone, "--data_dir", tiny_beir, "--results",
+            tmp_path / "res", "--ckpt_root", tmp_path / "ck", "--parallel", "2", "--extra", *TINY]  # fmt: skip
+    ckpt = tmp_path / "ck" / "one" / "sbmoe" / "seed42"
+    (ckpt / "checkpoint-1").mkdir(parents=True)  # an interrupted run: a complete checkpoint, no final model
+    (ckpt / "checkpoint-1" / "trainer_state.json").write_text("{}")
+    proc = runner(args, ENV, check=False)
+    log = (tmp_path / "res" / "one" / "sbmoe" / "seed42" / "train.log").read_text()
+    assert "--resume_from_checkpoint last" in log.splitlines()[0]  # the runner resumed rather than restarted
+    assert (tmp_path / "res" / "one" / "moe" / "seed42" / "test" / "moe.perquery.json").is_file()
+    assert proc.returncode != 0 and "1 job(s) failed: sbmoe seed 42: training FAILED" in proc.stderr
+
+
+def test_runner_rejects_bad_experiment_files_in_one_line(tmp_path, tiny_beir):
+    import experiment
+
+    cases = {
+        "runs = 3\n": "no [runs.NAME] tables",
+        "[runs.a]\nkind = 'nope'\n": "kind 'nope' is not one of",
+        "[runs.a]\nkind = 'baseline'\nreference = 'b'\n": "runs.a.reference 'b' is not a run",
+        "colour = 1\n[runs.a]\nkind = 'baseline'\n": "unknown key(s) ['colour']",
+        "[runs.a\n": "cannot read an experiment file",
+    }
+    for text, message in cases.items():
+        (tmp_path / "bad.toml").write_text(text)
+        with pytest.raises(experiment.DataError, match=re.escape(message)):
+            experiment.load_experiment(tmp_path / "bad.toml")
+    proc = runner([tmp_path / "bad.toml", "--data_dir", tiny_beir], ENV, check=False)
+    assert proc.returncode != 0 and "bad.toml" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_choose_takes_the_best_option_of_each_group_only_if_it_beats_the_reference_on_dev(tmp_path):
+    import experiment
+
+    text = "seeds = [42]\n" + "".join(
+        f"[runs.{name}]\nkind = 'baseline'\ntrain = ['--x', '{name}']\n" + (f"group = '{group}'\n" if group else "")
+        for name, group in (("base", None), ("e5", "epochs"), ("e10", "epochs"), ("n3", "neg"), ("t2", "temp"))
+    ) + "[select]\nreference = 'base'\n"  # fmt: skip
+    (tmp_path / "x.toml").write_text(text)
+    exp = experiment.load_experiment(tmp_path / "x.toml")
+    layout = experiment.Layout(exp, tmp_path / "res", tmp_path / "ck")
+    dev = {"base": 0.5, "e5": 0.6, "e10": 0.7, "n3": 0.4, "t2": 0.5}
+    for name, score in dev.items():
+        folder = layout.run_dir(exp.runs[name], 42)
+        folder.mkdir(parents=True)
+        an.write_log_history(folder, [{"epoch": 1.0, an.DEV_KEY: score - 0.1}, {"epoch": 2.0, an.DEV_KEY: score}])
+    assert experiment.choose(exp, layout) == ["--x", "e10"]  # best of its group, and only if above the reference
+    stage2 = experiment.chosen_runs(exp, ["--x", "e10"])
+    assert list(stage2) == ["chosen/base"] and stage2["chosen/base"].train == ["--x", "base", "--x", "e10"]
+
+
+def test_readers_parse_what_training_writes():
+    history = [{"epoch": 0.5, "contrastive_loss": 2.0, an.expert_share_key(0, 0): 0.75, an.expert_share_key(0, 1): 0.25},
+               {"epoch": 1.0, "contrastive_loss": 1.0, an.expert_share_key(0, 0): 0.25, an.expert_share_key(0, 1): 0.75,
+                an.expert_share_key(1, 0): 1.0},
+               {"epoch": 1.0, an.DEV_KEY: 0.4}, {"epoch": 2.0, "contrastive_loss": 0.5}, {"epoch": 2.0, an.DEV_KEY: 0.3}]  # fmt: skip
+    assert an.dev_curve(history) == [(1.0, 0.4), (2.0, 0.3)] and an.best_dev(history) == 0.4
+    assert an.epoch_losses(history) == [1.5, 0.5]
+    assert an.expert_shares(history) == {0: [0.5, 0.5], 1: [1.0]}
+    assert an.best_dev([{"loss": 1.0}]) is None
+
+
+# --------------------------------------------------------------------------------------------
+# A new variant is one class
+
+
+@pytest.fixture
+def throwaway_variant():
+    """A variant defined here alone: a learned scale on the pooled vector. Unregistered afterwards."""
+    from model import VARIANTS, BiEncoder
+
+    class ScaledBiEncoder(BiEncoder):
+        kind = "throwaway"
+
+        def add_moe(self, config):
+            self.scale = torch.nn.Parameter(torch.ones(1))
+
+        def embed(self, input_ids, attention_mask):
+            out = super().embed(input_ids, attention_mask)
+            out.reps = out.reps * self.scale
+            return out
+
+    assert VARIANTS["throwaway"] is ScaledBiEncoder
+    yield ScaledBiEncoder
+    del VARIANTS["throwaway"]
+
+
+def test_a_variant_is_one_class(throwaway_variant, tiny_backbone, tiny_beir, tmp_path, monkeypatch):
+    import experiment
+    import train
+    from model import BiEncoder, load_model
+
+    out = tmp_path / "ck"
+    train.main(None, ["--kind", "throwaway", "--model_name_or_path", str(tiny_backbone), "--data_dir", str(tiny_beir),
+                      "--output_dir", str(out), "--max_steps", "2", "--eval_strategy", "no", "--save_strategy", "no",
+                      "--load_best_model_at_end", "false", *TINY])  # fmt: skip
+    model = load_model(out)
+    assert type(model) is throwaway_variant and model.scale.item() != 1.0  # trained, saved, rebuilt
+    base = BiEncoder.from_backbone(str(tiny_backbone)).count_parameters()
+    assert model.count_parameters() == {"total": base["total"] + 1, "active_per_token": base["total"] + 1}
+    assert model.moe_parameter_names() == {"scale"}  # outside the backbone: trained at the head's rate
+    (tmp_path / "two.toml").write_text('name = "two"\nseeds = [42]\n[runs.baseline]\nkind = "baseline"\n'
+                                       '[runs.scaled]\nkind = "throwaway"\nreference = "baseline"\n')  # fmt: skip
+    monkeypatch.chdir(ROOT)
+    result = experiment.main([str(tmp_path / "two.toml"), "--model_name_or_path", str(tiny_backbone), "--data_dir",
+                              str(tiny_beir), "--results", str(tmp_path / "res"), "--ckpt_root", str(tmp_path / "ck2"),
+                              "--in_process", "--smoke", "--extra", *TINY])  # fmt: skip
+    rows = result["stages"][0]["rows"]
+    assert rows["scaled"]["kind"] == "throwaway" and "scaled" in result["stages"][0]["tests"]
+    assert load_model(tmp_path / "ck2" / "two" / "scaled" / "seed42").__class__ is throwaway_variant

@@ -84,3 +84,33 @@ needs_shared = pytest.mark.skipif(
     not (SCIFACT / "queries.jsonl").is_file() or not (MINILM / "config.json").is_file(),
     reason="shared SciFact data and MiniLM model not present",
 )
+
+
+def write_graded_beir(
+    folder: Path, n_docs: int = 80, n_train: int = 30, n_dev: int = 8, n_test: int = 8, judged: int = 6,
+    dev: bool = True, seed: int = 0,
+) -> Path:  # fmt: skip
+    """A BEIR folder like the big ones: graded relevance (0/1/2), up to `judged` judged documents per query
+    (many positives), every 7th query with only relevance-0 judgments (no positive), empty titles on even
+    documents and, with `dev`, an official qrels/dev.tsv."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    docs = []
+    for i in range(n_docs):
+        words = rng.sample(WORDS, 6)
+        docs.append({"_id": f"d{i}", "title": "" if i % 2 == 0 else words[0], "text": " ".join(words[1:])})
+    (folder / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    queries, splits = [], {"train": [], "dev": [], "test": []}
+    names = ["train"] * n_train + ["dev"] * (n_dev if dev else 0) + ["test"] * n_test
+    for j, split in enumerate(names):
+        picked = rng.sample(range(n_docs), 2 + j % max(1, judged - 1))  # 2 .. judged documents
+        grades = [0] * len(picked) if j % 7 == 3 else [0] + [1 + (k % 2) for k in range(len(picked) - 1)]
+        first = picked[grades.index(max(grades))]
+        queries.append({"_id": f"q{j}", "text": " ".join(docs[first]["text"].split()[:3])})
+        splits[split].extend(f"q{j}\td{p}\t{g}" for p, g in zip(picked, grades))
+    (folder / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    (folder / "qrels").mkdir(exist_ok=True)
+    for split, rows in splits.items():
+        if rows:
+            (folder / "qrels" / f"{split}.tsv").write_text("\n".join(["query-id\tcorpus-id\tscore", *rows]) + "\n")
+    return folder

@@ -50,8 +50,8 @@ SMOKE_TRAIN = ["--max_steps", "2", "--doc_max_length", "32", "--eval_strategy", 
                "false", "--save_strategy", "no"]  # fmt: skip
 SMOKE_EVAL = ["--doc_max_length", "32"]
 TOP_KEYS = {"name", "description", "dataset", "data_dir", "model", "seeds", "splits", "subsets", "recipe", "eval",
-            "trec_depth", "runs", "select", "figures"}  # fmt: skip
-RUN_KEYS = {"kind", "train", "eval", "label", "reference", "group", "seeds"}
+            "trec_depth", "runs", "select", "figures", "frozen"}  # fmt: skip
+RUN_KEYS = {"kind", "train", "eval", "label", "reference", "group", "seeds", "frozen"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -66,8 +66,9 @@ class Run:
     eval: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
     label: str = ""
-    reference: str | None = None
+    references: list[str] = field(default_factory=list)  # runs it is compared with (paired tests)
     group: str | None = None
+    frozen: bool = False  # backbone frozen: frozen.py trains the head on cached backbone outputs
 
     @property
     def trained(self) -> bool:
@@ -122,15 +123,20 @@ def load_experiment(path: str | Path) -> Experiment:
               f"{', '.join([*VARIANTS, *UNTRAINED])}")  # fmt: skip
         for key in ("train", "eval"):
             check(all(isinstance(x, str) for x in spec.get(key, [])), f"runs.{name}.{key} must be a list of strings")
+        refs = spec.get("reference", [])
+        check(not ("frozen" in spec and kind in UNTRAINED), f"runs.{name}: only a trained kind can be frozen")
         runs[name] = Run(name, kind, list(spec.get("train", [])), list(spec.get("eval", [])),
-                         list(spec.get("seeds", seeds)), spec.get("label", name), spec.get("reference"),
-                         spec.get("group"))  # fmt: skip
+                         list(spec.get("seeds", seeds)), spec.get("label", name), [refs] if isinstance(refs, str)
+                         else list(refs), spec.get("group"),
+                         kind not in UNTRAINED and bool(spec.get("frozen", raw.get("frozen", False))))  # fmt: skip
     for run in runs.values():
-        check(run.reference is None or run.reference in runs, f"runs.{run.name}.reference {run.reference!r} is not a run")
+        for ref in run.references:
+            check(ref in runs, f"runs.{run.name}.reference {ref!r} is not a run")
     select = raw.get("select")
     if select is not None:
         check(select.get("reference") in runs, "select.reference must name a run")
         check(all(r in runs for r in select.get("runs", [])), "select.runs must name runs")
+        check(select.get("compare_to", select["reference"]) in runs, "select.compare_to must name a run")
     check(set(raw.get("subsets", [])) <= set(an.SUBSETS), f"subsets must be among {an.SUBSETS}")
     return Experiment(
         name=raw.get("name", path.stem), description=raw.get("description", ""), dataset=raw.get("dataset"),
@@ -162,7 +168,7 @@ class Layout:
 
     def checkpoint(self, run: Run, runs: list[Run], seed: int) -> Path:
         """Runs that differ only in evaluation flags share one checkpoint, named after the first of them."""
-        first = next(r for r in runs if r.trained and (r.kind, r.train) == (run.kind, run.train))
+        first = next(r for r in runs if r.trained and (r.kind, r.train, r.frozen) == (run.kind, run.train, run.frozen))
         return self.ckpts / first.name / f"seed{seed}"
 
 
@@ -181,30 +187,44 @@ class Runner:
         """One training or evaluation step, logged; in this process (--in_process) or a fresh one."""
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "a", encoding="utf-8") as fh:
-            fh.write("+ " + " ".join([*launch, script, *argv]) + "\n")
+            fh.write("+ " + " ".join(["python", *launch[1:], script, *argv]) + "\n")  # no machine paths in logs
             fh.flush()
             if not self.args.in_process:
                 return subprocess.run([*launch, script, *argv], stdout=fh, stderr=subprocess.STDOUT).returncode == 0
             import eval as evaluation
+            import frozen
             import train
 
+            entry = {"train.py": lambda: train.main(kind, argv), "eval.py": lambda: evaluation.main(argv),
+                     "frozen.py": lambda: frozen.main(argv)}[script]  # fmt: skip
             try:
                 with contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
-                    train.main(kind, argv) if script == "train.py" else evaluation.main(argv)
+                    entry()
             except SystemExit as exc:
                 return exc.code in (0, None)
         return True
+
+    def train_argv(self, run: Run, seed: int, ckpt: Path) -> list[str]:
+        return ["--kind", run.kind, "--model_name_or_path", self.model, *self.data, "--seed", str(seed),
+                "--output_dir", str(ckpt), *self.exp.recipe, *run.train, *(["--fp16"] if self.args.fp16 else []),
+                *(SMOKE_TRAIN if self.args.smoke else []), *self.args.extra]  # fmt: skip
 
     def train(self, run: Run, seed: int, ckpt: Path, log: Path) -> bool:
         launch = [sys.executable]
         if self.args.torchrun:
             launch += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(self.args.nproc)]
-        argv = ["--kind", run.kind, "--model_name_or_path", self.model, *self.data, "--seed", str(seed),
-                "--output_dir", str(ckpt), *self.exp.recipe, *run.train, *(["--fp16"] if self.args.fp16 else []),
-                *(SMOKE_TRAIN if self.args.smoke else []), *self.args.extra]  # fmt: skip
+        argv = self.train_argv(run, seed, ckpt)
         if any(ckpt.glob("checkpoint-*/trainer_state.json")):
             argv += ["--resume_from_checkpoint", "last"]
         return self.execute("train.py", None, argv, log, launch)
+
+    def frozen(self, run: Run, seed: int, ckpt: Path) -> bool:
+        """Train the head on the cached backbone (once per checkpoint) and evaluate it, in one frozen.py call."""
+        out, splits = self.layout.run_dir(run, seed), self.exp.splits
+        depth = [f"{s}={k}" for s, k in self.exp.trec_depth.items() if s in splits]
+        argv = [*self.train_argv(run, seed, ckpt), "--eval_output_dir", str(out), "--eval_splits", *splits,
+                "--tag", run.tag, *(["--trec_depth", *depth] if depth else []), *self.exp.eval, *run.eval]  # fmt: skip
+        return self.execute("frozen.py", None, argv, out / "train.log", [sys.executable])
 
     def evaluate(self, run: Run, seed: int | None, ckpt: Path | None) -> bool:
         out = self.layout.run_dir(run, seed)
@@ -241,6 +261,12 @@ class Runner:
         elif lead.kind == "zeroshot":
             if not self.evaluate(lead, None, None):
                 return f"{names}: evaluation FAILED, see {self.layout.run_dir(lead, None) / 'eval.log'}"
+        elif lead.frozen:
+            ckpt = self.layout.checkpoint(lead, all_runs, seed)
+            for run in pending:
+                if not self.frozen(run, seed, ckpt):
+                    return f"{names}: frozen-backbone run FAILED, see {self.layout.run_dir(run, seed) / 'train.log'}"
+                keep_training_record(ckpt, self.layout.run_dir(run, seed))
         else:
             ckpt = self.layout.checkpoint(lead, all_runs, seed)
             log = self.layout.run_dir(lead, seed) / "train.log"
@@ -320,14 +346,22 @@ def choose(exp: Experiment, layout: Layout) -> list[str]:
 
 
 def chosen_runs(exp: Experiment, flags: list[str]) -> dict[str, Run]:
-    """Stage 2: the named runs again with the chosen flags, over the select seeds, against the reference."""
-    sel, ref = exp.select, exp.select["reference"]
+    """Stage 2: the `select.runs` again with the chosen flags over the select seeds, named `chosen/<run>`.
+
+    Each keeps its references that are also in stage 2; one without any is compared with
+    `chosen/<select.compare_to>` (default: the select reference).
+    """
+    sel = exp.select
+    names = list(sel.get("runs", [sel["reference"]]))
+    base = sel.get("compare_to", sel["reference"])
     out = {}
-    for name in sel.get("runs", [ref]):
+    for name in names:
         run = exp.runs[name]
-        out[f"chosen/{name}"] = replace(run, name=f"chosen/{name}", train=[*run.train, *flags],
-                                        seeds=list(sel.get("seeds", exp.seeds)), group=None,
-                                        reference=None if name == ref else f"chosen/{ref}")  # fmt: skip
+        refs = [f"chosen/{r}" for r in run.references if r in names]
+        if not refs and name != base and base in names:
+            refs = [f"chosen/{base}"]
+        out[f"chosen/{name}"] = replace(run, name=f"chosen/{name}", train=[*run.train, *flags], group=None,
+                                        seeds=list(sel.get("seeds", exp.seeds)), references=refs)  # fmt: skip
     return out
 
 
@@ -362,14 +396,12 @@ def summarise(exp: Experiment, layout: Layout, runs: dict[str, Run], subsets: di
                                      if f.get("expert_out_max_abs") is not None}  # fmt: skip
         rows[run.name] = row
         scores[run.name] = dict(zip(seeds, per_split[main]))
-    tests = {}
-    for run in runs.values():
-        if run.reference and run.name in scores and run.reference in scores:
-            tests[run.name] = compare(scores[run.name], scores[run.reference], run.reference, subsets)
+    tests = [compare(run.name, ref, scores[run.name], scores[ref], subsets) for run in runs.values()
+             for ref in run.references if run.name in scores and ref in scores]  # fmt: skip
     return {"rows": rows, "tests": tests}
 
 
-def compare(a: dict, b: dict, reference: str, subsets: dict[str, list[str]]) -> dict:
+def compare(run: str, reference: str, a: dict, b: dict, subsets: dict[str, list[str]]) -> dict:
     """Paired tests over queries of one run against its reference: seed-averaged and per seed, on all
     queries and on each subset. Seeds present in both (an untrained reference serves every seed)."""
     seeds = [s for s in a if s in b] or ([s for s in a] if list(b) == [None] else [])
@@ -377,7 +409,7 @@ def compare(a: dict, b: dict, reference: str, subsets: dict[str, list[str]]) -> 
     qids = sorted(next(iter(a.values())))
     x = an.scores_matrix([a[s] for s in seeds], qids)
     y = an.scores_matrix([pick(s) for s in seeds], qids)
-    out = {"reference": reference, "seeds": seeds, "queries": len(qids), **an.paired_tests(x.mean(0), y.mean(0))}
+    out = {"run": run, "reference": reference, "seeds": seeds, "queries": len(qids), **an.paired_tests(x.mean(0), y.mean(0))}
     out["per_seed"] = [an.paired_tests(xs, ys) for xs, ys in zip(x, y)]
     for name, subset in subsets.items():
         keep = np.isin(qids, subset)
@@ -440,7 +472,8 @@ def cell(value, spread: bool) -> str:
 def table(stage: dict, cols: list[str]) -> list[str]:
     lines = ["| run | change | seeds | dev NDCG@10 | " + " | ".join(cols) + " |", "|---" * (len(cols) + 4) + "|"]
     for name, row in stage["rows"].items():
-        mark = " †" if name in stage["tests"] and an.significant(stage["tests"][name]) else ""
+        first = next((t for t in stage["tests"] if t["run"] == name), None)  # against its first reference
+        mark = " †" if first and an.significant(first) else ""
         spread = len(row["seeds"]) > 1
         seeds = ", ".join(map(str, row["seeds"])) or "-"
         if len(row["seeds"]) < len(row["planned_seeds"]):
@@ -458,7 +491,8 @@ def p_text(t: dict) -> str:
 def tests_text(stage: dict, subsets: dict) -> list[str]:
     lines = []
     rows = stage["rows"]
-    for name, t in stage["tests"].items():
+    for t in stage["tests"]:
+        name = t["run"]
         verdict = "significant" if an.significant(t) else "not significant (inside the noise)"
         n = len(t["seeds"])
         avg = "seed-averaged " if n > 1 else ""
@@ -476,7 +510,7 @@ def tests_text(stage: dict, subsets: dict) -> list[str]:
             scales = ", ".join(f"seed {k} {v:.4f}" for k, v in row["expert_out_max_abs"].items())
             lines.append(f"- {row['label']}: experts' output projections, largest |weight| after training: {scales}.")
     if stage["tests"]:
-        lines.append("- † marks a difference from the reference significant at 0.05 in both paired tests; the ± "
+        lines.append("- † marks a difference from the (first) reference significant at 0.05 in both paired tests; the ± "
                      "and the per-seed lines show how much the seeds disagree.")  # fmt: skip
     return lines
 

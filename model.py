@@ -466,7 +466,19 @@ class BiEncoder(PreTrainedModel):
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Embedding:
         """(B, H) representations and the routing decisions made on the way (none for the baseline)."""
-        return Embedding(self.pool(self.hidden_states(input_ids, attention_mask), attention_mask), [])
+        return self.embed_hidden(self.hidden_states(input_ids, attention_mask), attention_mask)
+
+    def embed_hidden(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> Embedding:
+        """From the backbone's last hidden states (B, T, H) on; the frozen-backbone study starts here."""
+        return self.embed_pooled(self.pool(hidden, attention_mask))
+
+    def embed_pooled(self, pooled: torch.Tensor) -> Embedding:
+        """From pooled vectors (B, H) on, for models whose head sits after pooling."""
+        return Embedding(pooled, [])
+
+    def head_on_tokens(self) -> bool:
+        """Whether what follows the backbone needs its token states, not just the pooled vector."""
+        return False
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self._norm(self.embed(input_ids, attention_mask).reps)
@@ -490,7 +502,10 @@ class BiEncoder(PreTrainedModel):
         q = self.embed(query_input_ids, query_attention_mask)
         if doc_input_ids is None:
             return RetrieverOutput(q_reps=self._norm(q.reps))
-        d = self.embed(doc_input_ids, doc_attention_mask)
+        return self.contrastive(q, self.embed(doc_input_ids, doc_attention_mask), doc_ids, pos_ids)
+
+    def contrastive(self, q: Embedding, d: Embedding, doc_ids=None, pos_ids=None) -> RetrieverOutput:
+        """InfoNCE plus the MoE auxiliary losses, from query and document embeddings (forward, frozen.py)."""
         q_reps, d_reps = self._norm(q.reps), self._norm(d.reps)
         contrastive, logits = info_nce(q_reps, d_reps, self.config.temperature, doc_ids, pos_ids)
         aux = self.aux_losses([q, d])
@@ -546,18 +561,28 @@ class TinyBERTWithMoE(BiEncoder):
         per_row = self.moe.flops(self.config.inference_mode)
         return per_row * tokens if self.moe.design["per_token"] else per_row
 
-    def embed(self, input_ids, attention_mask):
-        mode = self.config.inference_mode if not self.training else "top1"
-        hidden = self.hidden_states(input_ids, attention_mask)  # (B, T, H)
-        if self.moe.design["per_token"]:  # route the non-padding tokens, then pool
-            keep = attention_mask.reshape(-1).bool()
-            flat = hidden.reshape(-1, hidden.shape[-1])
-            out, routing = self.moe(flat[keep], mode=mode)
-            hidden = flat.index_put((keep.nonzero().squeeze(1),), out).reshape_as(hidden)
-            reps = self.pool(hidden, attention_mask)
-        else:
-            reps, routing = self.moe(self.pool(hidden, attention_mask), mode=mode)
-        return Embedding(reps, [routing], self.moe.aux_loss(routing, self.config.aux_loss_coef) if self.training else None)
+    def head_on_tokens(self) -> bool:
+        return self.moe.design["per_token"]
+
+    def embed_hidden(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> Embedding:
+        if not self.moe.design["per_token"]:
+            return self.embed_pooled(self.pool(hidden, attention_mask))
+        keep = attention_mask.reshape(-1).bool()  # route the non-padding tokens, then pool
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        out, routing = self.moe(flat[keep], mode=self.mode())
+        hidden = flat.index_put((keep.nonzero().squeeze(1),), out).reshape_as(hidden)
+        return Embedding(self.pool(hidden, attention_mask), [routing], self.head_aux(routing))
+
+    def embed_pooled(self, pooled: torch.Tensor) -> Embedding:
+        """The head on pooled vectors (B, H), for the designs that sit after pooling."""
+        reps, routing = self.moe(pooled, mode=self.mode())
+        return Embedding(reps, [routing], self.head_aux(routing))
+
+    def mode(self) -> str:
+        return self.config.inference_mode if not self.training else "top1"
+
+    def head_aux(self, routing: Routing) -> torch.Tensor | None:
+        return self.moe.aux_loss(routing, self.config.aux_loss_coef) if self.training else None
 
 
 class TinyBERTMoERegular(BiEncoder):

@@ -186,6 +186,16 @@ class EpochCallback(TrainerCallback):
         self.dataset.set_epoch(math.floor(state.epoch or 0))
 
 
+def positive_ids(qrels: dict, qids: list[str], doc_index: dict[str, int], width: int) -> torch.Tensor:
+    """(B, width) corpus indices of every known positive of each query, -1 padded (same width on every rank),
+    so that InfoNCE masks another positive of the same query instead of using it as a negative."""
+    pos = torch.full((len(qids), width), -1, dtype=torch.long)
+    for row, qid in enumerate(qids):
+        known = [doc_index[x] for x, r in qrels[qid].items() if r > 0]
+        pos[row, : len(known)] = torch.tensor(known, dtype=torch.long)
+    return pos
+
+
 class ContrastiveCollator:
     """Tokenise a batch: queries (B), documents (B*(1+N), positive first), ids for false-negative masks."""
 
@@ -205,10 +215,7 @@ class ContrastiveCollator:
             [doc_text(self.corpus[x]) for x in doc_ids], padding=True, truncation=True,
             max_length=self.doc_max_length, return_tensors="pt",
         )  # fmt: skip
-        pos = torch.full((len(examples), self.max_pos), -1, dtype=torch.long)  # (B, P), same P on every rank
-        for row, e in enumerate(examples):
-            known = [self.doc_index[x] for x, r in self.qrels[e["qid"]].items() if r > 0]
-            pos[row, : len(known)] = torch.tensor(known)
+        pos = positive_ids(self.qrels, [e["qid"] for e in examples], self.doc_index, self.max_pos)
         return {
             "query_input_ids": q["input_ids"],
             "query_attention_mask": q["attention_mask"],
@@ -344,13 +351,14 @@ def unwrap(model):
 # Entry point
 
 
-def parse(kind: str | None, argv: list[str] | None):
-    parser = HfArgumentParser((ModelArguments, DataArguments, RetrievalTrainingArguments))
+def parse(kind: str | None, argv: list[str] | None, extra: tuple = ()):
+    """The three argument dataclasses (plus any `extra` ones, e.g. frozen.py's), checked; unknown flags fail."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, RetrievalTrainingArguments, *extra))
     argv = list(argv) if argv is not None else sys.argv[1:]
     if not torch.cuda.is_available() and not any(a.split("=")[0] == "--use_cpu" for a in argv):
         argv.append("--use_cpu")  # no GPU: the CPU is the device, also for --bf16
     try:
-        margs, dargs, targs = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=False)
+        margs, dargs, targs, *others = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=False)
     except ValueError as exc:  # HfArgumentParser reports leftover (unknown) flags this way
         fail(str(exc).splitlines()[0])
     if kind and margs.kind and margs.kind != kind:
@@ -383,7 +391,7 @@ def parse(kind: str | None, argv: list[str] | None):
         fail(f"--sampling {dargs.sampling!r}: expected one of {', '.join(SAMPLINGS)}")
     if dargs.dev_split is not None and dargs.dev_split == dargs.train_split:
         fail(f"--dev_split {dargs.dev_split}: the dev split must differ from --train_split")
-    return margs, dargs, targs
+    return (margs, dargs, targs, *others)  # one per dataclass parsed
 
 
 def build_model(margs: ModelArguments) -> BiEncoder:

@@ -74,7 +74,8 @@ def test_runner_trains_evaluates_reports_and_skips_finished_runs(tiny_backbone, 
     assert max(len(docs) for docs in train_run.values()) == 10  # the leakage run keeps only its top 10
     assert "--inference_mode all" in (root / "sbmoe-all" / "seed42" / "eval.log").read_text()
     report = json.loads((root / "report.json").read_text())
-    rows, tests = report["stages"][0]["rows"], report["stages"][0]["tests"]
+    rows = report["stages"][0]["rows"]
+    tests = {t["run"]: t for t in report["stages"][0]["tests"]}
     assert list(rows) == ["bm25", "zeroshot", "baseline", "sbmoe", "sbmoe-all"]
     _, _, train_qrels = load_beir(tiny_beir, "train")
     _, _, test_qrels = load_beir(tiny_beir, "test")
@@ -212,5 +213,5 @@ def test_a_variant_is_one_class(throwaway_variant, tiny_backbone, tiny_beir, tmp
                               str(tiny_beir), "--results", str(tmp_path / "res"), "--ckpt_root", str(tmp_path / "ck2"),
                               "--in_process", "--smoke", "--extra", *TINY])  # fmt: skip
     rows = result["stages"][0]["rows"]
-    assert rows["scaled"]["kind"] == "throwaway" and "scaled" in result["stages"][0]["tests"]
+    assert rows["scaled"]["kind"] == "throwaway" and result["stages"][0]["tests"][0]["run"] == "scaled"
     assert load_model(tmp_path / "ck2" / "two" / "scaled" / "seed42").__class__ is throwaway_variant

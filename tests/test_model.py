@@ -6,7 +6,6 @@ from conftest import MINILM, needs_shared
 
 from model import (
     VARIANTS,
-    BiEncoder,
     Router,
     Routing,
     dispatch,
@@ -127,7 +126,7 @@ def test_sbmoe_all_mode_is_softmax_weighted_sum(tiny_backbone):
     for e in model.moe.experts:
         torch.nn.init.normal_(e.fc_out.weight, std=0.5)
     ids, mask = batch()
-    pooled = BiEncoder.embed(model, ids, mask).reps
+    pooled = model.pool(model.hidden_states(ids, mask), mask)
     routing: Routing = route(model.moe.router(pooled), 1, renormalize=False)
     expected = pooled + sum(routing.probs[:, i, None] * e(pooled) for i, e in enumerate(model.moe.experts))
     model.config.inference_mode = "all"

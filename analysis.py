@@ -1,19 +1,20 @@
 """Named readers for the files the scripts hand each other, and the statistics behind every report.
 
 Training writes `log_history.json` and `run_info.json` next to its checkpoint; eval.py writes
-`<tag>.perquery.json`, `<tag>.trec.gz` and `metrics.json` per split. Every key and file name of
+`<tag>.perquery.json.gz`, `<tag>.trec.gz` and `metrics.json` per split. Every key and file name of
 those files is spelled here once; experiment.py, compare.py, eval.py and train.py go through these
 functions.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
 import numpy as np
 
-from utils import atomic_write_text, load_qrels, unseen_document_queries
+from utils import atomic_write_bytes, atomic_write_text, load_qrels, unseen_document_queries
 
 DEV_METRIC = "ndcg@10"  # the Trainer's metric_for_best_model; logged as eval_<metric>
 DEV_KEY = f"eval_{DEV_METRIC}"
@@ -26,7 +27,9 @@ SHARE_PREFIX = "expert_share/"
 
 
 def per_query_path(folder: Path | str, tag: str) -> Path:
-    return Path(folder) / f"{tag}.perquery.json"
+    """`<tag>.perquery.json.gz` (compact JSON, gzip), or the plain `.json` older runs wrote."""
+    plain = Path(folder) / f"{tag}.perquery.json"
+    return plain if plain.is_file() else Path(folder) / f"{tag}.perquery.json.gz"
 
 
 def run_path(folder: Path | str, tag: str) -> Path:
@@ -34,12 +37,20 @@ def run_path(folder: Path | str, tag: str) -> Path:
 
 
 def write_per_query(folder: Path | str, tag: str, per_query: dict) -> None:
-    atomic_write_text(per_query_path(folder, tag), json.dumps(per_query, indent=1))
+    """Compact and compressed (a tenth of the indented text), reproducibly (no timestamp in the header)."""
+    data = json.dumps(per_query, separators=(",", ":")).encode("utf-8")
+    atomic_write_bytes(Path(folder) / f"{tag}.perquery.json.gz", gzip.compress(data, mtime=0))
 
 
 def read_per_query(folder: Path | str, tag: str) -> dict[str, dict[str, float]]:
     """eval.py's per-query scores: {qid: {metric: value}}."""
-    return json.loads(per_query_path(folder, tag).read_text(encoding="utf-8"))
+    return read_per_query_file(per_query_path(folder, tag))
+
+
+def read_per_query_file(path: Path | str) -> dict[str, dict[str, float]]:
+    path = Path(path)
+    raw = path.read_bytes()
+    return json.loads(gzip.decompress(raw) if path.suffix == ".gz" else raw)
 
 
 def read_log_history(folder: Path | str) -> list[dict]:

@@ -1,6 +1,6 @@
 """Paired significance test of two runs on the same queries, from eval.py's per-query files.
 
-    python compare.py A.perquery.json B.perquery.json [--metric NDCG@10] [--subset all | unseen | seen] [--dataset scifact]
+    python compare.py A.perquery.json.gz B.perquery.json.gz [--metric NDCG@10] [--subset all | unseen | seen] [--dataset scifact]
 
 Prints mean(A) - mean(B) of the metric with a paired t-test and a two-sided paired randomisation test
 (analysis.paired_tests, the test behind every experiment report). Both files must score the same queries, i.e. come
@@ -12,19 +12,17 @@ training query (`seen`: the others), read from the dataset's qrels.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import numpy as np
 
-from analysis import SUBSETS, paired_tests, query_subsets, split_qrels
+from analysis import SUBSETS, paired_tests, query_subsets, read_per_query_file, split_qrels
 from utils import METRICS, DataError, fail, resolve_data_dir
 
 
 def load(path: str, metric: str) -> dict[str, float]:
     try:
-        per_query = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+        per_query = read_per_query_file(path)
+    except (OSError, ValueError) as exc:  # also a bad gzip stream or malformed JSON
         fail(f"{path}: cannot read a per-query JSON file ({exc})")
     try:
         return {q: float(m[metric]) for q, m in per_query.items()}

@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def evaluate(model, fargs, data, splits: dict, dataset: str, source: str) -> None:
-    """eval.py's files for each split: `<tag>.trec.gz`, `<tag>.perquery.json`, `metrics.json`."""
+    """eval.py's files for each split: `<tag>.trec.gz`, `<tag>.perquery.json.gz`, `metrics.json`."""
     doc_ids, doc_feats, q_feats, q_rows = data
     tag = fargs.tag or model.config.kind
     depth = {k: int(v) for k, v in (x.split("=") for x in fargs.trec_depth)}

@@ -114,7 +114,7 @@ def test_runner_subprocesses_in_parallel_resume_an_interrupted_checkpoint(tiny_b
     proc = runner(args, ENV, check=False)
     log = (tmp_path / "res" / "one" / "sbmoe" / "seed42" / "train.log").read_text()
     assert "--resume_from_checkpoint last" in log.splitlines()[0]  # the runner resumed rather than restarted
-    assert (tmp_path / "res" / "one" / "moe" / "seed42" / "test" / "moe.perquery.json").is_file()
+    assert (tmp_path / "res" / "one" / "moe" / "seed42" / "test" / "moe.perquery.json.gz").is_file()
     assert proc.returncode != 0 and "1 job(s) failed: sbmoe seed 42: training FAILED" in proc.stderr
 
 

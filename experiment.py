@@ -286,13 +286,14 @@ class Runner:
             for seed in run.seeds if run.trained else [None]:
                 key = (str(self.layout.checkpoint(run, runs, seed)), seed) if run.trained else (run.name, None)
                 groups.setdefault(key, []).append(run)
-        with ThreadPoolExecutor(1 if self.args.in_process else self.args.parallel) as pool:
-            messages = list(pool.map(lambda item: self.job(item[1], item[0][1], runs), groups.items()))
         self.layout.root.mkdir(parents=True, exist_ok=True)
-        with open(self.layout.root / "runner.log", "a", encoding="utf-8") as log:
-            for message in messages:
+        messages = []
+        with ThreadPoolExecutor(1 if self.args.in_process else self.args.parallel) as pool:
+            for message in pool.map(lambda item: self.job(item[1], item[0][1], runs), groups.items()):
+                messages.append(message)  # in order, each as soon as it and those before it are done
                 print(message, flush=True)
-                log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+                with open(self.layout.root / "runner.log", "a", encoding="utf-8") as log:
+                    log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
         return [m for m in messages if "FAILED" in m]
 
 
@@ -311,9 +312,10 @@ def expert_out_max_abs(ckpt: Path) -> float | None:
     """Largest |weight| of the experts' output projections (SB-MoE's residual-zero design starts them at 0)."""
     from safetensors import safe_open
 
-    if not (ckpt / "model.safetensors").is_file():
+    weights = next((ckpt / n for n in ("model.safetensors", "head.safetensors") if (ckpt / n).is_file()), None)
+    if weights is None:  # (frozen.py saves the head alone)
         return None
-    with safe_open(ckpt / "model.safetensors", "pt") as f:
+    with safe_open(weights, "pt") as f:
         keys = [k for k in f.keys() if ".experts." in k and k.endswith("fc_out.weight")]
         return max(float(f.get_tensor(k).abs().max()) for k in keys) if keys else None
 
@@ -531,7 +533,8 @@ def figures(exp: Experiment, layout: Layout, stages: list[dict[str, Run]]) -> No
     histories = {k: v for k, v in histories.items() if v}
     if "training" in exp.figures and histories:
         fig, (ax_loss, ax_dev) = plt.subplots(1, 2, figsize=(11, 4))
-        for name, hists in histories.items():
+        for i, (name, hists) in enumerate(histories.items()):
+            style = {"color": plt.cm.tab20(i % 20), "ls": "--" if name.startswith("chosen/") else "-"}
             for ax, curves in ((ax_loss, [an.epoch_losses(h) for h in hists]),
                                (ax_dev, [[v for _, v in an.dev_curve(h)] for h in hists])):  # fmt: skip
                 n = min(len(c) for c in curves)
@@ -539,9 +542,9 @@ def figures(exp: Experiment, layout: Layout, stages: list[dict[str, Run]]) -> No
                     continue
                 arr = np.array([c[:n] for c in curves])
                 x = np.arange(1, n + 1)
-                ax.plot(x, arr.mean(0), marker="o", ms=3, label=exp.runs.get(name, Run(name, "")).label or name)
+                ax.plot(x, arr.mean(0), marker="o", ms=3, label=name, **style)
                 if len(curves) > 1:
-                    ax.fill_between(x, arr.min(0), arr.max(0), alpha=0.2)
+                    ax.fill_between(x, arr.min(0), arr.max(0), alpha=0.15, color=style["color"])
         ax_loss.set(title="training InfoNCE per epoch", xlabel="epoch", ylabel="InfoNCE")
         ax_dev.set(title="dev NDCG@10 per epoch", xlabel="epoch", ylabel="NDCG@10")
         for ax in (ax_loss, ax_dev):

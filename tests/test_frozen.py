@@ -1,0 +1,71 @@
+"""The frozen-backbone study: the head on cached backbone outputs equals the model on the texts."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+import analysis as an
+from model import VARIANTS
+
+TEXTS = ["protein gene cell", "cancer virus immune brain heart drug", "trial", "mouse dose risk blood lung liver insulin"]
+
+
+@pytest.mark.parametrize("design", ["residual-zero", "sokli", "seed", None])
+def test_head_on_cached_features_equals_the_model_on_the_texts(tiny_backbone, tmp_path, design):
+    import frozen
+
+    kind = "baseline" if design is None else "sbmoe"
+    settings = {} if design is None else {"design": design, "num_experts": 4, "top_k": 2 if design == "seed" else 1}
+    model = VARIANTS[kind].from_backbone(str(tiny_backbone), pooling="mean", **settings).eval()
+    for m in model.modules():
+        if getattr(m, "zero_init", False):
+            torch.nn.init.normal_(m.weight, std=0.3)
+    tok = AutoTokenizer.from_pretrained(tiny_backbone)
+    feats = frozen.cached_features(tmp_path, ["k"], lambda: frozen.encode_features(model, tok, TEXTS, 16, batch_size=3))
+    assert isinstance(feats.tokens, np.memmap)  # read back from the cache, memory-mapped
+    again = frozen.cached_features(tmp_path, ["k"], lambda: pytest.fail("the cache was not used"))
+    assert np.array_equal(again.pooled, feats.pooled)
+    batch = tok(TEXTS, padding=True, truncation=True, max_length=16, return_tensors="pt")
+    with torch.no_grad():
+        direct = model.encode(batch["input_ids"], batch["attention_mask"]).numpy()
+    cached = frozen.encode_all(model, feats, batch_size=2)
+    tol = 5e-3 if design == "seed" else 1e-5  # token states are cached in fp16
+    np.testing.assert_allclose(cached, direct, atol=tol)
+
+
+def test_frozen_run_trains_only_the_head_and_reuses_it(tiny_backbone, tiny_beir, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    import frozen
+
+    common = ["--kind", "sbmoe", "--design", "sokli", "--num_experts", "4", "--model_name_or_path", str(tiny_backbone),
+              "--data_dir", str(tiny_beir), "--output_dir", str(tmp_path / "ck"), "--per_device_train_batch_size", "4",
+              "--dev_fraction", "0.2", "--num_train_epochs", "2", "--moe_learning_rate", "1e-2",
+              "--embedding_cache", str(tmp_path / "cache"), "--eval_output_dir", str(tmp_path / "out"),
+              "--eval_splits", "test", "train", "--trec_depth", "train=10"]  # fmt: skip
+    frozen.main(common)
+    head = load_file(tmp_path / "ck" / "head.safetensors")
+    assert head and all(k.startswith("moe.") for k in head)  # the backbone is not saved: it never changed
+    start = VARIANTS["sbmoe"].from_backbone(str(tiny_backbone), design="sokli", num_experts=4)
+    assert any(not torch.equal(v, start.state_dict()[k]) for k, v in head.items())  # the head trained
+    history = an.read_log_history(tmp_path / "ck")
+    assert [e for e, _ in an.dev_curve(history)] == [1.0, 2.0] and an.expert_shares(history)
+    test = an.read_per_query(tmp_path / "out" / "test", "sbmoe")
+    metrics = json.loads((tmp_path / "out" / "test" / "metrics.json").read_text())
+    assert metrics["sbmoe"]["NDCG@10"] == pytest.approx(an.subset_mean(test, sorted(test)))
+    capsys.readouterr()
+    frozen.main([*common, "--inference_mode", "all", "--eval_output_dir", str(tmp_path / "all")])
+    assert "head loaded from" in capsys.readouterr().out  # evaluated with the saved head, not trained again
+    assert (tmp_path / "all" / "train" / "metrics.json").is_file()
+
+
+def test_frozen_refuses_a_moe_inside_the_backbone(tiny_backbone, tiny_beir, tmp_path, capsys):
+    import frozen
+
+    with pytest.raises(SystemExit):
+        frozen.main(["--kind", "moe", "--model_name_or_path", str(tiny_backbone), "--data_dir", str(tiny_beir),
+                     "--output_dir", str(tmp_path), "--embedding_cache", str(tmp_path / "c")])  # fmt: skip
+    assert "cannot be frozen" in capsys.readouterr().err

@@ -98,6 +98,14 @@ class Experiment:
     figures: list[str]
 
 
+def restrict_seeds(exp: Experiment, seeds: list[int]) -> Experiment:
+    """The experiment with only `seeds` (where a run or the select stage has them)."""
+    keep = lambda xs: [s for s in xs if s in seeds]  # noqa: E731
+    runs = {n: replace(r, seeds=keep(r.seeds)) for n, r in exp.runs.items()}
+    select = None if exp.select is None else {**exp.select, "seeds": keep(exp.select.get("seeds", exp.seeds))}
+    return replace(exp, seeds=keep(exp.seeds), runs=runs, select=select)
+
+
 def load_experiment(path: str | Path) -> Experiment:
     """Parse and check an experiment file; every mistake is a one-line DataError naming the file."""
     path = Path(path)
@@ -182,6 +190,7 @@ class Runner:
         self.layout = Layout(exp, args.results, args.ckpt_root)
         self.model = args.model_name_or_path or exp.model
         self.data = ["--data_dir", str(folder)]
+        self.dtype = ["--fp16"] if args.fp16 else ["--bf16"] if args.bf16 else []
 
     def execute(self, script: str, kind: str | None, argv: list[str], log: Path, launch: list[str]) -> bool:
         """One training or evaluation step, logged; in this process (--in_process) or a fresh one."""
@@ -206,7 +215,7 @@ class Runner:
 
     def train_argv(self, run: Run, seed: int, ckpt: Path) -> list[str]:
         return ["--kind", run.kind, "--model_name_or_path", self.model, *self.data, "--seed", str(seed),
-                "--output_dir", str(ckpt), *self.exp.recipe, *run.train, *(["--fp16"] if self.args.fp16 else []),
+                "--output_dir", str(ckpt), *self.exp.recipe, *run.train, *self.dtype,
                 *(SMOKE_TRAIN if self.args.smoke else []), *self.args.extra]  # fmt: skip
 
     def train(self, run: Run, seed: int, ckpt: Path, log: Path) -> bool:
@@ -234,7 +243,7 @@ class Runner:
         argv = ["--model", run.kind, *target, *self.data, "--split", *splits, "--tag", run.tag, "--verify",
                 "--output_dir", str(out if len(splits) > 1 else out / splits[0]),
                 *(["--trec_depth", *depth] if depth else []), *self.exp.eval, *run.eval,
-                *(["--fp16"] if self.args.fp16 else []), *(SMOKE_EVAL if self.args.smoke else [])]  # fmt: skip
+                *self.dtype, *(SMOKE_EVAL if self.args.smoke else [])]  # fmt: skip
         return self.execute("eval.py", None, argv, out / "eval.log", [sys.executable])
 
     def bm25(self, run: Run) -> bool:
@@ -588,7 +597,10 @@ def main(argv=None) -> dict:
     p.add_argument("--parallel", type=int, default=1, help="jobs at a time (one GPU holds several)")
     p.add_argument("--torchrun", action="store_true", help="launch training through torchrun")
     p.add_argument("--nproc", type=int, default=1, help="processes per training run with --torchrun")
-    p.add_argument("--fp16", action="store_true", help="fp16 mixed precision in training and evaluation (GPU)")
+    dtype = p.add_mutually_exclusive_group()
+    dtype.add_argument("--fp16", action="store_true", help="fp16 mixed precision in training and evaluation (GPU)")
+    dtype.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU, or a CPU with bf16 units)")
+    p.add_argument("--seeds", nargs="+", type=int, help="run only these of the file's seeds (e.g. a cut for a CPU)")
     p.add_argument("--smoke", action="store_true", help="2 training steps, 32-token documents: plumbing only")
     p.add_argument("--in_process", action="store_true", help="train and evaluate in this process, one at a time")
     p.add_argument("--report", action="store_true", help="only rebuild the report from the results on disk")
@@ -596,6 +608,8 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     try:
         exp = load_experiment(args.experiment)
+        if args.seeds:
+            exp = restrict_seeds(exp, args.seeds)
         folder = resolve_data_dir(args.dataset or exp.dataset, args.data_dir or exp.data_dir, download=not args.report)
     except DataError as exc:
         fail(str(exc))

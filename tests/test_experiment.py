@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -154,6 +155,8 @@ def test_choose_takes_the_best_option_of_each_group_only_if_it_beats_the_referen
     assert experiment.choose(exp, layout) == ["--x", "e10"]  # best of its group, and only if above the reference
     stage2 = experiment.chosen_runs(exp, ["--x", "e10"])
     assert list(stage2) == ["chosen/base"] and stage2["chosen/base"].train == ["--x", "base", "--x", "e10"]
+    cut = experiment.restrict_seeds(replace(exp, select={**exp.select, "seeds": [42, 43, 44]}), [43])
+    assert cut.runs["e5"].seeds == [] and cut.select["seeds"] == [43] and exp.runs["e5"].seeds == [42]
 
 
 def test_readers_parse_what_training_writes():

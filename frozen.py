@@ -49,7 +49,7 @@ from utils import (
 
 @dataclass
 class FrozenArguments:
-    eval_output_dir: str | None = field(default=None, metadata={"help": "write eval.py's files here (per split)"})
+    eval_output_dir: str | None = field(default=None, metadata={"help": "write eval.py's files in DIR/<split>/"})
     eval_splits: list[str] = field(default_factory=lambda: ["test"], metadata={"help": "splits to evaluate"})
     tag: str | None = field(default=None, metadata={"help": "name of the run files (default: the kind)"})
     trec_depth: list[str] = field(default_factory=list, metadata={"help": "SPLIT=K: keep only the top K in the file"})
@@ -274,12 +274,12 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def evaluate(model, fargs, data, splits: dict, dataset: str, source: str) -> None:
-    """eval.py's files for each split: `<tag>.trec.gz`, `<tag>.perquery.json.gz`, `metrics.json`."""
+    """eval.py's files in a folder per split: `<tag>.trec.gz`, `<tag>.perquery.json.gz`, `metrics.json`."""
     doc_ids, doc_feats, q_feats, q_rows = data
     tag = fargs.tag or model.config.kind
     depth = {k: int(v) for k, v in (x.split("=") for x in fargs.trec_depth)}
     for split, (queries, qrels) in splits.items():
-        folder = Path(fargs.eval_output_dir) / (split if len(splits) > 1 else "")
+        folder = Path(fargs.eval_output_dir) / split
         run = retrieve_cached(model, doc_feats, doc_ids, q_feats, q_rows, list(queries))
         per_query = per_query_metrics(qrels, run)
         write_trec(an.run_path(folder, tag), run, tag, depth.get(split, MAX_CUTOFF))

@@ -218,3 +218,27 @@ def test_a_variant_is_one_class(throwaway_variant, tiny_backbone, tiny_beir, tmp
     rows = result["stages"][0]["rows"]
     assert rows["scaled"]["kind"] == "throwaway" and result["stages"][0]["tests"][0]["run"] == "scaled"
     assert load_model(tmp_path / "ck2" / "two" / "scaled" / "seed42").__class__ is throwaway_variant
+
+
+def test_runner_frozen_runs_share_the_head_across_evaluation_flags(tiny_backbone, tiny_beir, tmp_path, monkeypatch):
+    import experiment
+
+    (tmp_path / "f.toml").write_text('name = "f"\nseeds = [42]\nfrozen = true\nrecipe = ["--num_train_epochs", "1"]\n'
+                                     '[runs.none]\nkind = "baseline"\n[runs.bm25]\nkind = "bm25"\n'
+                                     '[runs.sokli]\nkind = "sbmoe"\ntrain = ["--design", "sokli"]\nreference = "none"\n'
+                                     '[runs.all]\nkind = "sbmoe"\ntrain = ["--design", "sokli"]\n'
+                                     'eval = ["--inference_mode", "all"]\nreference = ["none", "sokli"]\n')  # fmt: skip
+    monkeypatch.chdir(ROOT)
+    result = experiment.main(list(map(str, [tmp_path / "f.toml", "--model_name_or_path", tiny_backbone, "--data_dir",
+                                            tiny_beir, "--results", tmp_path / "res", "--ckpt_root", tmp_path / "ck",
+                                            "--in_process", "--extra", *TINY, "--embedding_cache",
+                                            tmp_path / "cache"])))  # fmt: skip
+    root = tmp_path / "res" / "f"
+    assert sorted(p.name for p in (tmp_path / "ck" / "f").iterdir()) == ["none", "sokli"]  # "all" reuses the head
+    assert "head loaded from" in (root / "all" / "seed42" / "train.log").read_text()
+    assert an.per_query_path(root / "sokli" / "seed42" / "test", "sokli").is_file()
+    assert an.dev_curve(an.read_log_history(root / "sokli" / "seed42"))  # the dev curve came along
+    rows = result["stages"][0]["rows"]
+    assert set(rows) == {"none", "bm25", "sokli", "all"} and not rows["bm25"]["seeds"]
+    assert [(t["run"], t["reference"]) for t in result["stages"][0]["tests"]] == [
+        ("sokli", "none"), ("all", "none"), ("all", "sokli")]

@@ -564,18 +564,27 @@ def figures(exp: Experiment, layout: Layout, stages: list[dict[str, Run]]) -> No
         fig.tight_layout()
         fig.savefig(layout.root / "fig_training.png", dpi=120)
         plt.close(fig)
-    shares = {name: [an.expert_shares(h) for h in hists] for name, hists in histories.items()}
-    shares = {k: v for k, v in shares.items() if v and v[0]}
+    shares, seen = {}, set()
+    for run in runs:  # one panel per checkpoint with more than one expert
+        per_seed = [an.expert_shares(h) for h in histories.get(run.name, [])]
+        key = (run.kind, tuple(run.train), run.frozen)
+        if per_seed and per_seed[0] and max(len(v) for v in per_seed[0].values()) > 1 and key not in seen:
+            seen.add(key)
+            shares[run.name] = per_seed
     if "experts" in exp.figures and shares:
-        fig, axes = plt.subplots(1, len(shares), figsize=(4 * len(shares), 3.5), squeeze=False)
-        for ax, (name, per_seed) in zip(axes[0], shares.items()):
+        cols = min(4, len(shares))
+        rows = -(-len(shares) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+        for ax in axes.flat[len(shares) :]:
+            ax.axis("off")
+        for ax, (name, per_seed) in zip(axes.flat, shares.items()):
             blocks = sorted(per_seed[0])
             width = 0.8 / len(blocks)
             for b, block in enumerate(blocks):
                 vals = np.mean([s[block] for s in per_seed if block in s], axis=0)
                 ax.bar(np.arange(len(vals)) + b * width, vals, width, label=f"block {block}")
             ax.axhline(1 / len(per_seed[0][blocks[0]]), color="k", ls="--", lw=0.8, label="uniform")
-            ax.set(title=f"{name}: share per expert", xlabel="expert", ylabel="share of routed inputs")
+            ax.set(title=f"{name}: share per expert (training)", xlabel="expert", ylabel="share of routed inputs")
             ax.legend(fontsize=6)
         fig.tight_layout()
         fig.savefig(layout.root / "fig_experts.png", dpi=120)

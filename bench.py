@@ -4,6 +4,7 @@
     python bench.py models   --model_name_or_path M    # baseline / SB-MoE / MoE: params, FLOPs, speed, memory
     python bench.py pipeline --model_name_or_path M    # our eval pipeline vs BEIR's DenseRetrievalExactSearch
     python bench.py params   --model_name_or_path M    # parameter counts, also on the TinyBERT-6L shape
+    python bench.py scale --sizes 10000 100000 1000000 # eval.py's chunked retrieval: time and peak memory by size
 
 Each writes a JSON next to its printed table (--output). On a subset of the corpus (--docs N) the
 numbers are per-document rates, so they compare across subset sizes.
@@ -297,10 +298,226 @@ def bench_params(args) -> dict:
     return report
 
 
+# --------------------------------------------------------------------------------------------
+# scale: eval.py's chunked, memory-bounded retrieval on synthetic corpora of growing size
+
+
+SCALE_VOCAB = 2000  # made-up words w0 .. w1999, each one token of the synthetic backbone
+QUERY_WORDS = 8
+_SCALE_WORDS = [f"w{i}" for i in range(SCALE_VOCAB)]
+
+
+def write_scale_backbone(folder: Path, hidden: int, layers: int, seed: int = 0) -> Path:
+    """A randomly initialised BERT (hidden `hidden`, `layers` layers, 4 heads) over the made-up words."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *(f"w{i}" for i in range(SCALE_VOCAB))]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+    if len(tokenizer) != len(vocab):  # transformers 5 ignores vocab_file here (every word would be [UNK])
+        tokenizer = BertTokenizerFast(vocab=str(folder / "vocab.txt"))
+    assert len(tokenizer) == len(vocab), "the synthetic vocabulary did not load"
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                        intermediate_size=2 * hidden, max_position_embeddings=512)  # fmt: skip
+    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
+    return folder
+
+
+def synthetic_texts(start: int, stop: int, words: int, seed: int = 0) -> list[str]:
+    """Documents start..stop-1 of a synthetic corpus: `words` random made-up words each (a pure function
+    of the range's start, so any process can make any chunk)."""
+    rows = np.random.default_rng([seed, start]).integers(0, SCALE_VOCAB, size=(stop - start, words))
+    return [" ".join(map(_SCALE_WORDS.__getitem__, row.tolist())) for row in rows]  # no list of every row's ints
+
+
+def scale_bound(chunk: int, n_queries: int, hidden: int, top_k: int, tokens: int, text_bytes: float, batch: int) -> dict:
+    """What one eval process holds beyond its libraries and model, in MiB, whatever the corpus size."""
+    from eval import QUERY_BLOCK, TIE_MARGIN
+
+    qb, mib = min(QUERY_BLOCK, n_queries), 2**20
+    parts = {
+        "chunk_embeddings_x2": 2 * chunk * hidden * 4,  # ours and the index's copy
+        "query_embeddings": n_queries * hidden * 4,
+        "topk_buffers": n_queries * top_k * 12,  # float32 score + int64 index
+        "search_temporaries": qb * (top_k + TIE_MARGIN) * 12 + qb * 2 * top_k * (12 + 8) + qb * top_k * 12,
+        "chunk_texts": chunk * text_bytes,
+        "chunk_tokens": chunk * (tokens * 4 + 3 * 8),  # flat int32 ids, offsets, lengths, order
+        # one batch through the encoder (rough): a few (B, T, H) and (B, T, 2H) tensors, the attention scores
+        "batch_activations": batch * tokens * hidden * 4 * 12 + batch * 4 * tokens * tokens * 4 * 2,
+    }
+    out = {k: v / mib for k, v in parts.items()}
+    out["total"] = sum(out.values())
+    return out
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def scale_one(backbone: str, size: int, n_queries: int, words: int, chunk: int, batch_size: int, top_k: int) -> dict:
+    """One corpus size, measured in this (fresh) process: run by `bench.py scale` in a subprocess."""
+    from eval import encode_texts, make_searcher, retrieve_topk
+
+    tok = AutoTokenizer.from_pretrained(backbone)
+    model = BiEncoder.from_backbone(backbone, pooling="mean").eval()
+    queries = {f"q{j}": t for j, t in enumerate(synthetic_texts(0, n_queries, QUERY_WORDS, seed=1))}
+    warm = encode_texts(model, tok, synthetic_texts(0, 256, words, seed=2), words + 2, batch_size, show_progress=False)
+    make_searcher(warm, "faiss", verbose=False).topk(warm[:8], 10)  # libraries loaded before the baseline
+    del warm
+    baseline, baseline_now = peak_mib(), rss_mib()
+    generate = [0.0]
+
+    def texts(a: int, b: int) -> list[str]:
+        start = time.perf_counter()
+        out = synthetic_texts(a, b, words)
+        generate[0] += time.perf_counter() - start
+        return out
+
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    tops = retrieve_topk(model, tok, size, texts, {"q": queries}, top_k, query_max_length=QUERY_WORDS + 2,
+                         doc_max_length=words + 2, batch_size=batch_size, show_progress=False, encode_chunk=chunk,
+                         backend="faiss", timings=timings)  # fmt: skip
+    total = time.perf_counter() - start
+    scores, index = tops["q"].result()
+    assert scores.shape == (n_queries, min(top_k, size)) and (np.diff(scores, axis=1) <= 0).all()
+    assert index.min() >= 0 and index.max() < size
+    encode = timings["encode"] - generate[0]
+    return {"docs": size, "chunk": min(chunk, size), "generate_s": generate[0], "encode_s": encode,
+            "index_s": timings["index"], "search_s": timings["search"], "total_s": total,
+            "docs_per_s_encode": size / encode, "baseline_peak_rss_mib": baseline, "baseline_rss_mib": baseline_now,
+            "peak_rss_mib": peak_mib()}  # fmt: skip
+
+
+def write_scale_beir(folder: Path, size: int, n_queries: int, words: int, step: int = 50_000) -> Path:
+    """The synthetic corpus as a BEIR folder (ids d0.., empty titles), one judged document per query."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "corpus.jsonl", "w", encoding="utf-8") as fh:
+        for a in range(0, size, step):
+            texts = synthetic_texts(a, min(a + step, size), words)
+            fh.write("".join(json.dumps({"_id": f"d{a + i}", "title": "", "text": t}) + "\n" for i, t in enumerate(texts)))
+    queries = synthetic_texts(0, n_queries, QUERY_WORDS, seed=1)
+    (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{j}", "text": t}) + "\n" for j, t in enumerate(queries)))
+    (folder / "qrels").mkdir(exist_ok=True)
+    rng = random.Random(0)
+    rows = "".join(f"q{j}\td{rng.randrange(size)}\t1\n" for j in range(n_queries))
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + rows)
+    return folder
+
+
+def scale_eval_cli(backbone: str, folder: Path, chunk: int, batch_size: int, out: Path) -> dict:
+    """eval.py's command line on a synthetic BEIR folder, in a fresh process: wall time and peak RSS."""
+    argv = ["--model", "zeroshot", "--model_name_or_path", backbone, "--pooling", "mean", "--data_dir", str(folder),
+            "--doc_max_length", "64", "--query_max_length", str(QUERY_WORDS + 2), "--batch_size", str(batch_size),
+            "--encode_chunk", str(chunk), "--output_dir", str(out)]  # fmt: skip
+    code = (
+        "import json, sys, time; sys.path.insert(0, '.'); import bench, eval;"
+        f"m = eval.BiEncoder.from_backbone({backbone!r}, pooling='mean').eval(); tok = eval.AutoTokenizer.from_pretrained("
+        f"{backbone!r}); w = eval.encode_texts(m, tok, bench.synthetic_texts(0, 256, 30, 2), 32, show_progress=False);"
+        "eval.make_searcher(w, 'faiss', verbose=False).topk(w[:8], 10); del m, w; base, now = bench.peak_mib(), "
+        "bench.rss_mib();"
+        f"t = time.perf_counter(); eval.main({argv!r}); print('SCALE ' + json.dumps({{'baseline_peak_rss_mib': base, "
+        "'baseline_rss_mib': now, "
+        "'peak_rss_mib': bench.peak_mib(), 'wall_s': time.perf_counter() - t}))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"eval.py failed on {folder}: {proc.stderr[-2000:]}")
+    lines = proc.stdout.splitlines()
+    row = json.loads(next(line for line in lines if line.startswith("SCALE "))[6:])
+    row["eval_line"] = next(line for line in lines if line.startswith("zeroshot: "))
+    return row
+
+
+def bench_scale(args) -> dict:
+    import tempfile
+
+    log: list[str] = []
+
+    def say(line: str = "") -> None:
+        print(line, flush=True)
+        log.append(line)
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    backbone = str(write_scale_backbone(tmp / "backbone", args.hidden, args.layers))
+    tok = AutoTokenizer.from_pretrained(backbone)
+    sample = synthetic_texts(0, 1000, args.doc_words)
+    tokens = max(len(x) for x in tok(sample)["input_ids"])
+    text_bytes = float(np.mean([sys.getsizeof(t) for t in sample])) + 8
+    report = {
+        "machine": machine(), "model": f"random BERT, hidden {args.hidden}, {args.layers} layers, 4 heads, "
+        f"{SCALE_VOCAB}-word vocabulary, mean pooling", "doc_tokens": tokens, "doc_words": args.doc_words,
+        "queries": args.queries, "query_tokens": QUERY_WORDS + 2, "top_k": args.top_k, "encode_chunk": args.encode_chunk,
+        "batch_size": args.batch_size, "search": "faiss IndexFlatIP (CPU), exact", "rows": [], "eval_cli": [],
+    }  # fmt: skip
+    say(f"{report['machine']}; {report['model']}; documents {args.doc_words} words = {tokens} tokens; "
+        f"{args.queries} queries of {QUERY_WORDS + 2} tokens; top-{args.top_k}; chunks of {args.encode_chunk}")  # fmt: skip
+    say("| docs | chunk | encode s | index s | search s | total s | docs/s | baseline RSS MiB | peak RSS MiB | peak - baseline | bound MiB |")  # fmt: skip
+    say("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for size in args.sizes:
+        code = (
+            "import json, sys; sys.path.insert(0, '.'); import bench;"
+            f"print('SCALE ' + json.dumps(bench.scale_one({backbone!r}, {size}, {args.queries}, {args.doc_words}, "
+            f"{args.encode_chunk}, {args.batch_size}, {args.top_k})))"
+        )
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"scale {size}: {proc.stderr[-2000:]}")
+        row = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("SCALE "))[6:])
+        row["bound_mib"] = scale_bound(row["chunk"], args.queries, args.hidden, args.top_k, tokens, text_bytes, args.batch_size)
+        report["rows"].append(row)
+        grown = row["peak_rss_mib"] - row["baseline_rss_mib"]
+        say(f"| {size:,} | {row['chunk']:,} | {row['encode_s']:.1f} | {row['index_s']:.2f} | {row['search_s']:.1f} | "
+            f"{row['total_s']:.1f} | {row['docs_per_s_encode']:,.0f} | {row['baseline_rss_mib']:.0f} | "
+            f"{row['peak_rss_mib']:.0f} | {grown:.0f} | {row['bound_mib']['total']:.0f} |")  # fmt: skip
+    bound = scale_bound(min(args.encode_chunk, max(args.sizes)), args.queries, args.hidden, args.top_k, tokens, text_bytes,
+                        args.batch_size)  # fmt: skip
+    say("\nbound per process, beyond libraries and model (MiB, any corpus size): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in bound.items()))  # fmt: skip
+    say("  = 2 x chunk x hidden x 4 B (embeddings, ours and the index's copy) + queries x hidden x 4 B + queries x k x 12 B "
+        "(top-k scores and indices) + one query block's search and merge temporaries + the chunk's texts and "
+        "token ids (4 B a token) + one batch's activations (rough)")  # fmt: skip
+    for size in args.eval_cli_sizes:
+        folder = write_scale_beir(tmp / f"beir-{size}", size, args.queries, args.doc_words)
+        row = scale_eval_cli(backbone, folder, args.eval_cli_chunk, args.batch_size, tmp / f"out-{size}")
+        row.update(docs=size, chunk=args.eval_cli_chunk)
+        row["bound_mib"] = scale_bound(min(args.eval_cli_chunk, size), args.queries, args.hidden, args.top_k, tokens,
+                                       text_bytes + 60, args.batch_size)  # + the record's id and title # fmt: skip
+        # beyond the chunk: the packed ids (utf-8 + an 8-byte end each) and, while the qrels are checked, a hash
+        # and an order (16 B) per id; rank 0's results (a dict entry, id string and float per query and rank) and
+        # the run file's text, bytes and gzip
+        extra = {"corpus_ids": size * (len(f"d{size}") + 8), "id_lookup_while_loading": size * 16,
+                 "results_and_run_file": args.queries * args.top_k * (150 + 3 * 45)}  # fmt: skip
+        row["bound_mib"].update({k: v / 2**20 for k, v in extra.items()})
+        row["bound_mib"]["total"] += sum(extra.values()) / 2**20
+        report["eval_cli"].append(row)
+        grown = row["peak_rss_mib"] - row["baseline_rss_mib"]
+        say(f"\neval.py on the {size:,}-document synthetic BEIR folder, --encode_chunk {args.eval_cli_chunk}: "
+            f"{row['wall_s']:.0f}s, peak RSS {row['peak_rss_mib']:.0f} MiB, baseline (libraries + model) "
+            f"{row['baseline_rss_mib']:.0f} MiB, grown {grown:.0f} MiB against a bound of "
+            f"{row['bound_mib']['total']:.0f} MiB (" + ", ".join(f"{k} {v:.1f}" for k, v in row["bound_mib"].items()
+                                                              if k != "total") + ")")  # fmt: skip
+        say(f"  {row['eval_line']}")
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    out = Path(args.output or "results/bench/scale.json")
+    atomic_write_text(out.with_suffix(".log"), "\n".join(log) + "\n")
+    return report
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["encode", "models", "pipeline", "params"])
-    p.add_argument("--model_name_or_path", required=True)
+    p.add_argument("what", choices=["encode", "models", "pipeline", "params", "scale"])
+    p.add_argument("--model_name_or_path", default=None, help="the backbone (every benchmark but scale)")
     p.add_argument("--dataset", default="scifact")
     p.add_argument("--data_dir", default=None)
     p.add_argument("--split", default="test")
@@ -311,8 +528,21 @@ def main(argv=None) -> None:
     p.add_argument("--latency_queries", type=int, default=50)
     p.add_argument("--dtypes", default="cpu", help="'cpu' = fp32,bf16 (plus fp16 on a GPU), or a list")
     p.add_argument("--output", default=None, help="JSON report path (default results/bench/<what>.json)")
+    scale = p.add_argument_group("scale")
+    scale.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000], help="synthetic corpus sizes")
+    scale.add_argument("--queries", type=int, default=1000)
+    scale.add_argument("--top_k", type=int, default=100)
+    scale.add_argument("--encode_chunk", type=int, default=50_000)
+    scale.add_argument("--doc_words", type=int, default=30, help="words per document (each one token, plus 2)")
+    scale.add_argument("--hidden", type=int, default=32)
+    scale.add_argument("--layers", type=int, default=2)
+    scale.add_argument("--eval_cli_sizes", type=int, nargs="*", default=[], help="also run eval.py on these sizes")
+    scale.add_argument("--eval_cli_chunk", type=int, default=20_000, help="eval.py's --encode_chunk there")
     args = p.parse_args(argv)
-    bench = {"encode": bench_encode, "models": bench_models, "pipeline": bench_pipeline, "params": bench_params}
+    if args.what != "scale" and not args.model_name_or_path:
+        p.error(f"{args.what} needs --model_name_or_path")
+    bench = {"encode": bench_encode, "models": bench_models, "pipeline": bench_pipeline, "params": bench_params,
+             "scale": bench_scale}  # fmt: skip
     try:
         report = bench[args.what](args)
     except DataError as exc:

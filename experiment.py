@@ -340,6 +340,8 @@ def choose(exp: Experiment, layout: Layout) -> list[str]:
     """
 
     def dev(run: Run) -> float | None:
+        if not run.seeds:  # e.g. left out by --seeds
+            return None
         folder = layout.run_dir(run, run.seeds[0])
         return an.best_dev(an.read_log_history(folder)) if (folder / "log_history.json").is_file() else None
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +104,10 @@ def encode_features(model: BiEncoder, tokenizer, texts: list[str], max_length: i
     return Features(pooled, tokens, offsets)
 
 
+def digest(texts: list[str]) -> str:
+    return hashlib.sha1("\x00".join(texts).encode()).hexdigest()
+
+
 def cached_features(folder: Path, key: list, compute) -> Features:
     """`compute()` once per key; kept as three .npy files (written to temp names, then renamed), memory-mapped."""
     folder = folder / hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
@@ -110,7 +116,7 @@ def cached_features(folder: Path, key: list, compute) -> Features:
         feats = compute()
         folder.mkdir(parents=True, exist_ok=True)
         for n in names:
-            tmp = folder / f".{n}.tmp.npy"
+            tmp = folder / f".{n}.{os.getpid()}.{threading.get_ident()}.tmp.npy"  # parallel jobs never share one
             np.save(tmp, getattr(feats, n))
             tmp.replace(folder / f"{n}.npy")
     return Features(*(np.load(folder / f"{n}.npy", mmap_mode="r") for n in names))
@@ -237,16 +243,15 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(margs.model_name_or_path)
     all_queries = {**queries, **{q: t for qs, _ in splits.values() for q, t in qs.items()}}
     qids_all = sorted(all_queries)
-    key = [str(margs.model_name_or_path), model.config.pooling]
+    key = [str(margs.model_name_or_path), model.config.pooling]  # + what was encoded: the texts themselves
     folder = Path(fargs.embedding_cache)
     start = time.time()
-    ids_digest = hashlib.sha1("\n".join(corpus).encode()).hexdigest()
-    doc_feats = cached_features(folder, [*key, "docs", dargs.doc_max_length, data_dir.name, ids_digest],
-                                lambda: encode_features(model, tokenizer, [doc_text(d) for d in corpus.values()],
-                                                        dargs.doc_max_length))  # fmt: skip
-    q_feats = cached_features(folder, [*key, "queries", dargs.query_max_length, qids_all],
-                              lambda: encode_features(model, tokenizer, [all_queries[q] for q in qids_all],
-                                                      dargs.query_max_length))  # fmt: skip
+    doc_texts = [doc_text(d) for d in corpus.values()]
+    q_texts = [all_queries[q] for q in qids_all]
+    doc_feats = cached_features(folder, [*key, "docs", dargs.doc_max_length, digest(doc_texts)],
+                                lambda: encode_features(model, tokenizer, doc_texts, dargs.doc_max_length))
+    q_feats = cached_features(folder, [*key, "queries", dargs.query_max_length, digest(q_texts)],
+                              lambda: encode_features(model, tokenizer, q_texts, dargs.query_max_length))
     q_rows = {q: i for i, q in enumerate(qids_all)}
     print(f"frozen {margs.kind}: backbone outputs ready in {time.time() - start:.0f}s "
           f"({len(corpus)} documents, {len(qids_all)} queries)", flush=True)  # fmt: skip
@@ -263,10 +268,12 @@ def main(argv: list[str] | None = None) -> None:
         data = (list(corpus), doc_feats, q_feats, q_rows, train_qrels, dev_qrels)
         history = train_head(model, margs, targs, data, negatives, dargs.hard_negatives, dargs.sampling,
                              lambda m: print(f"frozen {margs.kind}: {m}", flush=True))  # fmt: skip
-        save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if n in trainable}, saved)
         model.config.save_pretrained(out)
         an.write_log_history(out, history)
         atomic_write_text(out / "run_info.json", json.dumps({"frozen_backbone": True, "dev": dev_info}, indent=1))
+        tmp = out / f".head.{os.getpid()}.safetensors"  # last, and whole: it marks the run as trained
+        save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if n in trainable}, tmp)
+        tmp.replace(saved)
     if fargs.inference_mode:
         model.config.inference_mode = fargs.inference_mode
     if fargs.eval_output_dir:

@@ -94,15 +94,24 @@ def route_all(logits: torch.Tensor, temperature: float = 1.0) -> Routing:
     return Routing(logits.float(), probs, torch.arange(probs.shape[-1], device=probs.device).expand_as(probs), probs)
 
 
-def route_fixed(n: int, num_experts: int, top_k: int, device, random: bool, generator=None) -> Routing:
+def route_fixed(n: int, num_experts: int, top_k: int, device, random: bool, scores=None) -> Routing:
     """Control routings: k uniformly random distinct experts per input (or expert 0 for a dense head),
-    each with the fixed weight 1/k; the logits are uniform, so the balance statistics stay defined."""
+    each with the fixed weight 1/k; the logits are uniform, so the balance statistics stay defined.
+    `scores` (N, E) replace the fresh uniform draws (evaluation: a fixed pseudo-random function of the input)."""
     if random:
-        indices = torch.rand(n, num_experts, device=device, generator=generator).argsort(-1)[:, :top_k]
+        draws = torch.rand(n, num_experts, device=device) if scores is None else scores
+        indices = draws.argsort(-1)[:, :top_k]
     else:
         indices = torch.zeros(n, top_k, dtype=torch.long, device=device)
     logits = torch.zeros(n, num_experts, device=device)
     return Routing(logits, logits.softmax(-1), indices, torch.full((n, top_k), 1.0 / top_k, device=device))
+
+
+def input_hash(x: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(N, E) pseudo-uniform scores that depend on each row alone: random routing at evaluation gives an
+    input the same experts whatever batch it comes in, on every run."""
+    proj = torch.randn(x.shape[-1], num_experts, generator=torch.Generator().manual_seed(0)).to(x.device)
+    return torch.frac(torch.sin(x.detach().float() @ proj) * 43758.5453).abs()
 
 
 def dispatch(experts: nn.ModuleList, x: torch.Tensor, routing: Routing) -> torch.Tensor:
@@ -234,11 +243,9 @@ class SingleBlockMoE(nn.Module):
 
     def choose(self, x: torch.Tensor, mode: str) -> Routing:
         if self.router is None:
-            generator = None
-            if not self.training:  # reproducible evaluation: the same draws on every run
-                generator = torch.Generator(x.device).manual_seed(0)
             k = 1 if self.routing_mode == "dense" else self.top_k
-            return route_fixed(x.shape[0], self.num_experts, k, x.device, self.routing_mode == "random", generator)
+            scores = None if self.training else input_hash(x, self.num_experts)
+            return route_fixed(x.shape[0], self.num_experts, k, x.device, self.routing_mode == "random", scores)
         logits = self.router(x)
         if self.noise_std > 0 and self.training:
             logits = logits + torch.randn_like(logits) * self.noise_std

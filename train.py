@@ -39,8 +39,7 @@ from utils import (
     doc_text,
     fail,
     load_beir,
-    load_qrels,
-    load_queries,
+    load_split,
     mine_bm25_negatives,
     negatives_from_run,
     resolve_data_dir,
@@ -440,19 +439,10 @@ def load_data(dargs: DataArguments, seed: int):
 
 def load_dev_split(data_dir: Path, name: str, corpus: dict) -> tuple[dict, dict]:
     """qrels/<name>.tsv and its queries, checked as load_beir checks a split (without reading the corpus again)."""
-    path = data_dir / "qrels" / f"{name}.tsv"
-    if not path.is_file():
-        raise DataError(f"--dev_split {name}: {path} does not exist")
-    qrels, queries = load_qrels(path), load_queries(data_dir)
-    if not qrels:
-        raise DataError(f"{path}: no judgments")
-    for qid, docs in qrels.items():
-        if qid not in queries:
-            raise DataError(f"{path}: query {qid!r} is not in the queries file")
-        for did in docs:
-            if did not in corpus:
-                raise DataError(f"{path}: document {did!r} (query {qid!r}) is not in the corpus")
-    return qrels, {qid: queries[qid] for qid in qrels}
+    if not (data_dir / "qrels" / f"{name}.tsv").is_file():
+        raise DataError(f"--dev_split {name}: {data_dir / 'qrels' / f'{name}.tsv'} does not exist")
+    queries, qrels = load_split(data_dir, name, corpus)
+    return qrels, queries
 
 
 def mine_negatives(model, tokenizer, corpus, queries, train_qrels, cache, margs, dargs, targs) -> dict:

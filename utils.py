@@ -112,15 +112,8 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     """Yield (line number, record) for every non-blank line, with a file:line error on bad JSON."""
     with _open_text(path) as fh:
         for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
-            if not isinstance(record, dict) or "_id" not in record:
-                raise DataError(f"{path}:{lineno}: record has no '_id'")
-            yield lineno, record
+            if line.strip():
+                yield lineno, _corpus_record(path, lineno, line)
 
 
 def load_corpus(folder: Path) -> dict[str, dict[str, str]]:
@@ -159,19 +152,73 @@ def load_qrels(path: Path) -> dict[str, dict[str, int]]:
 
 def load_beir(data_dir: str | Path, split: str = "test"):
     """Return (corpus, queries, qrels) for one split; queries are restricted to the split's judged ones."""
+    corpus = load_corpus(Path(data_dir))
+    queries, qrels = load_split(data_dir, split, corpus)
+    return corpus, queries, qrels
+
+
+# Streaming access for corpora too large to hold: ids once, texts by record range, splits without the corpus.
+
+
+def corpus_path(data_dir: str | Path) -> Path:
+    """The corpus file of a BEIR folder (corpus.jsonl or corpus.jsonl.gz)."""
+    return _find(Path(data_dir), "corpus")
+
+
+def _corpus_record(path: Path, lineno: int, line: str) -> dict:
+    """One JSONL record that must have an `_id`; a file:line error otherwise."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
+    if not isinstance(record, dict) or "_id" not in record:
+        raise DataError(f"{path}:{lineno}: record has no '_id'")
+    return record
+
+
+def iter_corpus(data_dir: str | Path, start: int = 0, stop: int | None = None) -> Iterator[tuple[str, str]]:
+    """(doc_id, doc_text) of corpus records start..stop-1 in file order (blank lines are not records),
+    streamed: records before `start` are skipped without being parsed. The text is `doc_text` of the
+    record, as `load_corpus` + `doc_text` give it."""
+    path = corpus_path(data_dir)
+    n = 0
+    with _open_text(path) as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            if stop is not None and n >= stop:
+                return
+            if n >= start:
+                rec = _corpus_record(path, lineno, line)
+                yield str(rec["_id"]), doc_text({"title": rec.get("title") or "", "text": rec.get("text") or ""})
+            n += 1
+
+
+def iter_corpus_ids(data_dir: str | Path) -> Iterator[str]:
+    """Every record's document id in file order (duplicates kept, so positions are record numbers)."""
+    path = corpus_path(data_dir)
+    with _open_text(path) as fh:
+        for lineno, line in enumerate(fh, 1):
+            if line.strip():
+                yield str(_corpus_record(path, lineno, line)["_id"])
+
+
+def load_split(data_dir: str | Path, split: str, doc_ids, queries: dict[str, str] | None = None):
+    """(queries, qrels) of one split, checked like `load_beir` against `doc_ids` (any container of ids)
+    instead of a loaded corpus; `queries` (all of them, from `load_queries`) saves re-reading the file."""
     folder = Path(data_dir)
-    corpus, queries = load_corpus(folder), load_queries(folder)
+    queries = load_queries(folder) if queries is None else queries
     qrels_path = folder / "qrels" / f"{split}.tsv"
     qrels = load_qrels(qrels_path)
     for qid, docs in qrels.items():
         if qid not in queries:
             raise DataError(f"{qrels_path}: query {qid!r} is not in {_find(folder, 'queries').name}")
         for did in docs:
-            if did not in corpus:
+            if did not in doc_ids:
                 raise DataError(f"{qrels_path}: document {did!r} (query {qid!r}) is not in the corpus")
     if not qrels:
         raise DataError(f"{qrels_path}: no judgments")
-    return corpus, {qid: queries[qid] for qid in qrels}, qrels
+    return {qid: queries[qid] for qid in qrels}, qrels
 
 
 def split_dev(qrels: dict, dev_fraction: float, seed: int) -> tuple[dict, dict]:

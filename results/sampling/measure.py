@@ -33,14 +33,13 @@ from utils import load_beir, mine_bm25_negatives  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="results/sampling", help="where the JSON and training logs go")
-    ap.add_argument("--docs", type=int, default=3600)
-    ap.add_argument("--train_queries", type=int, default=2600)
-    ap.add_argument("--dev_queries", type=int, default=260)
-    ap.add_argument("--judged", type=int, default=79, help="judged documents per query cycle 2..judged (mean ~40)")
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--shape", type=int, nargs=5, default=[3600, 2600, 260, 79, 32],
+                    metavar=("DOCS", "TRAIN_QUERIES", "DEV_QUERIES", "JUDGED", "BATCH"),
+                    help="corpus size, queries, judged documents per query cycle 2..JUDGED (mean ~40), batch")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--scratch", default=None, help="scratch folder (default: a new temporary one, removed after)")
     args = ap.parse_args()
+    args.docs, args.train_queries, args.dev_queries, args.judged, args.batch = args.shape
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="sampling-"))

@@ -213,6 +213,9 @@ class Runner:
                 return exc.code in (0, None)
         return True
 
+    def trec_depth_flags(self) -> list[str]:
+        return [f"{s}={k}" for s, k in self.exp.trec_depth.items() if s in self.exp.splits]
+
     def train_argv(self, run: Run, seed: int, ckpt: Path) -> list[str]:
         return ["--kind", run.kind, "--model_name_or_path", self.model, *self.data, "--seed", str(seed),
                 "--output_dir", str(ckpt), *self.exp.recipe, *run.train, *self.dtype,
@@ -230,7 +233,7 @@ class Runner:
     def frozen(self, run: Run, seed: int, ckpt: Path) -> bool:
         """Train the head on the cached backbone (once per checkpoint) and evaluate it, in one frozen.py call."""
         out, splits = self.layout.run_dir(run, seed), self.exp.splits
-        depth = [f"{s}={k}" for s, k in self.exp.trec_depth.items() if s in splits]
+        depth = self.trec_depth_flags()
         argv = [*self.train_argv(run, seed, ckpt), "--eval_output_dir", str(out), "--eval_splits", *splits,
                 "--tag", run.tag, *(["--trec_depth", *depth] if depth else []), *self.exp.eval, *run.eval]  # fmt: skip
         return self.execute("frozen.py", None, argv, out / "train.log", [sys.executable])
@@ -239,7 +242,7 @@ class Runner:
         out = self.layout.run_dir(run, seed)
         splits = self.exp.splits
         target = ["--checkpoint", str(ckpt)] if ckpt else ["--model_name_or_path", self.model]
-        depth = [f"{s}={k}" for s, k in self.exp.trec_depth.items() if s in splits]
+        depth = self.trec_depth_flags()
         argv = ["--model", run.kind, *target, *self.data, "--split", *splits, "--tag", run.tag, "--verify",
                 "--output_dir", str(out if len(splits) > 1 else out / splits[0]),
                 *(["--trec_depth", *depth] if depth else []), *self.exp.eval, *run.eval,

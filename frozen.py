@@ -285,9 +285,11 @@ def evaluate(model, fargs, data, splits: dict, dataset: str, source: str) -> Non
     doc_ids, doc_feats, q_feats, q_rows = data
     tag = fargs.tag or model.config.kind
     depth = {k: int(v) for k, v in (x.split("=") for x in fargs.trec_depth)}
+    d, q = encode_all(model, doc_feats), encode_all(model, q_feats)  # the head on the documents once, every split
     for split, (queries, qrels) in splits.items():
         folder = Path(fargs.eval_output_dir) / split
-        run = retrieve_cached(model, doc_feats, doc_ids, q_feats, q_rows, list(queries))
+        qids = list(queries)
+        run = search(q[[q_rows[x] for x in qids]], d, doc_ids, qids, MAX_CUTOFF)
         per_query = per_query_metrics(qrels, run)
         write_trec(an.run_path(folder, tag), run, tag, depth.get(split, MAX_CUTOFF))
         an.write_per_query(folder, tag, per_query)

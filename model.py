@@ -217,6 +217,7 @@ SBMOE_DESIGNS = {
                  renormalize=True, normalize_mix=False, aux="gate-mse", top_k=2, gate_temperature=5.0),  # fmt: skip
 }
 ROUTINGS = ("learned", "dense", "random")  # dense: one expert, no gate; random: uniform random experts
+MOE_ROUTINGS = ("learned", "random")  # the token-level MoE's (its dense control is the baseline itself)
 
 
 class SingleBlockMoE(nn.Module):
@@ -291,11 +292,17 @@ class SparseMoEFeedForward(nn.Module):
     `record_outputs` on `router`, so no routing state is kept on the module.
     """
 
-    def __init__(self, hidden: int, inner: int, num_experts: int, top_k: int):
+    def __init__(self, hidden: int, inner: int, num_experts: int, top_k: int, routing: str = "learned"):
         super().__init__()
-        self.top_k = top_k
-        self.router = Router(hidden, num_experts, bias=False)
+        self.top_k, self.routing_mode = top_k, routing
+        self.router = Router(hidden, num_experts, bias=False) if routing == "learned" else RandomRouter(num_experts)
         self.experts = nn.ModuleList(Expert(hidden, inner) for _ in range(num_experts))
+
+    def decide(self, router_out: torch.Tensor) -> Routing:
+        """The routing from the router's output: learned top-k renormalised, or k random experts at weight 1/k."""
+        if self.routing_mode == "learned":
+            return route(router_out, self.top_k, renormalize=True)
+        return route_fixed(router_out.shape[0], router_out.shape[-1], self.top_k, router_out.device, True, router_out)
 
     @torch.no_grad()
     def upcycle(self, intermediate_dense: nn.Linear, output_dense: nn.Linear) -> None:
@@ -306,8 +313,21 @@ class SparseMoEFeedForward(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # (B, T, H)
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])  # (B*T, H)
-        routing = route(self.router(flat), self.top_k, renormalize=True)
-        return dispatch(self.experts, flat, routing).reshape_as(hidden_states)
+        return dispatch(self.experts, flat, self.decide(self.router(flat))).reshape_as(hidden_states)
+
+
+class RandomRouter(nn.Module):
+    """The token-level MoE's random-routing control: no parameters; (N, E) scores whose top-k pick the experts,
+    fresh uniform draws in training and a fixed pseudo-random function of each token at evaluation."""
+
+    def __init__(self, num_experts: int):
+        super().__init__()
+        self.num_experts = num_experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return torch.rand(x.shape[0], self.num_experts, device=x.device)
+        return input_hash(x, self.num_experts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,7 +350,7 @@ class RetrieverConfig(PretrainedConfig):
     expert_dim: int | None = None  # SB-MoE expert hidden size; None means the design's (hidden/2 or 2*hidden)
     noise_std: float = 0.0  # SB-MoE: extra Gaussian noise on the gate logits in training (0 = off)
     design: str = "residual-zero"  # SB-MoE: a key of SBMOE_DESIGNS
-    routing: str = "learned"  # SB-MoE: learned | dense (one expert, no gate) | random
+    routing: str = "learned"  # learned | dense (SB-MoE only: one expert, no gate) | random
     gate_temperature: float = 1.0  # SB-MoE: softmax temperature of the gate (the seed design's default is 5)
     moe_layers: list[int] | None = None  # token-level MoE: None means every other layer (1, 3, 5, ...)
     aux_loss_coef: float = 0.01
@@ -599,12 +619,14 @@ class TinyBERTMoERegular(BiEncoder):
     default_top_k = 2
 
     def add_moe(self, config: RetrieverConfig) -> None:
+        if config.routing not in MOE_ROUTINGS:
+            raise ValueError(f"token-level MoE routing {config.routing!r}: expected one of {list(MOE_ROUTINGS)}")
         bc = config.backbone_config
         self.moe_layers = config.resolved_moe_layers()
         for i in self.moe_layers:
             layer = self.encoder.encoder.layer[i]
             layer.intermediate = SparseMoEFeedForward(
-                bc["hidden_size"], bc["intermediate_size"], config.num_experts, config.top_k
+                bc["hidden_size"], bc["intermediate_size"], config.num_experts, config.top_k, config.routing
             )
             layer.output.dense = nn.Identity()
 
@@ -612,10 +634,10 @@ class TinyBERTMoERegular(BiEncoder):
         return [self.encoder.encoder.layer[i].intermediate for i in self.moe_layers]
 
     def extra_flops(self, tokens: float) -> float:
-        """Per MoE layer: k - 1 more FFNs than the dense layer, plus the router."""
+        """Per MoE layer: k - 1 more FFNs than the dense layer, plus the learned router."""
         c = self.config.backbone_config
         ffn = 2.0 * 2 * tokens * c["hidden_size"] * c["intermediate_size"]
-        router = 2.0 * tokens * c["hidden_size"] * self.config.num_experts
+        router = 2.0 * tokens * c["hidden_size"] * self.config.num_experts * (self.config.routing == "learned")
         return len(self.moe_layers) * ((self.config.top_k - 1) * ffn + router)
 
     @classmethod
@@ -636,9 +658,9 @@ class TinyBERTMoERegular(BiEncoder):
         blocks = self.moe_blocks()
         with record_outputs([b.router for b in blocks]) as logits:
             reps = self.pool(self.hidden_states(input_ids, attention_mask), attention_mask)
-        routings = [route(x, self.config.top_k, renormalize=True).select(attention_mask) for x in logits]
+        routings = [b.decide(x).select(attention_mask) for b, x in zip(blocks, logits)]
         aux = None
-        if self.training:  # padding never enters the losses
+        if self.training and self.config.routing == "learned":  # padding never enters the losses
             aux = sum(self.config.aux_loss_coef * load_balancing_loss(r.logits, self.config.top_k) for r in routings)
             if self.config.z_loss_coef > 0:
                 aux = aux + sum(self.config.z_loss_coef * router_z_loss(r.logits) for r in routings)

@@ -30,7 +30,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from analysis import DEV_METRIC, expert_share_key, write_log_history
 from eval import evaluate_model, retrieve
-from model import ROUTINGS, SBMOE_DESIGNS, VARIANTS, BiEncoder
+from model import MOE_ROUTINGS, ROUTINGS, SBMOE_DESIGNS, VARIANTS, BiEncoder
 from utils import (
     DataError,
     atomic_write_text,
@@ -59,7 +59,10 @@ class ModelArguments:
     num_experts: int = field(default=8, metadata={"help": "experts per MoE block"})
     top_k: int | None = field(default=None, metadata={"help": "experts per input (default: the variant's)"})
     design: str = field(default="residual-zero", metadata={"help": "SB-MoE design: " + " | ".join(SBMOE_DESIGNS)})
-    routing: str = field(default="learned", metadata={"help": "SB-MoE routing: " + " | ".join(ROUTINGS)})
+    routing: str = field(
+        default="learned",
+        metadata={"help": "routing: " + " | ".join(ROUTINGS) + " (the token-level MoE: " + " | ".join(MOE_ROUTINGS) + ")"},
+    )
     gate_temperature: float | None = field(default=None, metadata={"help": "SB-MoE gate softmax temperature"})
     expert_dim: int | None = field(default=None, metadata={"help": "SB-MoE expert hidden size (default: the design's)"})
     noise_std: float = field(default=0.0, metadata={"help": "SB-MoE extra gate noise std during training (0 = off)"})
@@ -368,6 +371,8 @@ def parse(kind: str | None, argv: list[str] | None, extra: tuple = ()):
     if margs.design not in SBMOE_DESIGNS or margs.routing not in ROUTINGS:
         fail(f"--design {margs.design} --routing {margs.routing}: expected a design in {', '.join(SBMOE_DESIGNS)} "
              f"and a routing in {', '.join(ROUTINGS)}")  # fmt: skip
+    if kind == "moe" and margs.routing not in MOE_ROUTINGS:
+        fail(f"--routing {margs.routing}: the token-level MoE takes {' | '.join(MOE_ROUTINGS)}")
     defaults = VARIANTS[kind].defaults(margs.design)
     for name, value in defaults.items():
         if getattr(margs, name) is None:

@@ -182,3 +182,38 @@ def test_which_gates_the_ranking_loss_trains(tiny_backbone, design, gets_gradien
     with capsys.disabled():
         print(f"\n{design}: largest |d ranking loss / d gate parameter| = {g:.3g}")
     assert (g > 1e-6) == gets_gradient
+
+
+def test_token_moe_random_routing_is_uniform_fixed_weight_and_reproducible_at_inference(tiny_backbone):
+    """The token-level MoE's control: k distinct uniform experts per token at weight 1/k, no router parameters,
+    no balance loss; at evaluation a function of each token alone; upcycled, it still equals the dense model."""
+    kw = {"num_experts": E, "top_k": 2, "pooling": "mean"}
+    model = VARIANTS["moe"].from_backbone(str(tiny_backbone), routing="random", **kw).eval()
+    learned = VARIANTS["moe"].from_backbone(str(tiny_backbone), **kw)
+    base = VARIANTS["baseline"].from_backbone(str(tiny_backbone), pooling="mean").eval()
+    block = model.moe_blocks()[0]
+    assert not list(block.router.parameters())
+    assert model.count_parameters()["total"] == learned.count_parameters()["total"] - len(model.moe_blocks()) * H * E
+    x = torch.randn(4000, H)
+    block.train()
+    routing = block.decide(block.router(x))
+    assert torch.all(routing.weights == 0.5) and torch.all(routing.indices[:, 0] != routing.indices[:, 1])
+    counts = torch.bincount(routing.indices.reshape(-1), minlength=E).float()
+    assert torch.all((counts / 8000 - 1 / E).abs() < 0.03)  # uniform
+    block.eval()
+    fixed = block.decide(block.router(x)).indices
+    assert torch.equal(fixed, block.decide(block.router(x)).indices)
+    assert torch.equal(fixed[100:200], block.decide(block.router(x[100:200])).indices)
+    ids, mask = batch()
+    assert torch.allclose(model.encode(ids, mask), base.encode(ids, mask), atol=1e-5)  # copies of the FFN, 1/k each
+    for m in model.moe_blocks():  # experts that differ: a document's embedding must not depend on its batch
+        for e in m.experts:
+            torch.nn.init.normal_(e.fc_out.weight, std=0.3)
+    whole = model.encode(ids, mask)
+    assert torch.allclose(model.encode(ids[1:], mask[1:]), whole[1:], atol=1e-5)
+    assert not torch.allclose(whole, base.encode(ids, mask), atol=1e-3)
+    model.train()
+    emb = model.embed(ids, mask)
+    assert emb.aux_loss is None and len(emb.routings) == len(model.moe_blocks())
+    with pytest.raises(ValueError, match="routing"):
+        VARIANTS["moe"].from_backbone(str(tiny_backbone), routing="dense", **kw)

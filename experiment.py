@@ -50,7 +50,7 @@ SMOKE_TRAIN = ["--max_steps", "2", "--doc_max_length", "32", "--eval_strategy", 
                "false", "--save_strategy", "no"]  # fmt: skip
 SMOKE_EVAL = ["--doc_max_length", "32"]
 TOP_KEYS = {"name", "description", "dataset", "data_dir", "model", "seeds", "splits", "subsets", "recipe", "eval",
-            "trec_depth", "runs", "select", "figures", "frozen"}  # fmt: skip
+            "trec_depth", "runs", "select", "figures", "frozen", "transfer"}  # fmt: skip
 RUN_KEYS = {"kind", "train", "eval", "label", "reference", "group", "seeds", "frozen"}
 
 
@@ -96,6 +96,7 @@ class Experiment:
     runs: dict[str, Run]
     select: dict | None
     figures: list[str]
+    transfer: list[str] = field(default_factory=list)  # further BEIR datasets, evaluated on test, never trained on
 
 
 def restrict_seeds(exp: Experiment, seeds: list[int]) -> Experiment:
@@ -146,12 +147,17 @@ def load_experiment(path: str | Path) -> Experiment:
         check(all(r in runs for r in select.get("runs", [])), "select.runs must name runs")
         check(select.get("compare_to", select["reference"]) in runs, "select.compare_to must name a run")
     check(set(raw.get("subsets", [])) <= set(an.SUBSETS), f"subsets must be among {an.SUBSETS}")
+    transfer = raw.get("transfer", [])
+    check(isinstance(transfer, list) and all(isinstance(t, str) and t.strip() for t in transfer),
+          "transfer must be a list of dataset names (under $BEIR_DATA_DIR) or BEIR folders")  # fmt: skip
+    names = [transfer_name(t) for t in transfer]
+    check(len(set(names)) == len(names), f"transfer names a dataset twice: {names}")
     return Experiment(
         name=raw.get("name", path.stem), description=raw.get("description", ""), dataset=raw.get("dataset"),
         data_dir=raw.get("data_dir"), model=raw.get("model"), seeds=seeds, splits=splits,
         subsets=list(raw.get("subsets", [])), recipe=list(raw.get("recipe", [])), eval=list(raw.get("eval", [])),
         trec_depth=dict(raw.get("trec_depth", {})), runs=runs, select=select,
-        figures=list(raw.get("figures", ["training", "experts"])),
+        figures=list(raw.get("figures", ["training", "experts"])), transfer=list(transfer),
     )  # fmt: skip
 
 
@@ -191,6 +197,7 @@ class Runner:
         self.model = args.model_name_or_path or exp.model
         self.data = ["--data_dir", str(folder)]
         self.dtype = ["--fp16"] if args.fp16 else ["--bf16"] if args.bf16 else []
+        self.may_train = True  # False for transfer datasets: evaluate the checkpoints, never train on them
 
     def execute(self, script: str, kind: str | None, argv: list[str], log: Path, launch: list[str]) -> bool:
         """One training or evaluation step, logged; in this process (--in_process) or a fresh one."""
@@ -282,6 +289,8 @@ class Runner:
         else:
             ckpt = self.layout.checkpoint(lead, all_runs, seed)
             log = self.layout.run_dir(lead, seed) / "train.log"
+            if not (ckpt / "log_history.json").is_file() and not self.may_train:
+                return f"{names}: transfer evaluation FAILED: no trained checkpoint in {ckpt}"
             if not (ckpt / "log_history.json").is_file() and not self.train(lead, seed, ckpt, log):
                 return f"{names}: training FAILED, see {log}"
             for run in runs:
@@ -382,6 +391,76 @@ def chosen_runs(exp: Experiment, flags: list[str]) -> dict[str, Run]:
 
 
 # --------------------------------------------------------------------------------------------
+# Transfer: every checkpoint, BM25 and the zero-shot backbone on other BEIR datasets (BEIR's zero-shot protocol)
+
+
+def transfer_name(entry: str) -> str:
+    """A transfer entry's name in the results: the dataset name, or a folder's last component."""
+    return Path(entry.rstrip("/\\")).name
+
+
+def resolve_transfer(exp: Experiment, download: bool = True) -> dict[str, Path]:
+    """Each transfer dataset's folder, checked to have a test split, before anything trains."""
+    folders = {}
+    for entry in exp.transfer:
+        is_folder = "/" in entry or os.sep in entry or entry.startswith(".")
+        folder = resolve_data_dir(None, entry) if is_folder else resolve_data_dir(entry, None, download=download)
+        if not (folder / "qrels" / "test.tsv").is_file():
+            raise DataError(f"transfer dataset {entry}: {folder / 'qrels' / 'test.tsv'} does not exist")
+        folders[transfer_name(entry)] = folder
+    return folders
+
+
+def transfer_stages(exp: Experiment, stages: list[dict[str, Run]]) -> list[dict[str, Run]]:
+    """The runs evaluated on a transfer dataset: BM25, the zero-shot backbone and every trained checkpoint of
+    each stage, all compared with the (first) baseline run. Frozen-backbone heads are left out (frozen.py
+    trains and evaluates in one call on the training dataset)."""
+    first = [r for r in stages[0].values() if r.kind in UNTRAINED]
+    for kind, label in (("bm25", "BM25"), ("zeroshot", "zero-shot")):
+        if not any(r.kind == kind for r in first):
+            first.append(Run(kind, kind, label=label))
+    out = []
+    for i, stage in enumerate(stages):
+        runs = [*(first if i == 0 else []), *(r for r in stage.values() if r.trained and not r.frozen)]
+        base = next((r.name for r in runs if r.kind == "baseline"), None)
+        out.append({r.name: replace(r, references=[base] if base and r.name != base else []) for r in runs})
+    return out
+
+
+def transfer_layout(exp: Experiment, args, name: str) -> tuple[Experiment, Layout]:
+    """results/<experiment>/transfer/<name>/..., reading the experiment's own checkpoints."""
+    tx = replace(exp, splits=["test"], subsets=[], trec_depth={}, transfer=[])
+    layout = Layout(tx, args.results, args.ckpt_root)
+    layout.root = Path(args.results) / exp.name / "transfer" / name
+    return tx, layout
+
+
+def run_transfer(exp: Experiment, args, folders: dict[str, Path], stages: list[dict[str, Run]]) -> list[str]:
+    failed = []
+    for name, folder in folders.items():
+        tx, layout = transfer_layout(exp, args, name)
+        runner = Runner(tx, args, folder)
+        runner.layout, runner.may_train = layout, False
+        print(f"transfer: {name} ({folder.name}), test split", flush=True)
+        for stage in transfer_stages(exp, stages):
+            failed += runner.run_stage(list(stage.values()))
+    return failed
+
+
+def transfer_report(exp: Experiment, args, stages: list[dict[str, Run]]) -> dict:
+    """Per transfer dataset, one summary (rows and paired tests against the baseline) of every stage merged."""
+    out = {}
+    for entry in exp.transfer:
+        name = transfer_name(entry)
+        tx, layout = transfer_layout(exp, args, name)
+        runs = {n: r for stage in transfer_stages(exp, stages) for n, r in stage.items()}
+        summary = summarise(tx, layout, runs, {})
+        if summary["rows"]:
+            out[name] = summary
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # Report
 
 
@@ -420,11 +499,12 @@ def summarise(exp: Experiment, layout: Layout, runs: dict[str, Run], subsets: di
 def compare(run: str, reference: str, a: dict, b: dict, subsets: dict[str, list[str]]) -> dict:
     """Paired tests over queries of one run against its reference: seed-averaged and per seed, on all
     queries and on each subset. Seeds present in both (an untrained reference serves every seed)."""
-    seeds = [s for s in a if s in b] or ([s for s in a] if list(b) == [None] else [])
-    pick = (lambda s: b[s]) if list(b) != [None] else (lambda s: b[None])
+    untrained_a, untrained_b = list(a) == [None], list(b) == [None]
+    seeds = list(b) if untrained_a and not untrained_b else [s for s in a if s in b or untrained_b]
+    pick = lambda scores, s: scores[None] if list(scores) == [None] else scores[s]  # noqa: E731
     qids = sorted(next(iter(a.values())))
-    x = an.scores_matrix([a[s] for s in seeds], qids)
-    y = an.scores_matrix([pick(s) for s in seeds], qids)
+    x = an.scores_matrix([pick(a, s) for s in seeds], qids)
+    y = an.scores_matrix([pick(b, s) for s in seeds], qids)
     out = {"run": run, "reference": reference, "seeds": seeds, "queries": len(qids), **an.paired_tests(x.mean(0), y.mean(0))}
     out["per_seed"] = [an.paired_tests(xs, ys) for xs, ys in zip(x, y)]
     for name, subset in subsets.items():
@@ -475,6 +555,11 @@ def render(result: dict) -> str:
         lines += ["", *table(stage, cols), "", *tests_text(stage, subsets)]
     if result.get("chosen") is not None and len(result["stages"]) == 1:
         lines += ["", f"Chosen on dev for stage 2: `{' '.join(result['chosen']) or '(none)'}` (not trained yet)."]
+    for name, stage in result.get("transfer", {}).items():
+        lines += ["", f"## Transfer: {name}", "",
+                  f"The same checkpoints, BM25 and the zero-shot backbone on the test split of {name}, which no run "
+                  "trained on (BEIR's zero-shot protocol); paired tests against the baseline.", "",
+                  *table(stage, list(TABLE_COLUMNS)), "", *tests_text(stage, {})]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -625,6 +710,7 @@ def main(argv=None) -> dict:
         if args.seeds:
             exp = restrict_seeds(exp, args.seeds)
         folder = resolve_data_dir(args.dataset or exp.dataset, args.data_dir or exp.data_dir, download=not args.report)
+        transfer = {} if args.report else resolve_transfer(exp)  # a missing one fails before anything trains
     except DataError as exc:
         fail(str(exc))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -641,7 +727,11 @@ def main(argv=None) -> dict:
         stages.append(chosen_runs(exp, chosen))
         if not args.report and (failed := runner.run_stage(list(stages[1].values()))):
             fail(f"{len(failed)} stage 2 job(s) failed: {failed[0]}")
+    if transfer and (failed := run_transfer(exp, args, transfer, stages)):
+        fail(f"{len(failed)} transfer job(s) failed: {failed[0]}")
     result = build_report(exp, layout, folder, stages, chosen)
+    if exp.transfer:
+        result["transfer"] = transfer_report(exp, args, stages)
     text = render(result)
     atomic_write_text(layout.root / "report.json", json.dumps(result, indent=2))
     atomic_write_text(layout.root / "report.md", text)

@@ -242,3 +242,66 @@ def test_runner_frozen_runs_share_the_head_across_evaluation_flags(tiny_backbone
     assert set(rows) == {"none", "bm25", "sokli", "all"} and not rows["bm25"]["seeds"]
     assert [(t["run"], t["reference"]) for t in result["stages"][0]["tests"]] == [
         ("sokli", "none"), ("all", "none"), ("all", "sokli")]
+
+
+TRANSFER = """
+name = "tiny-transfer"
+dataset = "tiny"
+seeds = [42]
+splits = ["test"]
+recipe = ["--num_train_epochs", "1"]
+transfer = ["{other}"]
+
+[runs.baseline]
+kind = "baseline"
+
+[runs.sbmoe]
+kind = "sbmoe"
+reference = "baseline"
+"""
+
+
+def test_transfer_evaluates_every_checkpoint_bm25_and_zeroshot_on_other_datasets_without_training(
+        tiny_backbone, tiny_beir, tmp_path, monkeypatch, capsys):  # fmt: skip
+    import experiment
+    from conftest import write_tiny_beir
+
+    from utils import bm25_search, mean_metrics, per_query_metrics
+
+    other = write_tiny_beir(tmp_path / "elsewhere" / "other-set", n_docs=40, n_queries=15, seed=7)
+    monkeypatch.setenv("BEIR_DATA_DIR", str(tiny_beir.parent))
+    monkeypatch.chdir(ROOT)
+    args = ["--model_name_or_path", tiny_backbone, "--results", tmp_path / "res", "--ckpt_root", tmp_path / "ck",
+            "--smoke", "--in_process", "--extra", *TINY]  # fmt: skip
+    (tmp_path / "bad.toml").write_text(TRANSFER.format(other=tmp_path / "nowhere"))
+    with pytest.raises(SystemExit):
+        experiment.main(list(map(str, [tmp_path / "bad.toml", *args])))
+    err = capsys.readouterr().err
+    assert "nowhere" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "ck").exists()  # before training
+    (tmp_path / "t.toml").write_text(TRANSFER.format(other=other))
+    experiment.main(list(map(str, [tmp_path / "t.toml", *args])))
+    assert sorted(p.name for p in (tmp_path / "ck" / "tiny-transfer").iterdir()) == ["baseline", "sbmoe"]
+    for run in ("baseline", "sbmoe"):  # trained once, on the experiment's dataset only
+        log = (tmp_path / "res" / "tiny-transfer" / run / "seed42" / "train.log").read_text()
+        assert log.count("train.py") == 1 and str(tiny_beir) in log and str(other) not in log
+    tx = tmp_path / "res" / "tiny-transfer" / "transfer" / "other-set"
+    for run, folder in (("bm25", tx / "bm25"), ("zeroshot", tx / "zeroshot"), ("baseline", tx / "baseline" / "seed42"),
+                        ("sbmoe", tx / "sbmoe" / "seed42")):  # fmt: skip
+        assert an.per_query_path(folder / "test", run).is_file(), run
+    assert str(other) in (tx / "sbmoe" / "seed42" / "eval.log").read_text()
+    corpus, queries, qrels = load_beir(other, "test")
+    expected = mean_metrics(per_query_metrics(qrels, bm25_search(corpus, queries, top_k=100)))
+    report = json.loads((tmp_path / "res" / "tiny-transfer" / "report.json").read_text())
+    rows = report["transfer"]["other-set"]["rows"]
+    assert list(rows) == ["bm25", "zeroshot", "baseline", "sbmoe"]
+    assert rows["bm25"]["NDCG@10"][0] == pytest.approx(expected["NDCG@10"])
+    tests = {t["run"]: t["reference"] for t in report["transfer"]["other-set"]["tests"]}
+    assert tests == {"bm25": "baseline", "zeroshot": "baseline", "sbmoe": "baseline"}
+    md = (tmp_path / "res" / "tiny-transfer" / "report.md").read_text()
+    assert "## Transfer: other-set" in md and md.count("| BM25 |") == 1
+    capsys.readouterr()
+    experiment.main(list(map(str, [tmp_path / "t.toml", *args])))
+    assert capsys.readouterr().out.count("done earlier") == 6  # nothing trained or evaluated twice
+    (tmp_path / "res" / "tiny-transfer" / "report.md").unlink()
+    experiment.main(list(map(str, [tmp_path / "t.toml", "--results", tmp_path / "res", "--report"])))
+    assert (tmp_path / "res" / "tiny-transfer" / "report.md").read_text() == md

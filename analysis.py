@@ -71,6 +71,18 @@ def read_checkpoint_facts(folder: Path | str) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
+def train_seconds(history: list[dict]) -> float | None:
+    """Wall-clock seconds of the training loop (the Trainer's `train_runtime`; dev evaluations included)."""
+    return next((h["train_runtime"] for h in reversed(history) if "train_runtime" in h), None)
+
+
+def eval_seconds(folder: Path | str) -> float | None:
+    """Wall-clock seconds eval.py spent retrieving (encoding and search) for the split in `folder`."""
+    path = Path(folder) / "metrics.json"
+    seconds = json.loads(path.read_text(encoding="utf-8")).get("retrieval_seconds") if path.is_file() else None
+    return sum(seconds.values()) if isinstance(seconds, dict) else seconds  # per model evaluated in the one call
+
+
 def expert_share_key(block: int, expert: int) -> str:
     return f"{SHARE_PREFIX}b{block}/e{expert}"
 

@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from concurrent.futures import ThreadPoolExecutor
@@ -37,8 +38,12 @@ from utils import (
     DataError,
     atomic_write_text,
     bm25_search,
+    check_writable,
     fail,
     load_beir,
+    load_corpus,
+    load_qrels,
+    load_queries,
     mean_metrics,
     per_query_metrics,
     resolve_data_dir,
@@ -46,9 +51,48 @@ from utils import (
 )
 
 UNTRAINED = ("zeroshot", "bm25")  # evaluated once, seed-independent
-SMOKE_TRAIN = ["--max_steps", "2", "--doc_max_length", "32", "--eval_strategy", "no", "--load_best_model_at_end",
-               "false", "--save_strategy", "no"]  # fmt: skip
+SMOKE_TRAIN = ["--max_steps", "2", "--doc_max_length", "32", "--per_device_train_batch_size", "8", "--eval_strategy",
+               "no", "--load_best_model_at_end", "false", "--save_strategy", "no"]  # fmt: skip
 SMOKE_EVAL = ["--doc_max_length", "32"]
+SMOKE_QUERIES, SMOKE_DOCS = 40, 300  # per split, in all: the slice of the dataset a smoke run works on
+# A child of the runner dies with it, even under kill -9: Linux sends it SIGTERM when the runner goes
+# (PR_SET_PDEATHSIG, kept across exec; torchrun passes it on to its workers); elsewhere it just runs.
+DIE_WITH_PARENT = """import ctypes, os, signal, sys
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+except (OSError, AttributeError):
+    pass
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(143)
+os.execv(sys.executable, [sys.executable, *sys.argv[2:]])"""
+
+
+def child_command(launch: list[str], script: str, argv: list[str]) -> list[str]:
+    """`launch script argv` run so that it ends with this process (see DIE_WITH_PARENT)."""
+    return [launch[0], "-c", DIE_WITH_PARENT, str(os.getpid()), *launch[1:], script, *argv]
+
+
+def smoke_slice(folder: Path, out: Path, n_queries: int = SMOKE_QUERIES, n_docs: int = SMOKE_DOCS) -> Path:
+    """A small BEIR folder cut from `folder`: per qrels split its first `n_queries` queries with a positive, their
+    judged documents, and other documents up to `n_docs` in all; rewritten only when it would change."""
+    corpus, queries = load_corpus(folder), load_queries(folder)
+    splits = {}
+    for path in sorted((folder / "qrels").glob("*.tsv")):
+        qrels = load_qrels(path)
+        keep = [q for q in qrels if q in queries and any(r > 0 for r in qrels[q].values())][:n_queries]
+        splits[path.stem] = {q: {d: r for d, r in qrels[q].items() if d in corpus} for q in keep}
+    judged = dict.fromkeys(d for qrels in splits.values() for docs in qrels.values() for d in docs)
+    docs = list(judged) + [d for d in corpus if d not in judged][: max(0, n_docs - len(judged))]
+    files = {"corpus.jsonl": "".join(json.dumps({"_id": d, **corpus[d]}) + "\n" for d in docs),
+             "queries.jsonl": "".join(json.dumps({"_id": q, "text": queries[q]}) + "\n"
+                                      for q in dict.fromkeys(q for qrels in splits.values() for q in qrels))}  # fmt: skip
+    for split, qrels in splits.items():
+        files[f"qrels/{split}.tsv"] = "query-id\tcorpus-id\tscore\n" + "".join(
+            f"{q}\t{d}\t{r}\n" for q, docs in qrels.items() for d, r in docs.items())  # fmt: skip
+    for name, text in files.items():
+        if not (out / name).is_file() or (out / name).read_text(encoding="utf-8") != text:
+            atomic_write_text(out / name, text)
+    return out
 TOP_KEYS = {"name", "description", "dataset", "data_dir", "model", "seeds", "splits", "subsets", "recipe", "eval",
             "trec_depth", "runs", "select", "figures", "frozen", "transfer"}  # fmt: skip
 RUN_KEYS = {"kind", "train", "eval", "label", "reference", "group", "seeds", "frozen"}
@@ -107,6 +151,70 @@ def restrict_seeds(exp: Experiment, seeds: list[int]) -> Experiment:
     return replace(exp, seeds=keep(exp.seeds), runs=runs, select=select)
 
 
+def check_types(raw: dict, check) -> None:
+    """Every value of an experiment file of the type it must have, before anything reads it (`seeds = "42"`
+    must not run seeds 4 and 2)."""
+
+    def is_int(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    def strings(where: str, value, empty: bool = True) -> None:
+        check(isinstance(value, list) and all(isinstance(x, str) for x in value),
+              f"{where} must be a list of strings, got {value!r}")  # fmt: skip
+        check(empty or bool(value), f"{where} must not be empty")
+
+    def seeds(where: str, value, empty: bool) -> None:
+        check(isinstance(value, list) and all(is_int(x) for x in value),
+              f"{where} must be a list of integers such as [42, 43], got {value!r}")  # fmt: skip
+        check(empty or bool(value), f"{where} must not be empty")
+        check(len(set(value)) == len(value), f"{where} repeats a seed: {value}")
+
+    for key in ("name", "description", "dataset", "data_dir", "model"):
+        check(key not in raw or isinstance(raw[key], str), f"{key} must be a string, got {raw.get(key)!r}")
+    check(bool(str(raw.get("name", "x")).strip()) and "/" not in str(raw.get("name", "")),
+          f"name {raw.get('name')!r} must be a non-empty folder name")  # fmt: skip
+    if "seeds" in raw:
+        seeds("seeds", raw["seeds"], empty=False)
+    if "splits" in raw:
+        strings("splits", raw["splits"], empty=False)
+        check(len(set(raw["splits"])) == len(raw["splits"]) and all(s.strip() for s in raw["splits"]),
+              f"splits must be distinct split names, got {raw['splits']!r}")  # fmt: skip
+    for key in ("subsets", "recipe", "eval", "figures"):
+        if key in raw:
+            strings(key, raw[key])
+    check(set(raw.get("figures", [])) <= {"training", "experts"}, "figures must be among ['training', 'experts']")
+    check("frozen" not in raw or isinstance(raw["frozen"], bool), f"frozen must be true or false, got {raw.get('frozen')!r}")
+    depth = raw.get("trec_depth", {})
+    check(isinstance(depth, dict) and all(is_int(k) and k >= 1 for k in depth.values()),
+          f"trec_depth must be a table of split = K (K >= 1), got {depth!r}")  # fmt: skip
+    check(set(depth) <= set(raw.get("splits", ["test"])), f"trec_depth names a split not in splits: {sorted(depth)}")
+    for name, spec in raw.get("runs", {}).items():
+        if not isinstance(spec, dict):
+            continue  # load_experiment says so
+        where = f"runs.{name}"
+        check("kind" in spec and isinstance(spec["kind"], str), f"{where}.kind must be given as a string")
+        for key in ("train", "eval"):
+            if key in spec:
+                strings(f"{where}.{key}", spec[key])
+        if "seeds" in spec:
+            seeds(f"{where}.seeds", spec["seeds"], empty=True)  # [] = only a template for [select]
+        for key in ("label", "group"):
+            check(key not in spec or isinstance(spec[key], str), f"{where}.{key} must be a string")
+        ref = spec.get("reference", [])
+        check(isinstance(ref, str) or (isinstance(ref, list) and all(isinstance(r, str) for r in ref)),
+              f"{where}.reference must be a run name or a list of them, got {ref!r}")  # fmt: skip
+        check("frozen" not in spec or isinstance(spec["frozen"], bool), f"{where}.frozen must be true or false")
+    select = raw.get("select")
+    if select is not None:
+        check(isinstance(select, dict), "select must be a table")
+        for key in ("reference", "compare_to"):
+            check(key not in select or isinstance(select[key], str), f"select.{key} must be a run name")
+        if "runs" in select:
+            strings("select.runs", select["runs"], empty=False)
+        if "seeds" in select:
+            seeds("select.seeds", select["seeds"], empty=False)
+
+
 def load_experiment(path: str | Path) -> Experiment:
     """Parse and check an experiment file; every mistake is a one-line DataError naming the file."""
     path = Path(path)
@@ -121,6 +229,7 @@ def load_experiment(path: str | Path) -> Experiment:
 
     check(not set(raw) - TOP_KEYS, f"unknown key(s) {sorted(set(raw) - TOP_KEYS)}; expected {sorted(TOP_KEYS)}")
     check(isinstance(raw.get("runs"), dict) and bool(raw["runs"]), "no [runs.NAME] tables")
+    check_types(raw, check)
     seeds = raw.get("seeds", [42])
     splits = raw.get("splits", ["test"])
     runs = {}
@@ -206,7 +315,8 @@ class Runner:
             fh.write("+ " + " ".join(["python", *launch[1:], script, *argv]) + "\n")  # no machine paths in logs
             fh.flush()
             if not self.args.in_process:
-                return subprocess.run([*launch, script, *argv], stdout=fh, stderr=subprocess.STDOUT).returncode == 0
+                cmd = child_command(launch, script, argv)
+                return subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT).returncode == 0
             import eval as evaluation
             import frozen
             import train
@@ -308,13 +418,22 @@ class Runner:
                 key = (str(self.layout.checkpoint(run, runs, seed)), seed) if run.trained else (run.name, None)
                 groups.setdefault(key, []).append(run)
         self.layout.root.mkdir(parents=True, exist_ok=True)
-        messages = []
-        with ThreadPoolExecutor(1 if self.args.in_process else self.args.parallel) as pool:
-            for message in pool.map(lambda item: self.job(item[1], item[0][1], runs), groups.items()):
-                messages.append(message)  # in order, each as soon as it and those before it are done
-                print(message, flush=True)
+        total, done, lock = len(groups), [0], threading.Lock()
+
+        def work(i: int, item) -> str:
+            (_, seed), group = item
+            names = ", ".join(r.name for r in group) + ("" if seed is None else f" seed {seed}")
+            print(f"[{i}/{total}] start {names}", flush=True)
+            message = self.job(group, seed, runs)
+            with lock:
+                done[0] += 1
+                print(f"[{done[0]}/{total} done] {message}", flush=True)
                 with open(self.layout.root / "runner.log", "a", encoding="utf-8") as log:
                     log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+            return message
+
+        with ThreadPoolExecutor(1 if self.args.in_process else self.args.parallel) as pool:
+            messages = list(pool.map(work, range(1, total + 1), groups.items()))
         return [m for m in messages if "FAILED" in m]
 
 
@@ -486,6 +605,10 @@ def summarise(exp: Experiment, layout: Layout, runs: dict[str, Run], subsets: di
                      if run.trained and (layout.run_dir(run, s) / "log_history.json").is_file()]  # fmt: skip
         devs = [d for d in (an.best_dev(h) for h in histories) if d is not None]
         row["dev NDCG@10"] = an.mean_std(devs) if devs else None
+        times = [t for t in map(an.train_seconds, histories) if t is not None]
+        row["train_seconds"] = an.mean_std(times) if times else None
+        times = [t for s in seeds if (t := an.eval_seconds(layout.split_dir(run, s, main))) is not None]
+        row["eval_seconds"] = an.mean_std(times) if times else None
         facts = {s: an.read_checkpoint_facts(layout.run_dir(run, s)) for s in seeds if run.trained}
         row["expert_out_max_abs"] = {str(s): f["expert_out_max_abs"] for s, f in facts.items()
                                      if f.get("expert_out_max_abs") is not None}  # fmt: skip
@@ -552,7 +675,7 @@ def render(result: dict) -> str:
         if i == 1:
             lines += ["", "## Stage 2: the combination chosen on dev", "",
                       f"Chosen on dev: `{' '.join(result.get('chosen') or []) or '(no option beat the reference)'}`"]
-        lines += ["", *table(stage, cols), "", *tests_text(stage, subsets)]
+        lines += ["", *table(stage, cols), "", *tests_text(stage, subsets), *cost_text(stage)]
     if result.get("chosen") is not None and len(result["stages"]) == 1:
         lines += ["", f"Chosen on dev for stage 2: `{' '.join(result['chosen']) or '(none)'}` (not trained yet)."]
     for name, stage in result.get("transfer", {}).items():
@@ -582,6 +705,20 @@ def table(stage: dict, cols: list[str]) -> list[str]:
         cells = [f"`{row['change']}`" if row["change"] else "", seeds, cell(row["dev NDCG@10"], spread)]
         cells += [cell(row.get(c), spread) for c in cols]
         lines.append(f"| {row['label']}{mark} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def cost_text(stage: dict) -> list[str]:
+    """Training and evaluation wall-clock per run (mean over seeds), where the files record them."""
+    timed = {n: r for n, r in stage["rows"].items() if r.get("train_seconds") or r.get("eval_seconds")}
+    if not timed:
+        return []
+    minutes = lambda v: "-" if not v else f"{v[0] / 60:.1f}"  # noqa: E731
+    lines = ["", "Wall-clock minutes per run and seed (mean over seeds; training includes its dev evaluations; "
+             "evaluation is eval.py's encoding and search of every split; on a shared machine these are rough):", "",
+             "| run | training | evaluation |", "|---|---|---|"]  # fmt: skip
+    lines += [f"| {r['label']} | {minutes(r.get('train_seconds'))} | {minutes(r.get('eval_seconds'))} |"
+              for r in timed.values()]  # fmt: skip
     return lines
 
 
@@ -685,6 +822,17 @@ def figures(exp: Experiment, layout: Layout, stages: list[dict[str, Run]]) -> No
 # Command line
 
 
+def check_backbone(name: str | None) -> None:
+    """A DataError when the backbone is neither a local folder nor on the hub (None: main says so)."""
+    from model import check_source
+
+    if name:
+        try:
+            check_source(name)
+        except ValueError as exc:
+            raise DataError(str(exc)) from None
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("experiment", help="an experiment file (experiments/*.toml)")
@@ -705,11 +853,25 @@ def main(argv=None) -> dict:
     p.add_argument("--report", action="store_true", help="only rebuild the report from the results on disk")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags for every training run")
     args = p.parse_args(argv)
+    for flag in ("parallel", "nproc"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} {getattr(args, flag)}: must be at least 1")
     try:
         exp = load_experiment(args.experiment)
         if args.seeds:
             exp = restrict_seeds(exp, args.seeds)
+            if not any(r.seeds for r in exp.runs.values() if r.trained) and any(r.trained for r in exp.runs.values()):
+                raise DataError(f"--seeds {' '.join(map(str, args.seeds))}: none of {args.experiment}'s seeds")
+        if not args.report:  # the backbone and the data are found (or said not to be) before anything runs
+            check_backbone(args.model_name_or_path or exp.model)
+            for flag in ("results", "ckpt_root"):
+                check_writable(getattr(args, flag), f"--{flag}")
         folder = resolve_data_dir(args.dataset or exp.dataset, args.data_dir or exp.data_dir, download=not args.report)
+        missing = [s for s in exp.splits if not (folder / "qrels" / f"{s}.tsv").is_file()]
+        if missing:
+            raise DataError(f"{args.experiment}: splits {missing} have no qrels in {folder / 'qrels'}")
+        if args.smoke and not args.report:
+            folder = smoke_slice(folder, Path(args.results) / exp.name / "smoke-data" / folder.name)
         transfer = {} if args.report else resolve_transfer(exp)  # a missing one fails before anything trains
     except DataError as exc:
         fail(str(exc))

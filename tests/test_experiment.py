@@ -263,9 +263,9 @@ reference = "baseline"
 
 def test_transfer_evaluates_every_checkpoint_bm25_and_zeroshot_on_other_datasets_without_training(
         tiny_backbone, tiny_beir, tmp_path, monkeypatch, capsys):  # fmt: skip
-    import experiment
     from conftest import write_tiny_beir
 
+    import experiment
     from utils import bm25_search, mean_metrics, per_query_metrics
 
     other = write_tiny_beir(tmp_path / "elsewhere" / "other-set", n_docs=40, n_queries=15, seed=7)
@@ -299,6 +299,10 @@ def test_transfer_evaluates_every_checkpoint_bm25_and_zeroshot_on_other_datasets
     assert tests == {"bm25": "baseline", "zeroshot": "baseline", "sbmoe": "baseline"}
     md = (tmp_path / "res" / "tiny-transfer" / "report.md").read_text()
     assert "## Transfer: other-set" in md and md.count("| BM25 |") == 1
+    trained = report["stages"][0]["rows"]["baseline"]
+    history = an.read_log_history(tmp_path / "res" / "tiny-transfer" / "baseline" / "seed42")
+    assert trained["train_seconds"][0] == pytest.approx(an.train_seconds(history)) and trained["eval_seconds"][0] > 0
+    assert "| baseline | " in md.split("Wall-clock minutes")[1]  # the cost table
     capsys.readouterr()
     experiment.main(list(map(str, [tmp_path / "t.toml", *args])))
     assert capsys.readouterr().out.count("done earlier") == 6  # nothing trained or evaluated twice

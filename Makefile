@@ -2,15 +2,17 @@
 # make reproduce  Table 1 (experiments/table1.toml) on SciFact test: BM25, zero-shot, and three seeds of the
 #                 baseline, SB-MoE and MoE; finished runs are skipped, interrupted ones resumed.
 #                 Variables: MODEL=backbone, BEIR_DATA_DIR=data root, EXPERIMENT=another experiment file,
-#                 SMOKE=1 (2 steps, plumbing only, into results/smoke), PARALLEL=jobs at a time,
+#                 SMOKE=1 (plumbing only: a slice of the data, 2 steps, every stage, into results/smoke),
+#                 PARALLEL=jobs at a time,
 #                 EXTRA="training flags" (e.g. "--fp16"; use a new RESULTS= and CKPT= with it)
 SHELL := bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
-MODEL ?= ../shared/models/all-minilm-l6-v2
-BEIR_DATA_DIR ?= ../shared/data/beir
+# The offline folders of this workplace when they are there; elsewhere the hub name and ./data
+MODEL ?= $(if $(wildcard ../shared/models/all-minilm-l6-v2/config.json),../shared/models/all-minilm-l6-v2,huawei-noah/TinyBERT_General_6L_768D)
+BEIR_DATA_DIR ?= $(if $(wildcard ../shared/data/beir),../shared/data/beir,data)
 export BEIR_DATA_DIR
 EXPERIMENT ?= experiments/table1.toml
 PARALLEL ?= 1

@@ -1,7 +1,8 @@
 """Named readers for the files the scripts hand each other, and the statistics behind every report.
 
-Training writes `log_history.json` and `run_info.json` next to its checkpoint; eval.py writes
-`<tag>.perquery.json.gz`, `<tag>.trec.gz` and `metrics.json` per split. Every key and file name of
+Training writes `log_history.json` and `run_info.json` next to its checkpoint; every evaluation (eval.py,
+the runner's BM25 and hybrid runs, frozen.py) writes `<tag>.perquery.json.gz`, `<tag>.trec.gz` and
+`metrics.json` per split through `write_evaluation`. Every key and file name of
 those files is spelled here once; experiment.py, compare.py, eval.py and train.py go through these
 functions.
 """
@@ -10,11 +11,20 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from utils import atomic_write_bytes, atomic_write_text, load_qrels, unseen_document_queries
+from utils import (
+    atomic_write_bytes,
+    atomic_write_text,
+    load_qrels,
+    mean_metrics,
+    per_query_metrics,
+    unseen_document_queries,
+    write_trec,
+)
 
 DEV_METRIC = "ndcg@10"  # the Trainer's metric_for_best_model; logged as eval_<metric>
 DEV_KEY = f"eval_{DEV_METRIC}"
@@ -40,6 +50,34 @@ def write_per_query(folder: Path | str, tag: str, per_query: dict) -> None:
     """Compact and compressed (a tenth of the indented text), reproducibly (no timestamp in the header)."""
     data = json.dumps(per_query, separators=(",", ":")).encode("utf-8")
     atomic_write_bytes(Path(folder) / f"{tag}.perquery.json.gz", gzip.compress(data, mtime=0))
+
+
+def write_evaluation(folder: Path | str, tag: str, results: dict, qrels: dict, depth: int, meta: dict, *,
+                     rows: dict | None = None, ignore_identical_ids: bool = False,
+                     verify: Callable[[Path, dict], object] | None = None) -> dict[str, float]:  # fmt: skip
+    """The one writer of an evaluated run, whichever retriever made it: `<tag>.trec.gz` (top `depth`),
+    `<tag>.perquery.json.gz` and `metrics.json` = {<tag>: metrics} after `rows` (other runs in the same
+    folder), then `meta` (split, dataset, ...). Metrics use the whole run; returns them. `verify(run file,
+    metrics)` runs before the per-query file, whose presence marks a run as evaluated, is written."""
+    per_query = per_query_metrics(qrels, results, ignore_identical_ids=ignore_identical_ids)
+    metrics = mean_metrics(per_query)
+    write_trec(run_path(folder, tag), results, tag, depth)
+    if verify is not None:
+        verify(run_path(folder, tag), metrics)
+    write_per_query(folder, tag, per_query)
+    write_metrics(folder, {**(rows or {}), tag: metrics}, meta)
+    return metrics
+
+
+def write_metrics(folder: Path | str, rows: dict[str, dict[str, float]], meta: dict) -> None:
+    """`metrics.json`: a row of mean metrics per run, then what they were measured on."""
+    atomic_write_text(Path(folder) / "metrics.json", json.dumps({**rows, **meta}, indent=2))
+
+
+def read_metrics(folder: Path | str) -> dict:
+    """A split folder's `metrics.json` (rows and what they were measured on); {} if there is none."""
+    path = Path(folder) / "metrics.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def read_per_query(folder: Path | str, tag: str) -> dict[str, dict[str, float]]:

@@ -1,7 +1,8 @@
 """Efficiency benchmarks: every ratio is measured side by side in one run (interleaved repeats, median).
 
-    python bench.py encode   --model_name_or_path M    # eval.py's encoder vs sentence-transformers' encode
+    python bench.py encode   --model_name_or_path M    # ours (torch, ONNX fp32/int8) vs sentence-transformers
     python bench.py models   --model_name_or_path M    # baseline / SB-MoE / MoE: params, FLOPs, speed, memory
+    python bench.py latency  --model_name_or_path M    # baseline / SB-MoE / MoE: batch-1 query p50, batched docs/s
     python bench.py pipeline --model_name_or_path M    # our eval pipeline vs BEIR's DenseRetrievalExactSearch
     python bench.py params   --model_name_or_path M    # parameter counts, also on the TinyBERT-6L shape
     python bench.py scale --sizes 10000 100000 1000000 # eval.py's chunked retrieval: time and peak memory by size
@@ -75,6 +76,9 @@ def build(kind: str, backbone: str) -> BiEncoder:
     return model
 
 
+DTYPES = ("fp32", "bf16", "fp16")
+
+
 def dtypes(args) -> list[str]:
     out = ["fp32", "bf16"] if args.dtypes == "cpu" else args.dtypes.split(",")
     if torch.cuda.is_available() and "fp16" not in out:
@@ -90,36 +94,96 @@ def flags(dtype: str) -> dict:
 # encode: eval.py's encoder vs sentence-transformers
 
 
+def cpu_peaks() -> dict:
+    """Rough peak rates of this CPU from its clock and ISA (per core: 2 FMA pipes of 8 fp32 lanes; int8 on AVX2
+    without VNNI: vpmaddubsw + vpmaddwd share those pipes, 32 multiply-adds a cycle; with AVX512-VNNI 128)."""
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    mhz = next((float(x.split(":")[1]) for x in flags.splitlines() if x.startswith("cpu MHz")), float("nan"))
+    cores = torch.get_num_threads()
+    vnni = "avx512_vnni" in flags or "avx_vnni" in flags
+    int8_macs = 128 if vnni else 32
+    return {"mhz": mhz, "cores": cores, "vnni": vnni, "avx512": "avx512f" in flags,
+            "fp32_gflops": cores * mhz * 1e-3 * 32, "int8_gops": cores * mhz * 1e-3 * 2 * int8_macs}  # fmt: skip
+
+
 def bench_encode(args) -> dict:
+    """One interleaved run, same documents, lengths and batch: the project's encoder (torch fp32, bf16 if asked,
+    its ONNX graph fp32 and int8) against sentence-transformers' torch backend (and its ONNX backends where they
+    load: they need optimum, which this project never installs; measure them in an environment of their own)."""
+    import tempfile
+
     from sentence_transformers import SentenceTransformer
+
+    import export
 
     corpus, _, _ = load_data(args)
     texts = [doc_text(d) for d in corpus.values()]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ours = BiEncoder.from_backbone(args.model_name_or_path, pooling="mean").to(device).eval()
     tok = AutoTokenizer.from_pretrained(args.model_name_or_path)
-    st = SentenceTransformer(args.model_name_or_path, device=device)
-    st.max_seq_length = args.doc_max_length
-    report = {"machine": machine(), "docs": len(texts), "max_length": args.doc_max_length, "rows": {}}
-    for dtype in dtypes(args):
-        f = flags(dtype)
+    lengths = [len(x) for x in tok(texts, truncation=True, max_length=args.doc_max_length)["input_ids"]]
+    L = args.doc_max_length
+    fns = {"ours torch fp32": lambda: encode_texts(ours, tok, texts, L, args.batch_size, show_progress=False)}
+    if "bf16" in args.dtypes.split(","):  # ~6x slower than fp32 on CPUs without bf16 units: only when asked
+        fns["ours torch bf16"] = lambda: encode_texts(ours, tok, texts, L, args.batch_size, show_progress=False,
+                                                      bf16=True)  # fmt: skip
+    tmp = Path(tempfile.mkdtemp(prefix="bench-onnx-"))
+    export.export_graphs(ours, tmp, int8=True)
+    graphs = {"ours onnx fp32": export.OnnxRetriever(tmp / export.ONNX_FP32, ours.config),
+              "ours onnx int8": export.OnnxRetriever(tmp / export.ONNX_INT8, ours.config)}  # fmt: skip
+    for name, g in graphs.items():
+        fns[name] = lambda g=g: encode_texts(g, tok, texts, L, args.batch_size, show_progress=False)
+    notes = []
+    st_models = {"sentence-transformers torch": SentenceTransformer(args.model_name_or_path, device=device)}
+    for backend, kw in (("onnx", {}), ("onnx-int8", {"file_name": "onnx/model_qint8_avx2.onnx"})):
+        try:
+            st_models[f"sentence-transformers {backend}"] = SentenceTransformer(
+                args.model_name_or_path, device=device, backend="onnx", model_kwargs=kw)  # fmt: skip
+        except Exception as exc:  # optimum missing, or no such file in the model folder
+            notes.append(f"sentence-transformers {backend}: not measured here ({str(exc).splitlines()[0][:160]})")
+    for name, st in st_models.items():
+        st.max_seq_length = L
 
-        def run_ours(f=f):
-            return encode_texts(ours, tok, texts, args.doc_max_length, args.batch_size, show_progress=False, **f)
-
-        def run_st(f=f):
-            with autocast(device, **f), torch.inference_mode():
+        def run_st(st=st):
+            with torch.inference_mode():
                 return st.encode(texts, batch_size=args.batch_size, normalize_embeddings=True, show_progress_bar=False)
 
-        a, b = run_ours(), run_st()  # warm-up, and the two must agree
-        agree = float(np.abs(a - b.astype(np.float32)).max())
-        t = interleaved({"ours": run_ours, "sentence-transformers": run_st}, args.repeats)
-        row = {k: len(texts) / v for k, v in t.items()}
-        row["ratio"] = row["ours"] / row["sentence-transformers"]
-        row["max_abs_diff"] = agree
-        report["rows"][dtype] = row
-        print(f"{dtype}: ours {row['ours']:.1f} docs/s, sentence-transformers {row['sentence-transformers']:.1f} "
-              f"docs/s, ratio {row['ratio']:.3f} (max |diff| {agree:.1e})", flush=True)  # fmt: skip
+        fns[name] = run_st
+    ref = fns["ours torch fp32"]()
+    agree = {}
+    for name, fn in fns.items():  # warm-up, and agreement with the project's fp32 encoder
+        emb = np.asarray(fn(), dtype=np.float32)
+        agree[name] = {"max_abs_diff": float(np.abs(emb - ref).max()), "min_cosine": float((emb * ref).sum(1).min())}
+    t = interleaved(fns, args.repeats)
+    peaks = cpu_peaks()
+    flops = float(np.mean([backbone_flops(ours.config, n) for n in lengths]))
+    rows = {k: {"docs_per_s": len(texts) / v, **agree[k]} for k, v in t.items()}
+    anchors = [k for k in rows if k.startswith("sentence-transformers")]
+    best = max(anchors, key=lambda k: rows[k]["docs_per_s"])
+    for name, row in rows.items():
+        row["ratio_to_fastest_anchor"] = row["docs_per_s"] / rows[best]["docs_per_s"]
+        row["gops"] = row["docs_per_s"] * flops / 1e9
+        peak = peaks["int8_gops"] if "int8" in name else peaks["fp32_gflops"]
+        row["fraction_of_peak"] = row["gops"] / peak
+    report = {"machine": machine(), "docs": len(texts), "max_length": L, "mean_tokens": float(np.mean(lengths)),
+              "batch_size": args.batch_size, "gflop_per_doc": flops / 1e9, "peaks": peaks, "fastest_anchor": best,
+              "rows": rows, "notes": notes}  # fmt: skip
+    isa = "AVX-512 VNNI" if peaks["vnni"] else "AVX2 only, no VNNI (int8 dot products through vpmaddubsw/vpmaddwd)"
+    lines = [f"{report['machine']}; {len(texts)} SciFact docs, max {L} tokens (mean {report['mean_tokens']:.0f}), batch "
+             f"{args.batch_size}, {args.repeats} interleaved repeats (median); {flops / 1e9:.2f} GFLOP/doc",
+             f"CPU: {peaks['cores']} cores at {peaks['mhz']:.0f} MHz, {isa}; peak ~{peaks['fp32_gflops']:.0f} GFLOP/s fp32, "
+             f"~{peaks['int8_gops']:.0f} GOP/s int8",
+             "| encoder | docs/s | ratio to fastest anchor | GOP/s | fraction of peak | max abs diff | min cosine |",
+             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['docs_per_s']:.1f} | {r['ratio_to_fastest_anchor']:.2f} | {r['gops']:.1f} | "
+                     f"{r['fraction_of_peak']:.1%} | {r['max_abs_diff']:.1e} | {r['min_cosine']:.4f} |")  # fmt: skip
+    lines += [f"fastest anchor: {best}", *notes]
+    print("\n".join(lines), flush=True)
+    report["table"] = lines
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
     return report
 
 
@@ -222,6 +286,57 @@ def print_models(report: dict, dts: list[str]) -> None:
                       f"{x['latency_p95_ms']:.1f}", f"{x['train_step_s']:.2f}", f"{x['peak_rss_mib']:.0f}"]  # fmt: skip
         print(f"| {kind} | " + " | ".join(cells) + " |")
     print(f"FAISS exact search, all test queries: {report['faiss_search_s_all_test_queries'] * 1e3:.1f} ms")
+
+
+# --------------------------------------------------------------------------------------------
+# latency: one short query at a time (batch 1), and batched documents, per variant
+
+
+def bench_latency(args) -> dict:
+    """p50/p95 of one query at a time through `model.encode` (what a search service pays per request),
+    interleaved per query over the variants, plus batched document throughput (batch --batch_size)."""
+    corpus, queries, _ = load_data(args)
+    tok = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    torch.manual_seed(0)
+    models = {k: build(k, args.model_name_or_path) for k in args.kinds}
+    q_texts = list(queries.values())[: args.latency_queries]
+    one = [tok(q, truncation=True, max_length=64, return_tensors="pt") for q in q_texts]
+    texts = [doc_text(d) for d in corpus.values()]
+    report = {"machine": machine(), "queries": len(one), "docs": len(texts), "doc_max_length": args.doc_max_length,
+              "batch_size": args.batch_size, "query_tokens_mean": float(np.mean([b["input_ids"].shape[1] for b in one])),
+              "models": {}}  # fmt: skip
+    lat: dict[str, list[float]] = {k: [] for k in models}
+    with torch.inference_mode():
+        for batch in one[:10]:  # warm-up
+            for m in models.values():
+                m.encode(batch["input_ids"], batch["attention_mask"])
+        for batch in one:
+            for kind, m in models.items():
+                start = time.perf_counter()
+                m.encode(batch["input_ids"], batch["attention_mask"])
+                lat[kind].append(time.perf_counter() - start)
+    enc = {k: (lambda m=m: encode_texts(m, tok, texts, args.doc_max_length, args.batch_size, show_progress=False))
+           for k, m in models.items()}  # fmt: skip
+    t = interleaved(enc, args.repeats)
+    base = "baseline" if "baseline" in models else next(iter(models))
+    for kind in models:
+        report["models"][kind] = {
+            "latency_p50_ms": float(np.percentile(lat[kind], 50) * 1e3),
+            "latency_p95_ms": float(np.percentile(lat[kind], 95) * 1e3),
+            "docs_per_s": len(texts) / t[kind],
+        }
+    b = report["models"][base]
+    lines = [f"{report['machine']}; {len(one)} queries at batch 1 (mean {report['query_tokens_mean']:.1f} tokens), "
+             f"{len(texts)} docs at batch {args.batch_size} (max {args.doc_max_length} tokens), fp32",
+             "| model | p50 ms | p95 ms | p50 ratio | docs/s | throughput ratio |", "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for kind, r in report["models"].items():
+        r["p50_ratio"] = r["latency_p50_ms"] / b["latency_p50_ms"]
+        r["throughput_ratio"] = r["docs_per_s"] / b["docs_per_s"]
+        lines.append(f"| {kind} | {r['latency_p50_ms']:.2f} | {r['latency_p95_ms']:.2f} | {r['p50_ratio']:.3f} | "
+                     f"{r['docs_per_s']:.1f} | {r['throughput_ratio']:.3f} |")  # fmt: skip
+    print("\n".join(lines), flush=True)
+    report["table"] = lines
+    return report
 
 
 # --------------------------------------------------------------------------------------------
@@ -516,7 +631,7 @@ def bench_scale(args) -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["encode", "models", "pipeline", "params", "scale"])
+    p.add_argument("what", choices=["encode", "models", "latency", "pipeline", "params", "scale"])
     p.add_argument("--model_name_or_path", default=None, help="the backbone (every benchmark but scale)")
     p.add_argument("--dataset", default="scifact")
     p.add_argument("--data_dir", default=None)
@@ -526,6 +641,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--latency_queries", type=int, default=50)
+    p.add_argument("--kinds", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="latency: variants")
     p.add_argument("--dtypes", default="cpu", help="'cpu' = fp32,bf16 (plus fp16 on a GPU), or a list")
     p.add_argument("--output", default=None, help="JSON report path (default results/bench/<what>.json)")
     scale = p.add_argument_group("scale")
@@ -541,13 +657,26 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.what != "scale" and not args.model_name_or_path:
         p.error(f"{args.what} needs --model_name_or_path")
-    bench = {"encode": bench_encode, "models": bench_models, "pipeline": bench_pipeline, "params": bench_params,
-             "scale": bench_scale}  # fmt: skip
+    for flag in ("docs", "doc_max_length", "batch_size", "repeats", "latency_queries", "queries", "top_k",
+                 "encode_chunk", "doc_words", "hidden", "layers"):  # fmt: skip
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            p.error(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    for flag in ("sizes", "eval_cli_sizes"):
+        if any(n < 1 for n in getattr(args, flag)):
+            p.error(f"--{flag} {' '.join(map(str, getattr(args, flag)))}: sizes must be at least 1")
+    if args.dtypes != "cpu":
+        unknown = [d for d in args.dtypes.split(",") if d not in DTYPES]
+        if unknown:
+            p.error(f"--dtypes {args.dtypes}: unknown {', '.join(unknown)} (expected 'cpu' or a list of {', '.join(DTYPES)})")
+        if "fp16" in args.dtypes.split(",") and not torch.cuda.is_available():
+            p.error("--dtypes fp16: fp16 autocast needs a GPU")
+    bench = {"encode": bench_encode, "models": bench_models, "latency": bench_latency, "pipeline": bench_pipeline,
+             "params": bench_params, "scale": bench_scale}  # fmt: skip
     try:
         report = bench[args.what](args)
     except DataError as exc:
         fail(str(exc))
-    except OSError as exc:  # a backbone folder or hub name that does not load
+    except (OSError, ValueError) as exc:  # a backbone folder or hub name that does not load (or is not there)
         fail(f"--model_name_or_path {args.model_name_or_path}: cannot load ({str(exc).splitlines()[0]})")
     report["command"] = "python bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     report["peak_rss_mib_this_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

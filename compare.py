@@ -12,6 +12,7 @@ training query (`seen`: the others), read from the dataset's qrels.
 from __future__ import annotations
 
 import argparse
+import math
 
 import numpy as np
 
@@ -25,9 +26,15 @@ def load(path: str, metric: str) -> dict[str, float]:
     except (OSError, ValueError) as exc:  # also a bad gzip stream or malformed JSON
         fail(f"{path}: cannot read a per-query JSON file ({exc})")
     try:
-        return {q: float(m[metric]) for q, m in per_query.items()}
-    except (KeyError, TypeError, AttributeError):
+        scores = {q: float(m[metric]) for q, m in per_query.items()}
+    except (KeyError, TypeError, AttributeError, ValueError):
         fail(f"{path}: not eval.py's per-query format or no {metric!r} per query")
+    bad = [q for q, v in scores.items() if not math.isfinite(v)]
+    if bad:
+        fail(f"{path}: {metric} of query {bad[0]!r} is {scores[bad[0]]} ({len(bad)} non-finite scores): no test on those")
+    if not scores:
+        fail(f"{path}: no queries")
+    return scores
 
 
 def main(argv=None) -> dict:

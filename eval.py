@@ -5,8 +5,18 @@
     python eval.py --model zeroshot --model_name_or_path M --pooling mean
     python eval.py --model sbmoe --split test train --trec_depth train=10   # one corpus pass, two splits
     torchrun --nproc_per_node N eval.py --model sbmoe ... # the corpus sharded over N processes
+    python eval.py --model sbmoe --backend onnx-int8      # encode through an ONNX graph (onnxruntime, CPU)
 
-Writes `<tag>.trec.gz` (the run), `<tag>.perquery.json` and `metrics.json` per split.
+`--backend onnx | onnx-int8` encodes through export.py's graph of the whole encoder (fp32, or int8
+weights): from `--checkpoint DIR` when DIR is an export folder (`export.py CKPT DIR --onnx --int8`),
+otherwise exported on the fly from the checkpoint (or the zero-shot backbone) into a temporary
+folder for this run. Search and metrics are the same either way.
+
+Writes `<tag>.trec.gz` (the run), `<tag>.perquery.json.gz` and `metrics.json` per split (analysis.write_evaluation).
+
+`--hybrid bm25` also writes `<tag>+bm25`: the model's run fused with BM25's (retrievers.py), the model's weight
+chosen on dev (`--split dev` means the official dev split, else training's seeded slice of the train queries;
+its queries are searched in the same corpus pass) unless `--hybrid_weight` fixes it.
 
 `retrieve` and `evaluate_model` are also what train.py calls for its dev evaluation.
 
@@ -45,10 +55,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
 
-from analysis import run_path, write_per_query
-from model import VARIANTS, BiEncoder, load_model
+from analysis import write_evaluation, write_metrics
+from model import VARIANTS, BiEncoder, load_model, load_tokenizer
+from retrievers import BM25, DEV_FRACTION, DEV_SEED, FUSIONS, SELECT_METRIC, choose_weight, dev_qrels, fuse
 from utils import (
     MAX_CUTOFF,
     METRICS,
@@ -56,6 +66,7 @@ from utils import (
     DataError,
     atomic_write_text,
     autocast,
+    check_writable,
     corpus_path,
     doc_text,
     evaluate_run,
@@ -70,7 +81,6 @@ from utils import (
     per_query_metrics,
     read_trec,
     resolve_data_dir,
-    write_trec,
 )
 
 ENCODE_CHUNK = 50_000  # documents encoded, held and searched at a time (--encode_chunk)
@@ -515,13 +525,6 @@ def retrieve(model: BiEncoder, tokenizer, corpus: dict, queries: dict, top_k: in
     return to_results(tops["q"], list(queries), doc_ids)
 
 
-def search_queries(model, tokenizer, d_emb, doc_ids, queries, top_k, query_max_length, **kw) -> dict:
-    """Encode the queries and search an already encoded corpus (an array or a memory map), chunk by chunk."""
-    qids = list(queries)
-    q_emb = encode_texts(model, tokenizer, [queries[q] for q in qids], query_max_length, desc="queries", **kw)
-    return search(q_emb, d_emb, doc_ids, qids, top_k)
-
-
 def evaluate_model(model, tokenizer, corpus, queries, qrels, **kwargs) -> dict[str, float]:
     """The one evaluation function: train.py's dev evaluation and eval.py both call it."""
     return evaluate_run(qrels, retrieve(model, tokenizer, corpus, queries, **kwargs))
@@ -659,6 +662,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ignore_identical_ids", action="store_true", help="drop docs whose id equals the query id")
     p.add_argument("--verify", action="store_true", help="re-score the written .trec with pytrec_eval and compare")
     p.add_argument("--tag", default=None, help="name of the row and the run file (default: the model name)")
+    p.add_argument("--hybrid", choices=["bm25"], help="also fuse each model's run with BM25: row and files <tag>+bm25")
+    p.add_argument("--hybrid_weight", type=float, metavar="W",
+                   help="the model run's weight in the fusion (BM25's: 1 - W), instead of choosing it on dev")  # fmt: skip
+    p.add_argument("--hybrid_fusion", default="interpolate", choices=FUSIONS,
+                   help="interpolate: min-max normalised scores, weighted; rrf: reciprocal rank fusion (k = 60)")  # fmt: skip
+    p.add_argument("--dev_seed", nargs="+", type=int, default=[DEV_SEED],
+                   help="split dev without qrels/dev.tsv: training's seeded slice of the train queries (the union "
+                        "of several seeds' slices for an untrained model); also what tunes --hybrid")  # fmt: skip
+    p.add_argument("--dev_fraction", type=float, default=DEV_FRACTION, help="that slice's share (training's)")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx", "onnx-int8"],
+                   help="encode with PyTorch, or through export.py's ONNX graph (fp32 or int8) in onnxruntime")
     dtype = p.add_mutually_exclusive_group()
     dtype.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU or GPU)")
     dtype.add_argument("--fp16", action="store_true", help="fp16 autocast (GPU)")
@@ -669,22 +683,46 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--model zeroshot needs --model_name_or_path")
     if args.top_k < MAX_CUTOFF:
         p.error(f"--top_k must be at least {MAX_CUTOFF}, the deepest metric cutoff")
-    if args.encode_chunk < 1:
-        p.error("--encode_chunk must be at least 1")
+    for flag in ("encode_chunk", "batch_size", "query_max_length", "doc_max_length"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} {getattr(args, flag)}: must be at least 1")
     try:
         args.trec_depth = {k: int(v) for k, v in (x.split("=") for x in args.trec_depth)}
     except ValueError:
         p.error(f"--trec_depth {' '.join(args.trec_depth)}: expected SPLIT=K entries")
+    for split, depth in args.trec_depth.items():
+        if split not in args.split or depth < 1:
+            p.error(f"--trec_depth {split}={depth}: needs a split of --split and K >= 1")
+    if args.hybrid_weight is not None and not (args.hybrid and args.hybrid_fusion == "interpolate"
+                                               and 0 <= args.hybrid_weight <= 1):  # fmt: skip
+        p.error(f"--hybrid_weight {args.hybrid_weight}: needs --hybrid, interpolation and a weight in [0, 1]")
+    if not 0 < args.dev_fraction < 1:
+        p.error(f"--dev_fraction {args.dev_fraction} must be in (0, 1)")
+    if args.backend != "torch" and (args.bf16 or args.fp16):
+        p.error(f"--backend {args.backend}: --bf16/--fp16 apply to --backend torch only")
     if args.dataset is None and args.data_dir is None:
         args.dataset = "scifact"
     return args
 
 
 def load_for_eval(name: str, checkpoint: str | None, args) -> tuple[BiEncoder, object, str]:
+    backend = getattr(args, "backend", "torch")
+    if checkpoint and name != "zeroshot":
+        import export
+
+        if export.is_export(checkpoint):  # export.py's folder: its graphs (no PyTorch checkpoint in it)
+            if backend == "torch":
+                raise DataError(f"{checkpoint}: an export folder; evaluate it with --backend onnx or onnx-int8")
+            model = export.load_onnx_retriever(checkpoint, backend)
+            if model.config.kind != name:
+                raise DataError(f"{checkpoint}: holds a {model.config.kind} export, not {name}")
+            return model, load_tokenizer(checkpoint), checkpoint
     if name == "zeroshot":
         source = args.model_name_or_path
         try:
             model = BiEncoder.from_backbone(source, pooling=args.pooling)
+        except ValueError as exc:  # neither a local folder nor on the hub
+            raise DataError(str(exc).splitlines()[0]) from None
         except OSError as exc:
             raise DataError(f"--model_name_or_path {source}: cannot load an encoder ({str(exc).splitlines()[0]})") from None
     else:
@@ -695,10 +733,24 @@ def load_for_eval(name: str, checkpoint: str | None, args) -> tuple[BiEncoder, o
             model = load_model(source)
         except (OSError, ValueError) as exc:
             raise DataError(str(exc).splitlines()[0]) from None
+        if model.config.kind != name:  # the row is labelled with what was loaded, never with what was asked
+            raise DataError(f"{source}: holds a {model.config.kind} checkpoint, not {name} "
+                            f"(evaluate it as --model {model.config.kind})")  # fmt: skip
     if args.inference_mode:
         model.config.inference_mode = args.inference_mode
+    try:
+        tokenizer = load_tokenizer(source)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
+    if backend != "torch":
+        import export
+
+        try:
+            return export.onnx_retriever(model.eval(), backend), tokenizer, source
+        except RuntimeError as exc:
+            raise DataError(f"{source}: ONNX export failed ({str(exc).splitlines()[0]})") from None
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return model.to(device).eval(), AutoTokenizer.from_pretrained(source), source
+    return model.to(device).eval(), tokenizer, source
 
 
 def load_data(args, rank: int, world: int):
@@ -712,22 +764,65 @@ def load_data(args, rank: int, world: int):
             dist.barrier()
     corpus = Corpus(data_dir)
     queries = load_queries(data_dir)
-    splits = {split: load_split(data_dir, split, corpus.ids, queries) for split in args.split}
+    splits = {split: load_split(data_dir, split, corpus.ids, queries) for split in args.split if split != "dev"}
+    dev = None
+    if "dev" in args.split or tunes_hybrid(args):  # searched in the same corpus pass; written if asked for
+        dev = load_dev(data_dir, args, corpus.ids, queries)
+        splits["dev"] = dev[:2]
+    splits = {s: splits[s] for s in [*args.split, "dev"] if s in splits}  # the order asked for
     corpus.ids.drop_lookup()  # only the checks above needed it
-    return data_dir, corpus, splits
+    return data_dir, corpus, splits, dev and dev[2]
+
+
+def tunes_hybrid(args) -> bool:
+    return bool(args.hybrid) and args.hybrid_fusion == "interpolate" and args.hybrid_weight is None
+
+
+def load_dev(data_dir: Path, args, doc_ids, queries: dict) -> tuple[dict, dict, str]:
+    """Split dev: qrels/dev.tsv, else training's seeded slice of the train queries; and which it is."""
+    if (data_dir / "qrels" / "dev.tsv").is_file():
+        return (*load_split(data_dir, "dev", doc_ids, queries), "split dev")
+    train_queries, _ = load_split(data_dir, "train", doc_ids, queries)  # checked as any split is
+    qrels, source = dev_qrels(data_dir, args.dev_seed, args.dev_fraction)
+    return {q: train_queries[q] for q in qrels}, qrels, source
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     rank, world, created = init_distributed()
     try:
-        data_dir, corpus, splits = load_data(args, rank, world)
+        for split in args.split:  # before any encoding: a folder that cannot be written is found now
+            check_writable(split_dir(args, split))
+        if args.embedding_cache:
+            check_writable(args.embedding_cache, "--embedding_cache")
+        data_dir, corpus, splits, dev_source = load_data(args, rank, world)
     except DataError as exc:
         fail(str(exc))
     dataset = args.dataset or str(data_dir)
     dtype = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
-    rows = {split: {} for split in splits}
-    checkpoints, seconds = {}, {}
+    rows = {split: {} for split in args.split}  # dev may be searched only to tune --hybrid: not written then
+    checkpoints, seconds, hybrid, bm25 = {}, {}, {}, None
+
+    def meta(split: str) -> dict:
+        # retrieval_seconds: encoding the corpus and the queries of every split, search and metrics
+        out = {"split": split, "dataset": dataset, "checkpoints": checkpoints, "dtype": dtype, "backend": args.backend}
+        return {**out, "retrieval_seconds": seconds, **({"hybrid": hybrid} if hybrid else {})}
+
+    def write(split: str, tag: str, results: dict) -> None:
+        out_dir, qrels = split_dir(args, split), splits[split][1]
+        depth = args.trec_depth.get(split, args.top_k)
+
+        def verify(path: Path, metrics: dict) -> None:
+            worst = verify_trec(path, qrels, metrics, depth)
+            print(f"{tag}/{split}: metrics match pytrec_eval on the run file (max |diff| {worst:.1e})")
+
+        try:  # every file is written whole (temp file, then rename) or not at all
+            rows[split][tag] = write_evaluation(out_dir, tag, results, qrels, depth, meta(split), rows=rows[split],
+                                                ignore_identical_ids=args.ignore_identical_ids,
+                                                verify=verify if args.verify else None)  # fmt: skip
+        except OSError as exc:
+            fail(f"{out_dir}: cannot write the results ({exc.strerror or exc})")
+
     for i, name in enumerate(args.model):
         try:
             model, tokenizer, source = load_for_eval(name, args.checkpoint[i] if args.checkpoint else None, args)
@@ -738,7 +833,8 @@ def main(argv=None) -> dict:
         start = time.perf_counter()
         cache = None
         if args.embedding_cache:
-            key = cache_key(str(source), model, data_dir, len(corpus), args.doc_max_length, dtype, args.batch_size)
+            key = cache_key(str(source), model, data_dir, len(corpus), args.doc_max_length,
+                            dtype if args.backend == "torch" else args.backend, args.batch_size)  # fmt: skip
             cache = EmbeddingCache(args.embedding_cache, key)
         timings: dict[str, float] = {}
         tops = retrieve_topk(
@@ -749,37 +845,57 @@ def main(argv=None) -> dict:
         )  # fmt: skip
         if rank != 0:
             continue
-        for split, (queries, qrels) in splits.items():
-            results = to_results(tops[split], list(queries), corpus.ids)
-            per_query = per_query_metrics(qrels, results, ignore_identical_ids=args.ignore_identical_ids)
-            rows[split][tag] = mean_metrics(per_query)
-            out_dir = split_dir(args, split)
-            depth = args.trec_depth.get(split, args.top_k)
-            write_trec(run_path(out_dir, tag), results, tag, depth)
-            if args.verify:
-                worst = verify_trec(run_path(out_dir, tag), qrels, rows[split][tag], depth)
-                print(f"{tag}/{split}: metrics match pytrec_eval on the run file (max |diff| {worst:.1e})")
-            write_per_query(out_dir, tag, per_query)
+        runs = {split: to_results(tops[split], list(queries), corpus.ids) for split, (queries, _) in splits.items()}
+        for split in args.split:
+            write(split, tag, runs[split])
         elapsed = seconds[tag] = time.perf_counter() - start
         parts = ", ".join(f"{k} {v:.1f}s" for k, v in timings.items() if k != "gather" or world > 1)
         cached = f", {cache.hits} cached chunk(s) read, {cache.misses} encoded" if cache else ""
         print(f"{tag}: {len(corpus)} docs, splits {', '.join(splits)}, retrieval {elapsed:.1f}s "
               f"({parts}{' on rank 0' if world > 1 else ''}{cached}; {world} process(es), chunks of "
               f"{args.encode_chunk})", flush=True)  # fmt: skip
+        if args.hybrid:
+            bm25 = bm25 or bm25_runs(data_dir, corpus, splits, args.top_k)
+            fused, hybrid[f"{tag}+bm25"] = fuse_runs(args, tag, runs, bm25, splits, dev_source)
+            how = hybrid[f"{tag}+bm25"]
+            weight = f", {tag} weight {how['weight']:g} ({how['weight_from']})" if "weight" in how else ""
+            print(f"{tag}+bm25: {how['fusion']}{weight}", flush=True)
+            for split in args.split:
+                write(split, f"{tag}+bm25", fused[split])
     if created:
         dist.destroy_process_group()
     if rank != 0:
         return {}
     summaries = {}
     for split, split_rows in rows.items():
-        # retrieval_seconds: encoding the corpus and the queries of every split, search and metrics
-        summary = {**split_rows, "split": split, "dataset": dataset, "checkpoints": checkpoints, "dtype": dtype}
-        summary["retrieval_seconds"] = seconds
-        atomic_write_text(split_dir(args, split) / "metrics.json", json.dumps(summary, indent=2))
+        summary = {**split_rows, **meta(split)}
+        write_metrics(split_dir(args, split), split_rows, meta(split))
         print(f"\n{dataset} / {split} ({len(splits[split][1])} judged queries, {dtype})")
         print(format_table(split_rows, TABLE_COLUMNS))
         summaries[split] = summary
     return summaries[args.split[0]] if len(summaries) == 1 else summaries
+
+
+def bm25_runs(data_dir: Path, corpus: Corpus, splits: dict, top_k: int) -> dict[str, dict]:
+    """BM25's run of every split's queries (one index for all of them)."""
+    docs = corpus.loaded if corpus.loaded is not None else load_corpus(data_dir)
+    run = BM25().search(docs, {q: t for queries, _ in splits.values() for q, t in queries.items()}, top_k)
+    return {split: {q: run[q] for q in queries} for split, (queries, _) in splits.items()}
+
+
+def fuse_runs(args, tag: str, dense: dict, bm25: dict, splits: dict, dev_source: str | None) -> tuple[dict, dict]:
+    """The model's run fused with BM25's on every split asked for, and how (recorded in metrics.json):
+    the model's weight, fixed by --hybrid_weight or chosen on dev."""
+    info = {"fuse": [tag, "bm25"], "fusion": args.hybrid_fusion}
+    weight = 0.5 if args.hybrid_weight is None else args.hybrid_weight
+    if tunes_hybrid(args):
+        dev_qrels = splits["dev"][1]
+        weight, scores = choose_weight(dense["dev"], bm25["dev"], dev_qrels, args.top_k)
+        info.update(weight=weight, weight_from=f"dev: {dev_source}, {len(dev_qrels)} queries")
+        info[f"dev {SELECT_METRIC}"] = {f"{w:g}": s for w, s in scores.items()}
+    elif args.hybrid_fusion == "interpolate":
+        info.update(weight=weight, weight_from="--hybrid_weight")
+    return {s: fuse(dense[s], bm25[s], args.hybrid_fusion, weight, args.top_k) for s in args.split}, info
 
 
 def verify_trec(path: Path, qrels: dict, metrics: dict[str, float], depth: int, tol: float = 1e-6) -> float:

@@ -32,22 +32,21 @@ import numpy as np
 
 import analysis as an
 from model import VARIANTS
+from retrievers import BM25, DEV_FRACTION, FUSIONS, SELECT_METRIC, choose_weight, dev_qrels, fuse
 from utils import (
     MAX_CUTOFF,
     TABLE_COLUMNS,
     DataError,
     atomic_write_text,
-    bm25_search,
     check_writable,
     fail,
-    load_beir,
     load_corpus,
     load_qrels,
     load_queries,
+    load_split,
     mean_metrics,
-    per_query_metrics,
+    read_trec,
     resolve_data_dir,
-    write_trec,
 )
 
 UNTRAINED = ("zeroshot", "bm25")  # evaluated once, seed-independent
@@ -76,11 +75,14 @@ def smoke_slice(folder: Path, out: Path, n_queries: int = SMOKE_QUERIES, n_docs:
     """A small BEIR folder cut from `folder`: per qrels split its first `n_queries` queries with a positive, their
     judged documents, and other documents up to `n_docs` in all; rewritten only when it would change."""
     corpus, queries = load_corpus(folder), load_queries(folder)
-    splits = {}
+    splits, small = {}, len(corpus) <= n_docs
     for path in sorted((folder / "qrels").glob("*.tsv")):
         qrels = load_qrels(path)
+        small = small and len(qrels) <= n_queries
         keep = [q for q in qrels if q in queries and any(r > 0 for r in qrels[q].values())][:n_queries]
         splits[path.stem] = {q: {d: r for d, r in qrels[q].items() if d in corpus} for q in keep}
+    if small:  # already a slice's size: used as it is
+        return folder
     judged = dict.fromkeys(d for qrels in splits.values() for docs in qrels.values() for d in docs)
     docs = list(judged) + [d for d in corpus if d not in judged][: max(0, n_docs - len(judged))]
     files = {"corpus.jsonl": "".join(json.dumps({"_id": d, **corpus[d]}) + "\n" for d in docs),
@@ -95,7 +97,8 @@ def smoke_slice(folder: Path, out: Path, n_queries: int = SMOKE_QUERIES, n_docs:
     return out
 TOP_KEYS = {"name", "description", "dataset", "data_dir", "model", "seeds", "splits", "subsets", "recipe", "eval",
             "trec_depth", "runs", "select", "figures", "frozen", "transfer"}  # fmt: skip
-RUN_KEYS = {"kind", "train", "eval", "label", "reference", "group", "seeds", "frozen"}
+RUN_KEYS = {"kind", "train", "eval", "label", "reference", "group", "seeds", "frozen", "fuse", "weight", "fusion"}
+HYBRID = "hybrid"  # two runs of the file fused (retrievers.fuse), per seed where one of them is trained
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,10 +116,18 @@ class Run:
     references: list[str] = field(default_factory=list)  # runs it is compared with (paired tests)
     group: str | None = None
     frozen: bool = False  # backbone frozen: frozen.py trains the head on cached backbone outputs
+    fuse: list[str] = field(default_factory=list)  # kind hybrid: the two runs fused, the first weighted `weight`
+    weight: float | None = None  # kind hybrid: fixed; None: chosen on dev (equal where no dev run files exist)
+    fusion: str = "interpolate"  # kind hybrid: interpolate | rrf
 
     @property
     def trained(self) -> bool:
-        return self.kind not in UNTRAINED
+        return self.kind not in (*UNTRAINED, HYBRID)
+
+    @property
+    def per_seed(self) -> bool:
+        """Results per seed: a trained run, or a hybrid of one (its seeds are that run's)."""
+        return self.trained or (self.kind == HYBRID and bool(self.seeds))
 
     @property
     def tag(self) -> str:
@@ -237,8 +248,10 @@ def load_experiment(path: str | Path) -> Experiment:
         check(isinstance(spec, dict), f"runs.{name} must be a table")
         check(not set(spec) - RUN_KEYS, f"runs.{name}: unknown key(s) {sorted(set(spec) - RUN_KEYS)}")
         kind = spec.get("kind", "")
-        check(kind in VARIANTS or kind in UNTRAINED, f"runs.{name}: kind {kind!r} is not one of "
-              f"{', '.join([*VARIANTS, *UNTRAINED])}")  # fmt: skip
+        check(kind in VARIANTS or kind in UNTRAINED or kind == HYBRID, f"runs.{name}: kind {kind!r} is not one of "
+              f"{', '.join([*VARIANTS, *UNTRAINED, HYBRID])}")  # fmt: skip
+        check((kind == HYBRID) == ("fuse" in spec) and (kind == HYBRID or not {"weight", "fusion"} & set(spec)),
+              f"runs.{name}: `fuse` (and `weight`, `fusion`) belong to kind {HYBRID!r}, which needs `fuse`")  # fmt: skip
         for key in ("train", "eval"):
             check(all(isinstance(x, str) for x in spec.get(key, [])), f"runs.{name}.{key} must be a list of strings")
         refs = spec.get("reference", [])
@@ -246,7 +259,9 @@ def load_experiment(path: str | Path) -> Experiment:
         runs[name] = Run(name, kind, list(spec.get("train", [])), list(spec.get("eval", [])),
                          list(spec.get("seeds", seeds)), spec.get("label", name), [refs] if isinstance(refs, str)
                          else list(refs), spec.get("group"),
-                         kind not in UNTRAINED and bool(spec.get("frozen", raw.get("frozen", False))))  # fmt: skip
+                         kind in VARIANTS and bool(spec.get("frozen", raw.get("frozen", False))))  # fmt: skip
+        if kind == HYBRID:
+            runs[name] = hybrid_run(runs[name], spec, raw["runs"], lambda ok, m, n=name: check(ok, f"runs.{n}: {m}"))
     for run in runs.values():
         for ref in run.references:
             check(ref in runs, f"runs.{run.name}.reference {ref!r} is not a run")
@@ -270,6 +285,26 @@ def load_experiment(path: str | Path) -> Experiment:
     )  # fmt: skip
 
 
+def hybrid_run(run: Run, spec: dict, specs: dict, check) -> Run:
+    """A hybrid's members checked (two other non-hybrid runs of the file), its weight and fusion; its seeds
+    are those of its trained member(s), none when both are untrained."""
+    members, weight, fusion = spec["fuse"], spec.get("weight"), spec.get("fusion", "interpolate")
+    check(isinstance(members, list) and len(members) == 2 and len(set(members)) == 2
+          and all(isinstance(m, str) for m in members), f"fuse must name two different runs, got {members!r}")  # fmt: skip
+    for member in members:
+        check(member in specs and isinstance(specs[member], dict) and specs[member].get("kind") != HYBRID,
+              f"fuse: {member!r} is not a (non-hybrid) run of the file")  # fmt: skip
+    check(fusion in FUSIONS, f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
+    number = isinstance(weight, (int, float)) and not isinstance(weight, bool)
+    check(weight is None or (number and 0 <= weight <= 1 and fusion == "interpolate"),
+          f"weight must be in [0, 1] (and the fusion interpolate), got {weight!r}")  # fmt: skip
+    check(not {"train", "eval", "frozen", "group"} & set(spec), "a hybrid has no train, eval, frozen or group")
+    trained = [specs[m].get("seeds", run.seeds) for m in members if specs[m].get("kind") not in UNTRAINED]
+    seeds = [s for s in trained[0] if all(s in t for t in trained)] if trained else []
+    weight = None if weight is None else float(weight)
+    return replace(run, fuse=list(members), weight=weight, fusion=fusion, seeds=seeds)
+
+
 # --------------------------------------------------------------------------------------------
 # Where things live
 
@@ -281,7 +316,7 @@ class Layout:
         self.exp, self.root, self.ckpts = exp, Path(results) / exp.name, Path(ckpt_root) / exp.name
 
     def run_dir(self, run: Run, seed: int | None) -> Path:
-        return self.root / run.name if not run.trained else self.root / run.name / f"seed{seed}"
+        return self.root / run.name if not run.per_seed else self.root / run.name / f"seed{seed}"
 
     def split_dir(self, run: Run, seed: int | None, split: str) -> Path:
         return self.run_dir(run, seed) / split
@@ -308,7 +343,7 @@ class Runner:
         self.dtype = ["--fp16"] if args.fp16 else ["--bf16"] if args.bf16 else []
         self.may_train = True  # False for transfer datasets: evaluate the checkpoints, never train on them
 
-    def execute(self, script: str, kind: str | None, argv: list[str], log: Path, launch: list[str]) -> bool:
+    def execute(self, script: str, argv: list[str], log: Path, launch: list[str]) -> bool:
         """One training or evaluation step, logged; in this process (--in_process) or a fresh one."""
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "a", encoding="utf-8") as fh:
@@ -321,7 +356,7 @@ class Runner:
             import frozen
             import train
 
-            entry = {"train.py": lambda: train.main(kind, argv), "eval.py": lambda: evaluation.main(argv),
+            entry = {"train.py": lambda: train.main(None, argv), "eval.py": lambda: evaluation.main(argv),
                      "frozen.py": lambda: frozen.main(argv)}[script]  # fmt: skip
             try:
                 with contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
@@ -345,7 +380,7 @@ class Runner:
         argv = self.train_argv(run, seed, ckpt)
         if any(ckpt.glob("checkpoint-*/trainer_state.json")):
             argv += ["--resume_from_checkpoint", "last"]
-        return self.execute("train.py", None, argv, log, launch)
+        return self.execute("train.py", argv, log, launch)
 
     def frozen(self, run: Run, seed: int, ckpt: Path) -> bool:
         """Train the head on the cached backbone (once per checkpoint) and evaluate it, in one frozen.py call."""
@@ -353,30 +388,79 @@ class Runner:
         depth = self.trec_depth_flags()
         argv = [*self.train_argv(run, seed, ckpt), "--eval_output_dir", str(out), "--eval_splits", *splits,
                 "--tag", run.tag, *(["--trec_depth", *depth] if depth else []), *self.exp.eval, *run.eval]  # fmt: skip
-        return self.execute("frozen.py", None, argv, out / "train.log", [sys.executable])
+        return self.execute("frozen.py", argv, out / "train.log", [sys.executable])
+
+    def dev_slice(self, run: Run, seed: int | None) -> tuple[list[int], float]:
+        """The seeds and fraction of training's dev slice of the train queries for `run` at `seed`: that seed's,
+        every seed's for a run that serves them all (where the dataset has no official dev split)."""
+        argv = [*self.exp.recipe, *run.train, *self.args.extra]  # as train_argv; the last --dev_fraction wins
+        at = [i for i, x in enumerate(argv[:-1]) if x == "--dev_fraction"]
+        return [seed] if seed is not None else list(self.exp.seeds), float(argv[at[-1] + 1]) if at else DEV_FRACTION
+
+    def dev_flags(self, run: Run, seed: int | None) -> list[str]:
+        """A run that a hybrid of the file fuses with a weight still to choose is also evaluated on dev."""
+        hybrids = [r for r in self.exp.runs.values() if r.kind == HYBRID]
+        tuned = [r for r in hybrids if r.weight is None and r.fusion == "interpolate"]
+        if "dev" in self.exp.splits or not any(run.name in r.fuse for r in tuned):
+            return []
+        seeds, fraction = self.dev_slice(run, seed)
+        return ["--dev_seed", *map(str, seeds), "--dev_fraction", f"{fraction:g}"]
 
     def evaluate(self, run: Run, seed: int | None, ckpt: Path | None) -> bool:
         out = self.layout.run_dir(run, seed)
-        splits = self.exp.splits
+        dev = self.dev_flags(run, seed)
+        splits = [*self.exp.splits, *(["dev"] if dev else [])]
         target = ["--checkpoint", str(ckpt)] if ckpt else ["--model_name_or_path", self.model]
         depth = self.trec_depth_flags()
         argv = ["--model", run.kind, *target, *self.data, "--split", *splits, "--tag", run.tag, "--verify",
                 "--output_dir", str(out if len(splits) > 1 else out / splits[0]),
-                *(["--trec_depth", *depth] if depth else []), *self.exp.eval, *run.eval,
+                *(["--trec_depth", *depth] if depth else []), *dev, *self.exp.eval, *run.eval,
                 *self.dtype, *(SMOKE_EVAL if self.args.smoke else [])]  # fmt: skip
-        return self.execute("eval.py", None, argv, out / "eval.log", [sys.executable])
+        return self.execute("eval.py", argv, out / "eval.log", [sys.executable])
 
     def bm25(self, run: Run) -> bool:
-        for split in self.exp.splits:
-            corpus, queries, qrels = load_beir(self.folder, split)
-            results = bm25_search(corpus, queries, top_k=MAX_CUTOFF)
-            per_query = per_query_metrics(qrels, results)
-            out = self.layout.split_dir(run, None, split)
-            write_trec(an.run_path(out, run.tag), results, run.tag, self.exp.trec_depth.get(split, MAX_CUTOFF))
-            an.write_per_query(out, run.tag, per_query)
-            summary = {run.tag: mean_metrics(per_query), "split": split, "dataset": self.folder.name}
-            atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2))
+        corpus, queries = load_corpus(self.folder), load_queries(self.folder)
+        splits = {split: load_split(self.folder, split, corpus, queries)[1] for split in self.exp.splits}
+        if self.dev_flags(run, None):
+            splits["dev"] = dev_qrels(self.folder, *self.dev_slice(run, None))[0]
+        results = BM25().search(corpus, {q: queries[q] for qrels in splits.values() for q in qrels}, MAX_CUTOFF)
+        for split, qrels in splits.items():
+            an.write_evaluation(self.layout.split_dir(run, None, split), run.tag, {q: results[q] for q in qrels},
+                                qrels, self.exp.trec_depth.get(split, MAX_CUTOFF),
+                                {"split": split, "dataset": self.folder.name})  # fmt: skip
         return True
+
+    def hybrid(self, run: Run, seed: int | None) -> str | None:
+        """Fuse the two runs' files split by split, the weight chosen on their dev run files (if both have
+        them: runs evaluated before the hybrid was in the file have none, and take the equal weight).
+        Returns what failed, or None."""
+        members = [self.exp.runs[m] for m in run.fuse]
+        folders = lambda split: [self.layout.split_dir(m, seed if m.per_seed else None, split) for m in members]  # noqa: E731
+        read = lambda split: [read_trec(an.run_path(f, m.tag)) for f, m in zip(folders(split), members)]  # noqa: E731
+        missing = [an.run_path(f, m.tag) for s in self.exp.splits for f, m in zip(folders(s), members)
+                   if not an.run_path(f, m.tag).is_file()]  # fmt: skip
+        if missing:
+            return f"no run file {missing[0]}"
+        info: dict = {"fuse": run.fuse, "fusion": run.fusion}
+        if run.fusion == "interpolate" and run.weight is not None:
+            info.update(weight=run.weight, weight_from="the experiment file")
+        elif run.fusion == "interpolate":
+            qrels, source = dev_qrels(self.folder, *self.dev_slice(next((m for m in members if m.trained), run), seed))
+            runs = read("dev") if all(an.run_path(f, m.tag).is_file() for f, m in zip(folders("dev"), members)) else []
+            if runs and all(set(qrels) <= set(r) for r in runs):
+                weight, scores = choose_weight(*({q: r[q] for q in qrels} for r in runs), qrels, MAX_CUTOFF)
+                info.update(weight=weight, weight_from=f"dev: {source}, {len(qrels)} queries")
+                info[f"dev {SELECT_METRIC}"] = {f"{w:g}": v for w, v in scores.items()}
+            else:
+                info.update(weight=0.5, weight_from="equal weight: the fused runs have no dev run files of this dev slice")
+        for split in self.exp.splits:
+            qrels, runs = load_qrels(self.folder / "qrels" / f"{split}.tsv"), read(split)
+            fused = fuse(*runs, run.fusion, info.get("weight", 0.5), MAX_CUTOFF)
+            depths = [max(map(len, r.values()), default=0) for r in runs]  # what the run files kept (trec_depth)
+            an.write_evaluation(self.layout.split_dir(run, seed, split), run.tag, fused, qrels,
+                                self.exp.trec_depth.get(split, MAX_CUTOFF),
+                                {"split": split, "dataset": self.folder.name, "hybrid": {**info, "fused_depth": depths}})  # fmt: skip
+        return None
 
     def job(self, runs: list[Run], seed: int | None, all_runs: list[Run]) -> str:
         """Train one checkpoint if needed, then evaluate every run that shares it."""
@@ -385,7 +469,10 @@ class Runner:
         if not pending:
             return f"{names}: done earlier"  # the checkpoint itself may be gone: no need to retrain
         start, lead = time.time(), runs[0]
-        if lead.kind == "bm25":
+        if lead.kind == HYBRID:
+            if failure := self.hybrid(lead, seed):
+                return f"{names}: fusion FAILED: {failure}"
+        elif lead.kind == "bm25":
             self.bm25(lead)
         elif lead.kind == "zeroshot":
             if not self.evaluate(lead, None, None):
@@ -413,12 +500,14 @@ class Runner:
     def run_stage(self, runs: list[Run]) -> list[str]:
         """Every missing (checkpoint, seed) of these runs, `--parallel` at a time; returns failures."""
         groups: dict[tuple, list[Run]] = {}
+        hybrids = {(run.name, seed): [run] for run in runs if run.kind == HYBRID for seed in run.seeds or [None]}
         for run in runs:
             for seed in run.seeds if run.trained else [None]:
                 key = (str(self.layout.checkpoint(run, runs, seed)), seed) if run.trained else (run.name, None)
-                groups.setdefault(key, []).append(run)
+                if run.kind != HYBRID:
+                    groups.setdefault(key, []).append(run)
         self.layout.root.mkdir(parents=True, exist_ok=True)
-        total, done, lock = len(groups), [0], threading.Lock()
+        total, done, lock = len(groups) + len(hybrids), [0], threading.Lock()
 
         def work(i: int, item) -> str:
             (_, seed), group = item
@@ -433,7 +522,8 @@ class Runner:
             return message
 
         with ThreadPoolExecutor(1 if self.args.in_process else self.args.parallel) as pool:
-            messages = list(pool.map(work, range(1, total + 1), groups.items()))
+            messages = list(pool.map(work, range(1, len(groups) + 1), groups.items()))
+        messages += [work(len(groups) + i, item) for i, item in enumerate(hybrids.items(), 1)]  # after what they fuse
         return [m for m in messages if "FAILED" in m]
 
 
@@ -588,13 +678,15 @@ def summarise(exp: Experiment, layout: Layout, runs: dict[str, Run], subsets: di
     main = exp.splits[0]
     rows, scores = {}, {}
     for run in runs.values():
-        seeds = [s for s in (run.seeds if run.trained else [None]) if layout.evaluated(run, s)]
+        seeds = [s for s in (run.seeds if run.per_seed else [None]) if layout.evaluated(run, s)]
         if not seeds:
             continue
         per_split = {split: [an.read_per_query(layout.split_dir(run, s, split), run.tag) for s in seeds]
                      for split in exp.splits}  # fmt: skip
         row = {"label": run.label, "kind": run.kind, "change": " ".join(run.train + run.eval),
-               "seeds": seeds if run.trained else [], "planned_seeds": run.seeds if run.trained else []}  # fmt: skip
+               "seeds": seeds if run.per_seed else [], "planned_seeds": run.seeds if run.per_seed else []}  # fmt: skip
+        if run.kind == HYBRID:  # how each seed's runs were fused
+            row["hybrid"] = {str(s): an.read_metrics(layout.split_dir(run, s, main)).get("hybrid") for s in seeds}
         for split, per_seed in per_split.items():
             prefix = "" if split == main else f"{split} "
             for col in TABLE_COLUMNS:
@@ -722,6 +814,19 @@ def cost_text(stage: dict) -> list[str]:
     return lines
 
 
+def hybrid_text(per_seed: dict[str, dict], rows: dict) -> str:
+    """How a hybrid row's runs were fused (metrics.json's `hybrid` of each seed)."""
+    first = next(iter(per_seed.values()))
+    a, b = (rows[m]["label"] if m in rows else m for m in first["fuse"])
+    if first["fusion"] == "rrf":
+        return f"reciprocal rank fusion of {a} and {b} (k = 60)"
+    weights = {s: f"{h['weight']:g}" for s, h in per_seed.items()}
+    weight = next(iter(weights.values())) if len(set(weights.values())) == 1 else ", ".join(
+        f"{w} (seed {s})" for s, w in weights.items())  # fmt: skip
+    sources = "; ".join(dict.fromkeys(h["weight_from"] for h in per_seed.values()))
+    return f"min-max normalised scores, {a} weighted {weight}, {b} 1 minus that ({sources})"
+
+
 def p_text(t: dict) -> str:
     return f"{t['mean_diff']:+.4f}, t-test p = {t['t_pvalue']:.3g}, randomisation p = {t['rand_pvalue']:.3g}"
 
@@ -744,6 +849,8 @@ def tests_text(stage: dict, subsets: dict) -> list[str]:
                              for s, r in zip(t["seeds"], t["per_seed"]))  # fmt: skip
             lines.append(f"  Per seed: {each}.")
     for row in rows.values():
+        if row.get("hybrid"):
+            lines.append(f"- {row['label']}: {hybrid_text(row['hybrid'], rows)}.")
         if row["expert_out_max_abs"] and row["kind"] == "sbmoe":
             scales = ", ".join(f"seed {k} {v:.4f}" for k, v in row["expert_out_max_abs"].items())
             lines.append(f"- {row['label']}: experts' output projections, largest |weight| after training: {scales}.")
@@ -848,7 +955,8 @@ def main(argv=None) -> dict:
     dtype.add_argument("--fp16", action="store_true", help="fp16 mixed precision in training and evaluation (GPU)")
     dtype.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU, or a CPU with bf16 units)")
     p.add_argument("--seeds", nargs="+", type=int, help="run only these of the file's seeds (e.g. a cut for a CPU)")
-    p.add_argument("--smoke", action="store_true", help="2 training steps, 32-token documents: plumbing only")
+    p.add_argument("--smoke", action="store_true", help=f"plumbing only: the first seed (or --seeds), 2 training steps, "
+                   f"32-token documents, on a slice of the data ({SMOKE_QUERIES} queries a split, {SMOKE_DOCS} documents)")
     p.add_argument("--in_process", action="store_true", help="train and evaluate in this process, one at a time")
     p.add_argument("--report", action="store_true", help="only rebuild the report from the results on disk")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags for every training run")
@@ -870,8 +978,9 @@ def main(argv=None) -> dict:
         missing = [s for s in exp.splits if not (folder / "qrels" / f"{s}.tsv").is_file()]
         if missing:
             raise DataError(f"{args.experiment}: splits {missing} have no qrels in {folder / 'qrels'}")
-        if args.smoke and not args.report:
+        if args.smoke and not args.report:  # plumbing: every stage once, on a slice, with the first seed
             folder = smoke_slice(folder, Path(args.results) / exp.name / "smoke-data" / folder.name)
+            exp = exp if args.seeds else restrict_seeds(exp, exp.seeds[:1])
         transfer = {} if args.report else resolve_transfer(exp)  # a missing one fails before anything trains
     except DataError as exc:
         fail(str(exc))

@@ -22,22 +22,24 @@ import math
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+from transformers import get_linear_schedule_with_warmup
 
 import analysis as an
 from eval import search
-from model import BiEncoder, Embedding
+from model import BiEncoder, Embedding, load_tokenizer
 from train import ContrastiveDataset, build_model, load_data, mine_negatives, parse, positive_ids
 from utils import (
     MAX_CUTOFF,
     DataError,
+    FolderLock,
     atomic_write_text,
+    check_writable,
     doc_text,
     fail,
     load_beir,
@@ -45,7 +47,6 @@ from utils import (
     per_query_metrics,
     resolve_data_dir,
     set_seed,
-    write_trec,
 )
 
 
@@ -226,11 +227,57 @@ def train_head(model, margs, targs, data, negatives, num_negatives: int, samplin
 # Entry point
 
 
+HEAD_TRAINING = ("seed", "num_train_epochs", "max_steps", "per_device_train_batch_size", "learning_rate",
+                 "warmup_steps", "weight_decay", "eval_strategy")  # the training arguments a head depends on
+
+
+def head_settings(margs, dargs, targs, data: str) -> dict:
+    """Everything a trained head depends on (model and data arguments, its training arguments, the texts):
+    a saved head is reused only under the same settings."""
+    settings = {k: v for k, v in {**asdict(margs), **asdict(dargs)}.items() if k not in ("cache_dir", "data_dir")}
+    settings.update({k: getattr(targs, k) for k in HEAD_TRAINING}, data=data)
+    return json.loads(json.dumps(settings, default=str))
+
+
+def check_head_settings(out: Path, settings: dict) -> None:
+    """A DataError naming the differences when the head in `out` was trained under other settings."""
+    info = json.loads((out / "run_info.json").read_text()) if (out / "run_info.json").is_file() else {}
+    saved = info.get("head_settings")
+    if saved is None:
+        raise DataError(f"{out}: a head saved without its settings; delete the folder or use another --output_dir")
+    diff = [k for k in sorted(set(saved) | set(settings)) if saved.get(k) != settings.get(k)]
+    if diff:
+        shown = ", ".join(f"{k}={saved.get(k)!r} there, {settings.get(k)!r} here" for k in diff[:3])
+        raise DataError(f"{out}: holds a head trained with other settings ({shown}); use another --output_dir")
+
+
+def backbone_fingerprint(name_or_path: str) -> list:
+    """The backbone's identity for the feature cache: a local folder's files (name, size, mtime), else its name."""
+    folder = Path(name_or_path)
+    if not folder.is_dir():
+        return [str(name_or_path)]
+    return [str(name_or_path)] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(folder.iterdir())
+                                  if f.is_file() and f.suffix in (".json", ".safetensors", ".bin", ".txt")]  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     margs, dargs, targs, fargs = parse(None, argv, extra=(FrozenArguments,))
     set_seed(targs.seed)
     torch.manual_seed(targs.seed)
     out = Path(targs.output_dir)
+    if fargs.inference_mode not in (None, "top1", "all"):
+        fail(f"--inference_mode {fargs.inference_mode}: expected top1 or all")
+    try:
+        check_writable(out)
+        for split in fargs.eval_splits if fargs.eval_output_dir else []:
+            check_writable(Path(fargs.eval_output_dir) / split, "--eval_output_dir")
+        depth = {k: int(v) for k, v in (x.split("=") for x in fargs.trec_depth)}
+        if any(k not in fargs.eval_splits or v < 1 for k, v in depth.items()):
+            raise ValueError
+    except ValueError:
+        fail(f"--trec_depth {' '.join(fargs.trec_depth)}: expected SPLIT=K entries, K >= 1, splits of --eval_splits")
+    except DataError as exc:
+        fail(str(exc))
     try:
         corpus, queries, train_qrels, dev_qrels, cache, dev_info = load_data(dargs, targs.seed)
         data_dir = resolve_data_dir(dargs.dataset, dargs.data_dir)
@@ -240,10 +287,13 @@ def main(argv: list[str] | None = None) -> None:
     model = build_model(margs)
     if any(n.startswith("encoder.") for n in model.moe_parameter_names()):
         fail(f"--kind {margs.kind}: its MoE sits inside the backbone, so the backbone cannot be frozen")
-    tokenizer = AutoTokenizer.from_pretrained(margs.model_name_or_path)
+    try:
+        tokenizer = load_tokenizer(margs.model_name_or_path)
+    except ValueError as exc:
+        fail(str(exc))
     all_queries = {**queries, **{q: t for qs, _ in splits.values() for q, t in qs.items()}}
     qids_all = sorted(all_queries)
-    key = [str(margs.model_name_or_path), model.config.pooling]  # + what was encoded: the texts themselves
+    key = [*backbone_fingerprint(margs.model_name_or_path), model.config.pooling]  # + the texts encoded
     folder = Path(fargs.embedding_cache)
     start = time.time()
     doc_texts = [doc_text(d) for d in corpus.values()]
@@ -255,25 +305,33 @@ def main(argv: list[str] | None = None) -> None:
     q_rows = {q: i for i, q in enumerate(qids_all)}
     print(f"frozen {margs.kind}: backbone outputs ready in {time.time() - start:.0f}s "
           f"({len(corpus)} documents, {len(qids_all)} queries)", flush=True)  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
     trainable = model.moe_parameter_names()
     saved = out / "head.safetensors"
     history = []
-    if saved.is_file():
-        model.load_state_dict(load_file(saved), strict=False)
-        history = an.read_log_history(out) if (out / "log_history.json").is_file() else []
-        print(f"frozen {margs.kind}: head loaded from {saved}", flush=True)
-    elif trainable:
-        negatives = mine_negatives(model, tokenizer, corpus, queries, train_qrels, cache, margs, dargs, targs)
-        data = (list(corpus), doc_feats, q_feats, q_rows, train_qrels, dev_qrels)
-        history = train_head(model, margs, targs, data, negatives, dargs.hard_negatives, dargs.sampling,
-                             lambda m: print(f"frozen {margs.kind}: {m}", flush=True))  # fmt: skip
-        model.config.save_pretrained(out)
-        an.write_log_history(out, history)
-        atomic_write_text(out / "run_info.json", json.dumps({"frozen_backbone": True, "dev": dev_info}, indent=1))
-        tmp = out / f".head.{os.getpid()}.safetensors"  # last, and whole: it marks the run as trained
-        save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if n in trainable}, tmp)
-        tmp.replace(saved)
+    judged = sorted({**train_qrels, **dev_qrels})  # what training saw: documents, judgments, their queries
+    trained_on = json.dumps([train_qrels, dev_qrels, [queries[q] for q in judged]], sort_keys=True)
+    settings = head_settings(margs, dargs, targs, digest([*doc_texts, trained_on]))
+    try:
+        with FolderLock(out):  # one writer per head folder
+            if saved.is_file():
+                check_head_settings(out, settings)
+                model.load_state_dict(load_file(saved), strict=False)
+                history = an.read_log_history(out) if (out / "log_history.json").is_file() else []
+                print(f"frozen {margs.kind}: head loaded from {saved}", flush=True)
+            elif trainable:
+                negatives = mine_negatives(model, tokenizer, corpus, queries, train_qrels, cache, margs, dargs, targs)
+                data = (list(corpus), doc_feats, q_feats, q_rows, train_qrels, dev_qrels)
+                history = train_head(model, margs, targs, data, negatives, dargs.hard_negatives, dargs.sampling,
+                                     lambda m: print(f"frozen {margs.kind}: {m}", flush=True))  # fmt: skip
+                model.config.save_pretrained(out)
+                an.write_log_history(out, history)
+                info = {"frozen_backbone": True, "dev": dev_info, "head_settings": settings}
+                atomic_write_text(out / "run_info.json", json.dumps(info, indent=1))
+                tmp = out / f".head.{os.getpid()}.safetensors"  # last, and whole: it marks the run as trained
+                save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if n in trainable}, tmp)
+                tmp.replace(saved)
+    except DataError as exc:
+        fail(str(exc))
     if fargs.inference_mode:
         model.config.inference_mode = fargs.inference_mode
     if fargs.eval_output_dir:
@@ -290,13 +348,10 @@ def evaluate(model, fargs, data, splits: dict, dataset: str, source: str) -> Non
         folder = Path(fargs.eval_output_dir) / split
         qids = list(queries)
         run = search(q[[q_rows[x] for x in qids]], d, doc_ids, qids, MAX_CUTOFF)
-        per_query = per_query_metrics(qrels, run)
-        write_trec(an.run_path(folder, tag), run, tag, depth.get(split, MAX_CUTOFF))
-        an.write_per_query(folder, tag, per_query)
-        summary = {tag: mean_metrics(per_query), "split": split, "dataset": dataset, "checkpoints": {tag: source},
-                   "dtype": "fp32", "frozen_backbone": True}  # fmt: skip
-        atomic_write_text(folder / "metrics.json", json.dumps(summary, indent=2))
-        print(f"{tag}/{split}: NDCG@10 {summary[tag]['NDCG@10']:.4f}, Recall@100 {summary[tag]['Recall@100']:.4f}")
+        meta = {"split": split, "dataset": dataset, "checkpoints": {tag: source}, "dtype": "fp32",
+                "frozen_backbone": True}  # fmt: skip
+        metrics = an.write_evaluation(folder, tag, run, qrels, depth.get(split, MAX_CUTOFF), meta)
+        print(f"{tag}/{split}: NDCG@10 {metrics['NDCG@10']:.4f}, Recall@100 {metrics['Recall@100']:.4f}")
 
 
 if __name__ == "__main__":

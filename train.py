@@ -14,6 +14,7 @@ one sampled positive (--sampling query; --sampling pair: each (query, positive) 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -25,16 +26,19 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
-from transformers import AutoTokenizer, HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from analysis import DEV_METRIC, expert_share_key, write_log_history
 from eval import evaluate_model, retrieve
-from model import MOE_ROUTINGS, ROUTINGS, SBMOE_DESIGNS, VARIANTS, BiEncoder
+from model import MOE_ROUTINGS, ROUTINGS, SBMOE_DESIGNS, VARIANTS, BiEncoder, load_tokenizer
 from utils import (
     DataError,
+    FolderLock,
     atomic_write_text,
     cached_negatives,
+    check_writable,
+    corpus_digest,
     default_cache_dir,
     doc_text,
     fail,
@@ -102,7 +106,9 @@ class DataArguments:
     eval_doc_max_length: int | None = field(
         default=None, metadata={"help": "dev evaluation document truncation (default --doc_max_length; eval.py uses 256)"}
     )
-    cache_dir: str | None = field(default=None, metadata={"help": "hard-negatives cache (default next to the data)"})
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "hard-negatives cache (default $RETRIEVAL_CACHE_DIR or ./cache, /negatives/<dataset>)"}
+    )
 
 
 @dataclass
@@ -379,8 +385,9 @@ def parse(kind: str | None, argv: list[str] | None, extra: tuple = ()):
             setattr(margs, name, value)
     if margs.moe_learning_rate is None:
         margs.moe_learning_rate = targs.learning_rate
-    if targs.output_dir is None:
+    if not any(str(a).split("=")[0] == "--output_dir" for a in argv):  # transformers 5 fills in "trainer_output"
         targs.output_dir = f"checkpoints/{kind}"
+    check_ranges(margs, dargs, targs)
     if VARIANTS[kind] is not BiEncoder and targs.ddp_find_unused_parameters is None:
         targs.ddp_find_unused_parameters = True  # experts that got no input this step have no gradient
     if not 0 < margs.top_k <= margs.num_experts:
@@ -398,6 +405,36 @@ def parse(kind: str | None, argv: list[str] | None, extra: tuple = ()):
     return (margs, dargs, targs, *others)  # one per dataclass parsed
 
 
+def check_ranges(margs: ModelArguments, dargs: DataArguments, targs: RetrievalTrainingArguments) -> None:
+    """Every numeric flag in its range, at parse time: one line naming the flag."""
+    def need(flag: str, value, ok: bool, what: str) -> None:
+        if value is not None and not ok:
+            fail(f"--{flag} {value}: must be {what}")
+
+    for flag, value in (("learning_rate", targs.learning_rate), ("moe_learning_rate", margs.moe_learning_rate),
+                        ("temperature", margs.temperature), ("gate_temperature", margs.gate_temperature)):  # fmt: skip
+        need(flag, value, value is None or (math.isfinite(value) and value > 0), "a number > 0")
+    for flag, value in (("noise_std", margs.noise_std), ("aux_loss_coef", margs.aux_loss_coef),
+                        ("z_loss_coef", margs.z_loss_coef), ("weight_decay", targs.weight_decay),
+                        ("warmup_steps", targs.warmup_steps)):  # fmt: skip
+        need(flag, value, math.isfinite(value) and value >= 0, "a number >= 0")
+    for flag, value in (("num_experts", margs.num_experts), ("expert_dim", margs.expert_dim),
+                        ("negative_depth", dargs.negative_depth), ("query_max_length", dargs.query_max_length),
+                        ("doc_max_length", dargs.doc_max_length), ("eval_doc_max_length", dargs.eval_doc_max_length),
+                        ("per_device_train_batch_size", targs.per_device_train_batch_size),
+                        ("eval_batch_size", targs.eval_batch_size),
+                        ("gradient_accumulation_steps", targs.gradient_accumulation_steps),
+                        ("save_total_limit", targs.save_total_limit)):  # fmt: skip
+        need(flag, value, value is None or value >= 1, "at least 1")
+    need("hard_negatives", dargs.hard_negatives, dargs.hard_negatives >= 0, "0 or more")
+    if targs.max_steps <= 0:
+        need("num_train_epochs", targs.num_train_epochs, targs.num_train_epochs > 0, "> 0 (or give --max_steps)")
+    if margs.moe_layers and (min(margs.moe_layers) < 0 or len(set(margs.moe_layers)) < len(margs.moe_layers)):
+        fail(f"--moe_layers {' '.join(map(str, margs.moe_layers))}: must be distinct layer numbers >= 0")
+    if margs.moe_layers and margs.kind != "moe":
+        fail(f"--moe_layers: only the token-level MoE (train_moe.py, --kind moe) has MoE layers, not {margs.kind}")
+
+
 def build_model(margs: ModelArguments) -> BiEncoder:
     settings = dict(
         normalize=margs.normalize, temperature=margs.temperature, num_experts=margs.num_experts, top_k=margs.top_k,
@@ -408,6 +445,8 @@ def build_model(margs: ModelArguments) -> BiEncoder:
         settings["gate_temperature"] = margs.gate_temperature
     try:
         return VARIANTS[margs.kind].from_backbone(margs.model_name_or_path, pooling=margs.pooling, **settings)
+    except ValueError as exc:  # not found locally nor on the hub, or --moe_layers beyond the backbone's layers
+        fail(str(exc).splitlines()[0])
     except OSError as exc:
         fail(f"--model_name_or_path {margs.model_name_or_path}: cannot load a backbone ({str(exc).splitlines()[0]})")
 
@@ -465,19 +504,60 @@ def mine_negatives(model, tokenizer, corpus, queries, train_qrels, cache, margs,
         )  # fmt: skip
         return negatives_from_run(run, train_qrels, depth)
 
-    key = [sorted(train_qrels), len(corpus), depth, str(margs.model_name_or_path), margs.pooling, dargs.doc_max_length]
+    key = [sorted(train_qrels), corpus_digest(corpus), depth, str(margs.model_name_or_path), margs.pooling,
+           dargs.doc_max_length]  # fmt: skip
     return cached_negatives(cache, "dense_negatives", key, mine)
+
+
+def save_final(trainer: Trainer, out: str) -> None:
+    """The final model as the checkpoints are saved: into a staging folder, then renamed in (config.json
+    last), so a full disk never leaves a config without its weights."""
+    staging = Path(out) / ".staging-final"
+    if trainer.args.should_save:
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.save_model(str(staging))
+    if trainer.args.should_save:
+        for name in sorted(os.listdir(staging), key=lambda n: n == "config.json"):
+            os.replace(staging / name, Path(out) / name)
+        staging.rmdir()
+
+
+def check_lengths(model: BiEncoder, dargs: DataArguments) -> None:
+    """Lengths beyond the backbone's positions would fail in the first long batch: cut them, and say so."""
+    limit = model.config.backbone_config.get("max_position_embeddings")
+    for flag in ("query_max_length", "doc_max_length", "eval_doc_max_length"):
+        value = getattr(dargs, flag)
+        if limit and value is not None and value > limit:
+            print(f"note: --{flag} {value}: the backbone has {limit} positions; using {limit}", flush=True)
+            setattr(dargs, flag, limit)
 
 
 def main(kind: str | None = None, argv: list[str] | None = None) -> None:
     margs, dargs, targs = parse(kind, argv)
     kind = margs.kind
     try:
-        corpus, queries, train_qrels, dev_qrels, cache, dev_info = load_data(dargs, targs.seed)
+        check_writable(targs.output_dir)
+        data = load_data(dargs, targs.seed)
     except DataError as exc:
         fail(str(exc))
     model = build_model(margs)
-    tokenizer = AutoTokenizer.from_pretrained(margs.model_name_or_path)
+    check_lengths(model, dargs)
+    try:
+        tokenizer = load_tokenizer(margs.model_name_or_path)
+    except ValueError as exc:
+        fail(str(exc))
+    writer = int(os.environ.get("RANK", "0")) == 0  # one lock per folder, held by the saving process
+    try:
+        with FolderLock(targs.output_dir) if writer else contextlib.nullcontext():
+            run_training(margs, dargs, targs, model, tokenizer, data)
+    except DataError as exc:
+        fail(str(exc))
+
+
+def run_training(margs, dargs, targs, model, tokenizer, data: tuple) -> None:
+    """Mine negatives, train, save the final model and its records (inside the output folder's lock)."""
+    kind = margs.kind
+    corpus, queries, train_qrels, dev_qrels, cache, dev_info = data
     negatives = mine_negatives(model, tokenizer, corpus, queries, train_qrels, cache, margs, dargs, targs)
     try:
         train_set = ContrastiveDataset(
@@ -491,6 +571,7 @@ def main(kind: str | None = None, argv: list[str] | None = None) -> None:
         tokenizer, corpus, queries, train_qrels, dargs.query_max_length, dargs.doc_max_length
     )
     dev_queries = {q: queries[q] for q in dev_qrels}
+    model.config.pad_token_id = tokenizer.pad_token_id  # as the Trainer would set it, with a notice each run
     trainer = ContrastiveTrainer(
         model=model, args=targs, train_dataset=train_set, data_collator=collator, processing_class=tokenizer,
         eval_dataset=sorted(dev_qrels),  # only its presence matters: evaluate() retrieves over the corpus
@@ -523,7 +604,7 @@ def main(kind: str | None = None, argv: list[str] | None = None) -> None:
         trainer.train(resume_from_checkpoint=resume)
     except NonFiniteLossError as exc:
         fail(str(exc))
-    trainer.save_model(targs.output_dir)
+    save_final(trainer, targs.output_dir)
     if trainer.is_world_process_zero():
         history = trainer.state.log_history
         write_log_history(targs.output_dir, history)

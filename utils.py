@@ -13,10 +13,12 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,32 +90,55 @@ def resolve_data_dir(dataset: str | None, data_dir: str | None, download: bool =
         raise DataError(f"{path}: dataset folder missing (set BEIR_DATA_DIR or pass --data_dir)")
     from beir import util as beir_util  # imported late: beir.util needs requests and network
 
-    root.mkdir(parents=True, exist_ok=True)
+    created = [p for p in (root, *root.parents) if not p.exists()]  # removed again if the download fails
     try:
+        root.mkdir(parents=True, exist_ok=True)
         return Path(beir_util.download_and_unzip(BEIR_URL.format(dataset), str(root)))
     except Exception as exc:  # network errors come in many types; report one line
-        raise DataError(f"{path}: missing and BEIR download failed ({type(exc).__name__}: {exc})") from exc
+        for folder in created:  # innermost first; a partial download is removed with its folder
+            if folder == root:
+                shutil.rmtree(root / dataset, ignore_errors=True)
+                (root / f"{dataset}.zip").unlink(missing_ok=True)
+            with suppress(OSError):
+                folder.rmdir()
+        reason = str(exc).splitlines()[0].split(" (Caused by")[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{path}: dataset {dataset!r} is not there and BEIR's download failed ({reason[:200]}); "
+                        "set BEIR_DATA_DIR or pass --data_dir") from None  # fmt: skip
 
 
-def _open_text(path: Path):
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
+def read_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 file, plain or `.gz`; bad bytes, a corrupt or truncated gzip stream
+    and unreadable files are a DataError naming the file and line."""
+    path = Path(path)
+    lineno = 0
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                try:
+                    yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as exc:
+                    raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {raw[exc.start]:#x} at column "
+                                    f"{exc.start + 1})") from None  # fmt: skip
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise DataError(f"{path}:{lineno + 1}: corrupt or truncated gzip stream ({exc})") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
 
 def _find(folder: Path, stem: str) -> Path:
-    for name in (f"{stem}.jsonl", f"{stem}.jsonl.gz"):
-        if (folder / name).is_file():
-            return folder / name
-    raise DataError(f"{folder / (stem + '.jsonl')}: file not found (nor .jsonl.gz)")
+    found = [folder / name for name in (f"{stem}.jsonl", f"{stem}.jsonl.gz") if (folder / name).is_file()]
+    if len(found) > 1:
+        raise DataError(f"{found[0]}: both {found[0].name} and {found[1].name} exist; keep one")
+    if not found:
+        raise DataError(f"{folder / (stem + '.jsonl')}: file not found (nor .jsonl.gz)")
+    return found[0]
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     """Yield (line number, record) for every non-blank line, with a file:line error on bad JSON."""
-    with _open_text(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            if line.strip():
-                yield lineno, _corpus_record(path, lineno, line)
+    for lineno, line in read_lines(path):
+        if line.strip():
+            yield lineno, _corpus_record(path, lineno, line)
 
 
 def load_corpus(folder: Path) -> dict[str, dict[str, str]]:
@@ -134,19 +159,26 @@ def load_qrels(path: Path) -> dict[str, dict[str, int]]:
     if not path.is_file():
         raise DataError(f"{path}: split file does not exist")
     qrels: dict[str, dict[str, int]] = {}
-    with open(path, encoding="utf-8", newline="") as fh:
-        for lineno, row in enumerate(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE), 1):
-            if lineno == 1 and row and row[0].strip().lower() in {"query-id", "query_id", "qid"}:
-                continue
-            if not row or all(not c.strip() for c in row):
-                continue
-            if len(row) != 3:
-                raise DataError(f"{path}:{lineno}: expected 3 tab-separated columns, got {len(row)}")
-            qid, did, score = (c.strip() for c in row)
-            try:
-                qrels.setdefault(qid, {})[did] = int(score)
-            except ValueError:
-                raise DataError(f"{path}:{lineno}: score {score!r} is not an integer") from None
+    first_line: dict[tuple[str, str], int] = {}
+    for lineno, line in read_lines(path):
+        row = next(csv.reader([line], delimiter="\t", quoting=csv.QUOTE_NONE), [])
+        if lineno == 1 and row and row[0].strip().lower() in {"query-id", "query_id", "qid"}:
+            continue
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) != 3:
+            raise DataError(f"{path}:{lineno}: expected 3 tab-separated columns, got {len(row)}")
+        qid, did, score = (c.strip() for c in row)
+        try:
+            value = int(score)
+        except ValueError:
+            raise DataError(f"{path}:{lineno}: score {score!r} is not an integer") from None
+        seen = qrels.setdefault(qid, {})
+        if did in seen and seen[did] != value:
+            raise DataError(f"{path}:{lineno}: query {qid!r}, document {did!r} judged {value} here and "
+                            f"{seen[did]} on line {first_line[qid, did]}")  # fmt: skip
+        first_line.setdefault((qid, did), lineno)
+        seen[did] = value
     return qrels
 
 
@@ -182,25 +214,23 @@ def iter_corpus(data_dir: str | Path, start: int = 0, stop: int | None = None) -
     record, as `load_corpus` + `doc_text` give it."""
     path = corpus_path(data_dir)
     n = 0
-    with _open_text(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            if stop is not None and n >= stop:
-                return
-            if n >= start:
-                rec = _corpus_record(path, lineno, line)
-                yield str(rec["_id"]), doc_text({"title": rec.get("title") or "", "text": rec.get("text") or ""})
-            n += 1
+    for lineno, line in read_lines(path):
+        if not line.strip():
+            continue
+        if stop is not None and n >= stop:
+            return
+        if n >= start:
+            rec = _corpus_record(path, lineno, line)
+            yield str(rec["_id"]), doc_text({"title": rec.get("title") or "", "text": rec.get("text") or ""})
+        n += 1
 
 
 def iter_corpus_ids(data_dir: str | Path) -> Iterator[str]:
     """Every record's document id in file order (duplicates kept, so positions are record numbers)."""
     path = corpus_path(data_dir)
-    with _open_text(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            if line.strip():
-                yield str(_corpus_record(path, lineno, line)["_id"])
+    for lineno, line in read_lines(path):
+        if line.strip():
+            yield str(_corpus_record(path, lineno, line)["_id"])
 
 
 def load_split(data_dir: str | Path, split: str, doc_ids, queries: dict[str, str] | None = None):
@@ -218,6 +248,8 @@ def load_split(data_dir: str | Path, split: str, doc_ids, queries: dict[str, str
                 raise DataError(f"{qrels_path}: document {did!r} (query {qid!r}) is not in the corpus")
     if not qrels:
         raise DataError(f"{qrels_path}: no judgments")
+    if not any(r > 0 for docs in qrels.values() for r in docs.values()):
+        raise DataError(f"{qrels_path}: no positive judgment (every score is 0 or less): nothing to score")
     return {qid: queries[qid] for qid in qrels}, qrels
 
 
@@ -274,16 +306,22 @@ def bm25_search(corpus: dict, queries: dict, top_k: int = 100) -> dict[str, dict
     }
 
 
+def cache_root() -> Path:
+    """Where caches live: $RETRIEVAL_CACHE_DIR, else ./cache (never inside a dataset folder)."""
+    return Path(os.environ.get("RETRIEVAL_CACHE_DIR") or "cache")
+
+
 def default_cache_dir(data_dir: Path) -> Path:
-    """Next to the data when writable; otherwise a per-dataset folder in ./cache."""
-    folder = data_dir / "cache"
-    try:
-        folder.mkdir(exist_ok=True)
-        if os.access(folder, os.W_OK):
-            return folder
-    except OSError:
-        pass
-    return Path("cache") / data_dir.name
+    """The hard-negatives cache of a dataset: <cache root>/negatives/<dataset>; entries are keyed by content."""
+    return cache_root() / "negatives" / Path(data_dir).resolve().name
+
+
+def corpus_digest(corpus: dict[str, dict[str, str]]) -> str:
+    """A hash of the corpus' content (ids, titles, texts, in order): a cache key that an edit changes."""
+    h = hashlib.sha1()
+    for did, doc in corpus.items():
+        h.update(json.dumps([did, doc.get("title", ""), doc.get("text", "")]).encode("utf-8"))
+    return h.hexdigest()
 
 
 def negatives_from_run(run: dict, qrels: dict, depth: int) -> dict[str, list[str]]:
@@ -310,7 +348,7 @@ def mine_bm25_negatives(corpus: dict, queries: dict, qrels: dict, depth: int, ca
     def mine():
         return negatives_from_run(bm25_search(corpus, {q: queries[q] for q in qrels}, top_k=depth + 20), qrels, depth)
 
-    return cached_negatives(cache_dir, "bm25_negatives", [sorted(qrels), len(corpus), depth], mine)
+    return cached_negatives(cache_dir, "bm25_negatives", [sorted(qrels), corpus_digest(corpus), depth], mine)
 
 
 # --------------------------------------------------------------------------------------------
@@ -452,18 +490,24 @@ def write_trec(path: Path, results: dict[str, dict[str, float]], tag: str, top_k
 def read_trec(path: Path) -> dict[str, dict[str, float]]:
     """A TREC run file, plain or `.gz`."""
     run: dict[str, dict[str, float]] = {}
-    with _open_text(Path(path)) as fh:
-        for lineno, line in enumerate(fh, 1):
-            parts = line.split()
-            if len(parts) != 6:
-                raise DataError(f"{path}:{lineno}: expected 6 columns in a TREC run, got {len(parts)}")
+    for lineno, line in read_lines(Path(path)):
+        parts = line.split()
+        if len(parts) != 6:
+            raise DataError(f"{path}:{lineno}: expected 6 columns in a TREC run, got {len(parts)}")
+        try:
             run.setdefault(parts[0], {})[parts[2]] = float(parts[4])
+        except ValueError:
+            raise DataError(f"{path}:{lineno}: score {parts[4]!r} is not a number") from None
     return run
 
 
 def atomic_write_text(path: Path | str, text: str) -> None:
     """Write to a temp file in the same folder, then rename: readers never see half a file."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: mkstemp creates 0600 files, written files get the user's usual mode
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
@@ -473,10 +517,50 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_writable(folder: Path | str, flag: str = "--output_dir") -> None:
+    """A DataError unless files can be created in `folder` (or in the nearest existing folder above it,
+    which is then where it will be made); nothing is created here."""
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists():
+        if probe.is_symlink() or probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise DataError(f"{flag} {folder}: {probe} is a file, not a folder")
+    if not os.access(probe if probe.exists() else Path.cwd(), os.W_OK | os.X_OK):
+        raise DataError(f"{flag} {folder}: {probe} is not writable")
+
+
+class FolderLock:
+    """An exclusive `fcntl.flock` on `<folder>/.lock` while a process writes into the folder: a second
+    writer (a rerun while an orphan still trains) fails at once; the kernel drops the lock when its holder dies."""
+
+    def __init__(self, folder: Path | str):
+        self.folder, self.fh = Path(folder), None
+
+    def __enter__(self) -> FolderLock:
+        import fcntl
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.fh = open(self.folder / ".lock", "a+")
+        try:
+            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.fh.close()
+            raise DataError(f"{self.folder}: another process is writing into this folder (it holds "
+                            f"{self.folder / '.lock'}); wait for it or stop it") from None  # fmt: skip
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.fh.close()  # closing releases the lock; the empty lock file stays (removing it would race)
 
 
 def autocast(device: torch.device | str, bf16: bool = False, fp16: bool = False):

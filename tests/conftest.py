@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import atexit
 import gzip
 import json
+import os
 import random
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# Caches (hard negatives) of every test, in-process or a subprocess, go to a temp folder, never ./cache.
+os.environ["RETRIEVAL_CACHE_DIR"] = CACHE = tempfile.mkdtemp(prefix="retrieval-test-cache-")
+atexit.register(shutil.rmtree, CACHE, ignore_errors=True)
 SHARED = ROOT.parent / "shared"
 SCIFACT = SHARED / "data" / "beir" / "scifact"
 MINILM = SHARED / "models" / "all-minilm-l6-v2"

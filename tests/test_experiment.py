@@ -63,7 +63,7 @@ def test_runner_trains_evaluates_reports_and_skips_finished_runs(tiny_backbone, 
     monkeypatch.setenv("BEIR_DATA_DIR", str(tiny_beir.parent))
     monkeypatch.chdir(ROOT)
     args = [tmp_path / "tiny.toml", "--model_name_or_path", tiny_backbone, "--results", tmp_path / "res",
-            "--ckpt_root", tmp_path / "ck", "--smoke", "--in_process", "--extra", *TINY]  # fmt: skip
+            "--ckpt_root", tmp_path / "ck", "--smoke", "--seeds", 42, 43, "--in_process", "--extra", *TINY]  # fmt: skip
     experiment.main(list(map(str, args)))
     root = tmp_path / "res" / "tiny-table"
     assert sorted(p.name for p in (tmp_path / "ck" / "tiny-table").iterdir()) == ["baseline", "sbmoe"]  # shared

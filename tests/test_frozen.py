@@ -61,6 +61,11 @@ def test_frozen_run_trains_only_the_head_and_reuses_it(tiny_backbone, tiny_beir,
     frozen.main([*common, "--inference_mode", "all", "--eval_output_dir", str(tmp_path / "all")])
     assert "head loaded from" in capsys.readouterr().out  # evaluated with the saved head, not trained again
     assert (tmp_path / "all" / "train" / "metrics.json").is_file()
+    with pytest.raises(SystemExit):  # a head trained with another routing is not reused as this one
+        frozen.main([*common, "--routing", "random", "--eval_output_dir", str(tmp_path / "random")])
+    err = capsys.readouterr().err
+    assert "holds a head trained with other settings (routing='learned' there, 'random' here)" in err
+    assert "Traceback" not in err and not (tmp_path / "random").exists()
 
 
 def test_frozen_refuses_a_moe_inside_the_backbone(tiny_backbone, tiny_beir, tmp_path, capsys):

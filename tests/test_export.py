@@ -1,0 +1,167 @@
+"""export.py: sentence-transformers folders and ONNX graphs that encode as eval.py does; eval.py --backend."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_tiny_beir
+from transformers import AutoTokenizer
+
+import eval as ev
+import export
+from model import VARIANTS
+
+TEXTS = ["protein gene cell", "cancer virus immune brain heart drug trial mouse dose risk blood lung liver " * 3,
+         "sleep", "insulin vitamin neuron receptor enzyme tumor therapy"]  # fmt: skip
+LENGTHS = dict(query_max_length=8, doc_max_length=64)  # the tiny backbone has 64 positions
+SETTINGS = {"baseline": {}, "sbmoe": dict(num_experts=4), "moe": dict(num_experts=4, top_k=2)}
+INT8_MIN_COSINE = 0.99  # int8 weights (per channel) against fp32, per embedding, on the tiny random BERT
+
+
+def make_checkpoint(folder, backbone, kind: str, **settings):
+    torch.manual_seed(0)
+    model = VARIANTS[kind].from_backbone(str(backbone), pooling="mean", **{**SETTINGS[kind], **settings}).eval()
+    with torch.no_grad():  # SB-MoE's zero-initialised experts made live, so the head changes the output
+        for module in model.modules():
+            if getattr(module, "zero_init", False):
+                torch.nn.init.normal_(module.weight, std=0.2)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(backbone).save_pretrained(folder)
+    return model
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_backbone, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    return {kind: (root / kind, make_checkpoint(root / kind, tiny_backbone, kind)) for kind in SETTINGS}
+
+
+def project_embeddings(model, folder, length):
+    return ev.encode_texts(model, AutoTokenizer.from_pretrained(folder), TEXTS, length, batch_size=2, show_progress=False)
+
+
+@pytest.mark.parametrize("kind", list(SETTINGS))
+def test_exported_folder_encodes_like_eval(kind, checkpoints, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    ckpt, model = checkpoints[kind]
+    out = tmp_path / "st"
+    export.export(ckpt, out, **LENGTHS)
+    modules = json.loads((out / "modules.json").read_text())
+    remote = kind != "baseline"
+    assert all(m["type"].startswith("sentence_transformers.") for m in modules) != remote
+    if remote:
+        with pytest.raises(ValueError, match="trust_remote_code"):
+            SentenceTransformer(str(out), device="cpu")
+    st = SentenceTransformer(str(out), device="cpu", trust_remote_code=remote, local_files_only=True)
+    docs = st.encode_document(TEXTS, batch_size=3, convert_to_numpy=True)
+    assert np.abs(docs - project_embeddings(model, ckpt, LENGTHS["doc_max_length"])).max() < export.TOLERANCE
+    if remote:  # the MoE module truncates queries at the query length, as eval.py does
+        queries = st.encode_query(TEXTS, batch_size=3, convert_to_numpy=True)
+        assert np.abs(queries - project_embeddings(model, ckpt, LENGTHS["query_max_length"])).max() < export.TOLERANCE
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: sentence-transformers\n")
+    assert ("trust_remote_code=True" in card) == remote
+    assert not any(p.name.startswith(".st.") for p in tmp_path.iterdir())  # no temporary folder left behind
+
+
+def test_sbmoe_designs_and_controls_export_exactly(tiny_backbone, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    for i, settings in enumerate([dict(design="seed", top_k=2), dict(design="sokli"), dict(routing="random")]):
+        ckpt = tmp_path / f"ckpt{i}"
+        model = make_checkpoint(ckpt, tiny_backbone, "sbmoe", **settings)
+        export.export(ckpt, tmp_path / f"st{i}", **LENGTHS)
+        st = SentenceTransformer(str(tmp_path / f"st{i}"), device="cpu", trust_remote_code=True, local_files_only=True)
+        diff = np.abs(st.encode_document(TEXTS, convert_to_numpy=True) - project_embeddings(model, ckpt, 64)).max()
+        assert diff < export.TOLERANCE, settings
+
+
+def test_model_card_states_the_test_metrics(checkpoints, tmp_path):
+    ckpt, _ = checkpoints["sbmoe"]
+    metrics = tmp_path / "eval" / "metrics.json"
+    metrics.parent.mkdir()
+    metrics.write_text(json.dumps({"sbmoe": {"NDCG@10": 0.61234, "Recall@100": 0.9}, "split": "test",
+                                   "dataset": "scifact", "checkpoints": {"sbmoe": str(ckpt)}}))  # fmt: skip
+    (ckpt / "run_info.json").write_text(json.dumps({"seed": 42, "sampling": "query"}))
+    export.main([str(ckpt), str(tmp_path / "st"), "--metrics", str(metrics), "--query_max_length", "8",
+                 "--doc_max_length", "64"])  # fmt: skip
+    card = (tmp_path / "st" / "README.md").read_text()
+    assert "value: 0.6123" in card and "| seed | 42 |" in card and "design `residual-zero`" in card
+
+
+def test_onnx_graph_and_int8_agree_with_the_model(checkpoints, tmp_path):
+    ckpt, model = checkpoints["moe"]
+    out = tmp_path / "st"
+    report = export.export(ckpt, out, onnx=True, int8=True, **LENGTHS)
+    assert report["onnx"]["fp32_max_abs_diff_vs_torch"] < export.ONNX_TOLERANCE
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    ref = project_embeddings(model, ckpt, 64)
+    fp32 = ev.encode_texts(export.load_onnx_retriever(out, "onnx"), tok, TEXTS, 64, 2, show_progress=False)
+    int8 = ev.encode_texts(export.load_onnx_retriever(out, "onnx-int8"), tok, TEXTS, 64, 2, show_progress=False)
+    assert np.abs(fp32 - ref).max() < export.ONNX_TOLERANCE
+    assert (int8 * ref).sum(1).min() > INT8_MIN_COSINE
+    assert np.abs(int8 - ref).max() > 0  # it is quantised
+
+
+def test_eval_backends_give_the_same_metrics(checkpoints, tmp_path):
+    beir = write_tiny_beir(tmp_path / "beir")
+    ckpt, _ = checkpoints["baseline"]
+    export.export(ckpt, tmp_path / "exported", onnx=True, **LENGTHS)
+    common = ["--model", "baseline", "--data_dir", str(beir), "--doc_max_length", "64", "--query_max_length", "8"]
+    torch_row = ev.main([*common, "--checkpoint", str(ckpt), "--output_dir", str(tmp_path / "t")])["baseline"]
+    fly_row = ev.main([*common, "--checkpoint", str(ckpt), "--backend", "onnx", "--output_dir", str(tmp_path / "o")])
+    exp_row = ev.main([*common, "--checkpoint", str(tmp_path / "exported"), "--backend", "onnx",
+                       "--output_dir", str(tmp_path / "e")])  # fmt: skip
+    assert fly_row["backend"] == "onnx"
+    for row in (fly_row["baseline"], exp_row["baseline"]):
+        assert row["NDCG@10"] == pytest.approx(torch_row["NDCG@10"], abs=1e-6)
+
+
+def one_line_error(capsys, fn, *args) -> str:
+    with pytest.raises(SystemExit) as exc:
+        fn(*args)
+    assert exc.value.code != 0
+    err = "\n".join(x for x in capsys.readouterr().err.strip().splitlines() if "it/s]" not in x)  # progress bars
+    assert err.startswith("error:") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_bad_inputs_fail_in_one_line(checkpoints, tiny_backbone, tmp_path, capsys):
+    ckpt, _ = checkpoints["baseline"]
+    assert "no such checkpoint" in one_line_error(capsys, export.main, [str(tmp_path / "nope"), str(tmp_path / "o")])
+    err = one_line_error(capsys, export.main, [str(tiny_backbone), str(tmp_path / "o")])
+    assert "not a checkpoint of this project" in err
+    (tmp_path / "taken").mkdir()
+    assert "--overwrite" in one_line_error(capsys, export.main, [str(ckpt), str(tmp_path / "taken")])
+    assert "positions" in one_line_error(capsys, export.main, [str(ckpt), str(tmp_path / "o")])  # 256 > 64
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(SystemExit) as exc:  # argparse: usage and one error line
+        ev.parse_args(["--model", "baseline", "--backend", "tensorrt"])
+    assert exc.value.code == 2 and "invalid choice: 'tensorrt'" in capsys.readouterr().err
+    ev_err = one_line_error(capsys, ev.main, ["--model", "baseline", "--checkpoint", str(tmp_path / "taken"),
+                                              "--backend", "onnx", "--data_dir", str(write_tiny_beir(tmp_path / "b")),
+                                              "--output_dir", str(tmp_path / "out")])  # fmt: skip
+    assert "no checkpoint" in ev_err
+
+
+def test_a_failed_export_leaves_nothing_and_overwrite_replaces(checkpoints, tmp_path, monkeypatch):
+    ckpt, _ = checkpoints["baseline"]
+    out = tmp_path / "st"
+    export.export(ckpt, out, **LENGTHS)
+    (out / "stale.txt").write_text("old")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(export, "model_card", broken)
+    with pytest.raises(RuntimeError):
+        export.export(ckpt, out, overwrite=True, **LENGTHS)
+    assert (out / "stale.txt").is_file()  # the old folder is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["st"]  # no temporary folder left
+    monkeypatch.undo()
+    export.export(ckpt, out, overwrite=True, **LENGTHS)
+    assert not (out / "stale.txt").exists() and (out / "modules.json").is_file()

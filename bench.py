@@ -1,6 +1,7 @@
 """Efficiency benchmarks: every ratio is measured side by side in one run (interleaved repeats, median).
 
     python bench.py encode   --model_name_or_path M    # ours (torch, ONNX fp32/int8) vs sentence-transformers
+        [--anchor_python PY]                           # + its onnx and onnx-int8, in a venv with sentence-transformers[onnx]
     python bench.py models   --model_name_or_path M    # baseline / SB-MoE / MoE: params, FLOPs, speed, memory
     python bench.py latency  --model_name_or_path M    # baseline / SB-MoE / MoE: batch-1 query p50, batched docs/s
     python bench.py pipeline --model_name_or_path M    # our eval pipeline vs BEIR's DenseRetrievalExactSearch
@@ -18,6 +19,7 @@ import json
 import platform
 import random
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -106,10 +108,83 @@ def cpu_peaks() -> dict:
             "fp32_gflops": cores * mhz * 1e-3 * 32, "int8_gops": cores * mhz * 1e-3 * 2 * int8_macs}  # fmt: skip
 
 
+ANCHOR_ONNX = ("sentence-transformers onnx", "sentence-transformers onnx-int8")
+ANCHOR_HOWTO = ("measure it with --anchor_python PYTHON, the interpreter of a venv with sentence-transformers[onnx] "
+                "(see USAGE.md)")  # fmt: skip
+
+
+class AnchorError(RuntimeError):
+    """The anchor worker did not start or did not answer."""
+
+
+class AnchorWorker:
+    """sentence-transformers' ONNX and ONNX-int8 backends in a process of another interpreter (bench_anchor.py),
+    which stays alive and encodes all the documents once per request, so its repeats interleave with ours."""
+
+    def __init__(self, python: str, model: str, texts: list[str], max_length: int, batch_size: int, device: str,
+                 workdir: Path, quantization: str = "auto"):  # fmt: skip
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "texts.json").write_text(json.dumps(texts))
+        local = Path(model)
+        spec = {"model": str(local.resolve()) if local.is_dir() else model, "texts": str(workdir / "texts.json"),
+                "max_length": max_length, "batch_size": batch_size, "device": device, "workdir": str(workdir),
+                "quantization": quantization}  # fmt: skip
+        (workdir / "spec.json").write_text(json.dumps(spec))
+        self.log_path = workdir / "anchor.log"
+        self.seconds: dict[str, list[float]] = {}
+        self.info: dict | None = None
+        with open(self.log_path, "w") as log:
+            try:
+                self.proc = subprocess.Popen([python, str(Path(__file__).with_name("bench_anchor.py")),
+                                              str(workdir / "spec.json")], stdin=subprocess.PIPE,
+                                             stdout=subprocess.PIPE, stderr=log, text=True)  # fmt: skip
+            except OSError as exc:
+                raise AnchorError(f"cannot start ({exc.strerror or exc})") from None
+
+    def _answer(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            tail = [x for x in self.log_path.read_text(errors="replace").splitlines() if x.strip()][-1:]
+            raise AnchorError(f"the worker exited (code {self.proc.wait()}){': ' + tail[0][:200] if tail else ''}")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise AnchorError(answer["error"])
+        return answer
+
+    def ready(self) -> dict:
+        """Waits for the worker to have loaded (and quantised) both models; what it reports about itself."""
+        if self.info is None:
+            self.info = self._answer()
+        return self.info
+
+    def encode(self, name: str, save: bool = False) -> np.ndarray | None:
+        """One pass over all the documents in the worker; its embeddings when `save` (else nothing comes back)."""
+        self.proc.stdin.write(json.dumps({"op": "encode", "name": name, "save": save}) + "\n")
+        self.proc.stdin.flush()
+        answer = self._answer()
+        self.seconds.setdefault(name, []).append(answer["seconds"])
+        return np.load(answer["embeddings"]) if save else None
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+                self.proc.stdin.close()
+            except OSError:
+                pass
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
 def bench_encode(args) -> dict:
     """One interleaved run, same documents, lengths and batch: the project's encoder (torch fp32, bf16 if asked,
-    its ONNX graph fp32 and int8) against sentence-transformers' torch backend (and its ONNX backends where they
-    load: they need optimum, which this project never installs; measure them in an environment of their own)."""
+    its ONNX graph fp32 and int8) against sentence-transformers' torch backend and, with --anchor_python, its ONNX
+    and ONNX-int8 backends: they need optimum, which this project never installs, so they run in a worker process
+    of that interpreter (bench_anchor.py) whose repeats alternate with ours. Without it they are tried in-process
+    and, where they do not load, noted as not measured."""
     import tempfile
 
     from sentence_transformers import SentenceTransformer
@@ -128,6 +203,10 @@ def bench_encode(args) -> dict:
         fns["ours torch bf16"] = lambda: encode_texts(ours, tok, texts, L, args.batch_size, show_progress=False,
                                                       bf16=True)  # fmt: skip
     tmp = Path(tempfile.mkdtemp(prefix="bench-onnx-"))
+    anchor = None
+    if args.anchor_python:  # started first: it loads, exports and quantises while we export our graphs
+        anchor = AnchorWorker(args.anchor_python, args.model_name_or_path, texts, L, args.batch_size, device,
+                              tmp / "anchor")  # fmt: skip
     export.export_graphs(ours, tmp, int8=True)
     graphs = {"ours onnx fp32": export.OnnxRetriever(tmp / export.ONNX_FP32, ours.config),
               "ours onnx int8": export.OnnxRetriever(tmp / export.ONNX_INT8, ours.config)}  # fmt: skip
@@ -135,12 +214,17 @@ def bench_encode(args) -> dict:
         fns[name] = lambda g=g: encode_texts(g, tok, texts, L, args.batch_size, show_progress=False)
     notes = []
     st_models = {"sentence-transformers torch": SentenceTransformer(args.model_name_or_path, device=device)}
-    for backend, kw in (("onnx", {}), ("onnx-int8", {"file_name": "onnx/model_qint8_avx2.onnx"})):
+    int8_file = next((f"onnx/{f.name}" for f in sorted(Path(args.model_name_or_path).glob("onnx/model_*int8_*.onnx"))),
+                     "onnx/model_quint8_avx2.onnx")  # fmt: skip
+    for backend, kw in (("onnx", {}), ("onnx-int8", {"file_name": int8_file})):
+        if anchor is not None:  # the worker measures these
+            break
         try:
             st_models[f"sentence-transformers {backend}"] = SentenceTransformer(
                 args.model_name_or_path, device=device, backend="onnx", model_kwargs=kw)  # fmt: skip
         except Exception as exc:  # optimum missing, or no such file in the model folder
-            notes.append(f"sentence-transformers {backend}: not measured here ({str(exc).splitlines()[0][:160]})")
+            notes.append(f"sentence-transformers {backend}: not measured here ({str(exc).splitlines()[0][:160]}); "
+                         f"{ANCHOR_HOWTO}")  # fmt: skip
     for name, st in st_models.items():
         st.max_seq_length = L
 
@@ -149,10 +233,24 @@ def bench_encode(args) -> dict:
                 return st.encode(texts, batch_size=args.batch_size, normalize_embeddings=True, show_progress_bar=False)
 
         fns[name] = run_st
+    embedders = {}  # where a timed call returns no embeddings: the call that does
+    if anchor is not None:
+        try:
+            info = anchor.ready()
+        except AnchorError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        for name in ANCHOR_ONNX:
+            fns[name] = lambda name=name: anchor.encode(name)
+            embedders[name] = lambda name=name: anchor.encode(name, save=True)
+        notes.append(f"sentence-transformers onnx, onnx-int8: worker process {args.anchor_python} (sentence-transformers "
+                     f"{info['versions']['sentence-transformers']}, transformers {info['versions']['transformers']}, "
+                     f"optimum {info['versions']['optimum']}, onnxruntime {info['versions']['onnxruntime']}); int8: "
+                     f"export_dynamic_quantized_onnx_model '{info['quantization']}' ({info['int8_file']})")  # fmt: skip
     ref = fns["ours torch fp32"]()
     agree = {}
     for name, fn in fns.items():  # warm-up, and agreement with the project's fp32 encoder
-        emb = np.asarray(fn(), dtype=np.float32)
+        emb = np.asarray(embedders.get(name, fn)(), dtype=np.float32)
         agree[name] = {"max_abs_diff": float(np.abs(emb - ref).max()), "min_cosine": float((emb * ref).sum(1).min())}
     t = interleaved(fns, args.repeats)
     peaks = cpu_peaks()
@@ -168,6 +266,11 @@ def bench_encode(args) -> dict:
     report = {"machine": machine(), "docs": len(texts), "max_length": L, "mean_tokens": float(np.mean(lengths)),
               "batch_size": args.batch_size, "gflop_per_doc": flops / 1e9, "peaks": peaks, "fastest_anchor": best,
               "rows": rows, "notes": notes}  # fmt: skip
+    if anchor is not None:  # the worker's own encode times beside the round trips the table uses
+        report["anchor"] = {"python": args.anchor_python, **{k: v for k, v in anchor.info.items() if k != "ready"},
+                            "worker_median_s": {k: statistics.median(v[1:]) for k, v in anchor.seconds.items()},
+                            "round_trip_median_s": {k: t[k] for k in ANCHOR_ONNX}}  # fmt: skip
+        anchor.close()
     isa = "AVX-512 VNNI" if peaks["vnni"] else "AVX2 only, no VNNI (int8 dot products through vpmaddubsw/vpmaddwd)"
     lines = [f"{report['machine']}; {len(texts)} SciFact docs, max {L} tokens (mean {report['mean_tokens']:.0f}), batch "
              f"{args.batch_size}, {args.repeats} interleaved repeats (median); {flops / 1e9:.2f} GFLOP/doc",
@@ -181,8 +284,6 @@ def bench_encode(args) -> dict:
     lines += [f"fastest anchor: {best}", *notes]
     print("\n".join(lines), flush=True)
     report["table"] = lines
-    import shutil
-
     shutil.rmtree(tmp, ignore_errors=True)
     return report
 
@@ -644,6 +745,9 @@ def main(argv=None) -> None:
     p.add_argument("--kinds", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="latency: variants")
     p.add_argument("--dtypes", default="cpu", help="'cpu' = fp32,bf16 (plus fp16 on a GPU), or a list")
     p.add_argument("--output", default=None, help="JSON report path (default results/bench/<what>.json)")
+    p.add_argument("--anchor_python", default=None, metavar="PYTHON",
+                   help="encode: the interpreter of a venv with sentence-transformers[onnx] (it brings optimum, kept out "
+                        "of this one), which then measures sentence-transformers' onnx and onnx-int8 backends")  # fmt: skip
     scale = p.add_argument_group("scale")
     scale.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000], help="synthetic corpus sizes")
     scale.add_argument("--queries", type=int, default=1000)
@@ -670,12 +774,19 @@ def main(argv=None) -> None:
             p.error(f"--dtypes {args.dtypes}: unknown {', '.join(unknown)} (expected 'cpu' or a list of {', '.join(DTYPES)})")
         if "fp16" in args.dtypes.split(",") and not torch.cuda.is_available():
             p.error("--dtypes fp16: fp16 autocast needs a GPU")
+    if args.anchor_python is not None:
+        if args.what != "encode":
+            p.error(f"--anchor_python: only for encode, not {args.what}")
+        if not shutil.which(args.anchor_python):
+            p.error(f"--anchor_python {args.anchor_python}: no such executable")
     bench = {"encode": bench_encode, "models": bench_models, "latency": bench_latency, "pipeline": bench_pipeline,
              "params": bench_params, "scale": bench_scale}  # fmt: skip
     try:
         report = bench[args.what](args)
     except DataError as exc:
         fail(str(exc))
+    except AnchorError as exc:
+        fail(f"--anchor_python {args.anchor_python}: {exc}")
     except (OSError, ValueError) as exc:  # a backbone folder or hub name that does not load (or is not there)
         fail(f"--model_name_or_path {args.model_name_or_path}: cannot load ({str(exc).splitlines()[0]})")
     report["command"] = "python bench.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -1,0 +1,133 @@
+"""bench.py encode on a tiny model and a tiny BEIR folder: the rows it prints are the rows it writes, each ratio is
+docs/s over the fastest anchor's, and bad input is one line. sentence-transformers' ONNX backends need a venv of
+their own (sentence-transformers[onnx] brings optimum, which never enters the project's): the test of the anchor
+worker runs only when BENCH_ANCHOR_PYTHON names that venv's interpreter, and is skipped otherwise."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+import bench
+
+ANCHOR_PYTHON = os.environ.get("BENCH_ANCHOR_PYTHON")
+OURS = ["ours torch fp32", "ours onnx fp32", "ours onnx int8"]
+
+
+def run_encode(backbone: Path, data: Path, out: Path, *extra: str) -> dict:
+    bench.main(["encode", "--model_name_or_path", str(backbone), "--data_dir", str(data), "--docs", "8",
+                "--doc_max_length", "16", "--batch_size", "4", "--repeats", "2", "--output", str(out), *extra])  # fmt: skip
+    return json.loads(out.read_text())
+
+
+def table_rows(stdout: str) -> dict[str, list[str]]:
+    """The printed table: encoder -> its cells."""
+    rows = {}
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and cells[0] != "encoder":  # not the header, nor its |---| rule
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def check_report(report: dict, stdout: str, expected: list[str]) -> None:
+    rows = report["rows"]
+    assert list(rows) == expected
+    assert report["docs"] == 8 and report["max_length"] == 16 and report["batch_size"] == 4
+    anchors = [k for k in rows if k.startswith("sentence-transformers")]
+    best = max(anchors, key=lambda k: rows[k]["docs_per_s"])
+    assert report["fastest_anchor"] == best
+    for row in rows.values():
+        assert row["ratio_to_fastest_anchor"] == pytest.approx(row["docs_per_s"] / rows[best]["docs_per_s"])
+        assert row["docs_per_s"] > 0 and -1.0001 <= row["min_cosine"] <= 1.0001
+    assert rows[best]["ratio_to_fastest_anchor"] == pytest.approx(1.0)
+    assert rows["ours torch fp32"]["max_abs_diff"] == 0.0  # the reference itself
+    printed = table_rows(stdout)
+    assert list(printed) == expected
+    for name, cells in printed.items():  # docs/s and ratio as written
+        assert cells[0] == f"{rows[name]['docs_per_s']:.1f}"
+        assert cells[1] == f"{rows[name]['ratio_to_fastest_anchor']:.2f}"
+    assert f"fastest anchor: {best}" in stdout
+    assert "\n".join(report["table"]) in stdout  # the JSON keeps the printed table
+
+
+def test_encode_rows_and_ratios(tiny_backbone, tiny_beir, tmp_path, capsys):
+    report = run_encode(tiny_backbone, tiny_beir, tmp_path / "encode.json")
+    out = capsys.readouterr().out
+    expected = OURS + ["sentence-transformers torch"]
+    onnx = [k for k in ("sentence-transformers onnx", "sentence-transformers onnx-int8") if k in report["rows"]]
+    check_report(report, out, expected + onnx)
+    for backend in ("onnx", "onnx-int8"):  # not loadable here (no optimum): says so, and how to measure it
+        if f"sentence-transformers {backend}" not in report["rows"]:
+            note = next(n for n in report["notes"] if n.startswith(f"sentence-transformers {backend}:"))
+            assert "not measured here" in note and "--anchor_python" in note
+    assert "anchor" not in report
+
+
+@pytest.mark.skipif(not ANCHOR_PYTHON, reason="BENCH_ANCHOR_PYTHON (a venv with sentence-transformers[onnx]) not set")
+def test_encode_with_anchor_worker(tiny_backbone, tiny_beir, tmp_path, capsys):
+    report = run_encode(tiny_backbone, tiny_beir, tmp_path / "encode.json", "--anchor_python", ANCHOR_PYTHON)
+    out = capsys.readouterr().out
+    expected = OURS + ["sentence-transformers torch", "sentence-transformers onnx", "sentence-transformers onnx-int8"]
+    check_report(report, out, expected)
+    rows = report["rows"]
+    assert rows["sentence-transformers onnx"]["min_cosine"] > 0.9999  # the same model, the same documents
+    assert rows["sentence-transformers onnx-int8"]["min_cosine"] > 0.9
+    anchor = report["anchor"]
+    assert anchor["quantization"] in ("arm64", "avx2", "avx512", "avx512_vnni")
+    assert anchor["int8_file"].endswith(f"_{anchor['quantization']}.onnx")
+    for name in ("sentence-transformers onnx", "sentence-transformers onnx-int8"):
+        # the table's round trip is the worker's own encode time plus a pipe message
+        assert anchor["round_trip_median_s"][name] >= anchor["worker_median_s"][name] > 0
+    assert any(n.startswith("sentence-transformers onnx, onnx-int8: worker process") for n in report["notes"])
+    assert not (tiny_backbone / "onnx").exists()  # the worker quantised a copy, not the model folder
+
+
+def one_line_error(capsys, *needles: str) -> None:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:") or ": error: " in line]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def exits(argv: list[str]) -> int:
+    with pytest.raises(SystemExit) as exc:
+        bench.main(argv)
+    return exc.value.code
+
+
+@pytest.mark.parametrize(
+    ("extra", "needles"),
+    [
+        (["--docs", "0"], ["--docs 0", "at least 1"]),
+        (["--repeats", "0"], ["--repeats 0", "at least 1"]),
+        (["--anchor_python", "no-such-python-here"], ["--anchor_python no-such-python-here", "no such executable"]),
+    ],
+)
+def test_encode_bad_flags(tiny_backbone, tiny_beir, capsys, extra, needles):
+    assert exits(["encode", "--model_name_or_path", str(tiny_backbone), "--data_dir", str(tiny_beir), *extra]) == 2
+    one_line_error(capsys, *needles)
+
+
+def test_anchor_python_only_for_encode(tiny_backbone, capsys):
+    assert exits(["models", "--model_name_or_path", str(tiny_backbone), "--anchor_python", "python3"]) == 2
+    one_line_error(capsys, "--anchor_python", "only for encode")
+
+
+def test_anchor_worker_that_dies(tiny_backbone, tiny_beir, tmp_path, capsys):
+    """An interpreter that cannot run the worker: one line naming it and what the worker last said."""
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho 'no sentence-transformers in this one' >&2\nexit 3\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    out = tmp_path / "encode.json"
+    argv = ["encode", "--model_name_or_path", str(tiny_backbone), "--data_dir", str(tiny_beir), "--docs", "4",
+            "--doc_max_length", "16", "--repeats", "1", "--anchor_python", str(fake), "--output", str(out)]  # fmt: skip
+    assert exits(argv) == 2
+    one_line_error(capsys, f"--anchor_python {fake}", "exited (code 3)", "no sentence-transformers in this one")
+    assert not out.exists()

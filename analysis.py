@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from utils import (
+    PRIMARY_METRIC,
     atomic_write_bytes,
     atomic_write_text,
     load_qrels,
@@ -26,7 +27,7 @@ from utils import (
     write_trec,
 )
 
-DEV_METRIC = "ndcg@10"  # the Trainer's metric_for_best_model; logged as eval_<metric>
+DEV_METRIC = PRIMARY_METRIC.lower()  # the Trainer's metric_for_best_model; logged as eval_<metric>
 DEV_KEY = f"eval_{DEV_METRIC}"
 LOSS_KEY = "contrastive_loss"  # InfoNCE without DDP's world-size factor
 SHARE_PREFIX = "expert_share/"
@@ -196,7 +197,7 @@ def significant(test: dict, alpha: float = 0.05) -> bool:
     return test["t_pvalue"] < alpha and test["rand_pvalue"] < alpha
 
 
-def subset_mean(per_query: dict, qids: list[str], metric: str = "NDCG@10") -> float:
+def subset_mean(per_query: dict, qids: list[str], metric: str = PRIMARY_METRIC) -> float:
     """Mean of one metric over some of a run's queries (NaN for none)."""
     return float(np.mean([per_query[q][metric] for q in qids])) if qids else float("nan")
 
@@ -206,6 +207,6 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
-def scores_matrix(runs: list[dict], qids: list[str], metric: str = "NDCG@10") -> np.ndarray:
+def scores_matrix(runs: list[dict], qids: list[str], metric: str = PRIMARY_METRIC) -> np.ndarray:
     """(seeds, queries) array of one metric."""
     return np.array([[run[q][metric] for q in qids] for run in runs])

@@ -30,8 +30,10 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 
-from eval import encode_texts, retrieve, search
+from encode import encode_texts
+from eval import retrieve
 from model import VARIANTS, BiEncoder, backbone_flops
+from search import search
 from utils import DataError, atomic_write_text, autocast, doc_text, evaluate_run, fail, load_beir, resolve_data_dir
 
 
@@ -551,7 +553,7 @@ def synthetic_texts(start: int, stop: int, words: int, seed: int = 0) -> list[st
 
 def scale_bound(chunk: int, n_queries: int, hidden: int, top_k: int, tokens: int, text_bytes: float, batch: int) -> dict:
     """What one eval process holds beyond its libraries and model, in MiB, whatever the corpus size."""
-    from eval import QUERY_BLOCK, TIE_MARGIN
+    from search import QUERY_BLOCK, TIE_MARGIN
 
     qb, mib = min(QUERY_BLOCK, n_queries), 2**20
     parts = {
@@ -580,7 +582,8 @@ def peak_mib() -> float:
 
 def scale_one(backbone: str, size: int, n_queries: int, words: int, chunk: int, batch_size: int, top_k: int) -> dict:
     """One corpus size, measured in this (fresh) process: run by `bench.py scale` in a subprocess."""
-    from eval import encode_texts, make_searcher, retrieve_topk
+    from eval import RetrieveOptions, retrieve_topk
+    from search import make_searcher
 
     tok = AutoTokenizer.from_pretrained(backbone)
     model = BiEncoder.from_backbone(backbone, pooling="mean").eval()
@@ -599,9 +602,9 @@ def scale_one(backbone: str, size: int, n_queries: int, words: int, chunk: int, 
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    tops = retrieve_topk(model, tok, size, texts, {"q": queries}, top_k, query_max_length=QUERY_WORDS + 2,
-                         doc_max_length=words + 2, batch_size=batch_size, show_progress=False, encode_chunk=chunk,
-                         backend="faiss", timings=timings)  # fmt: skip
+    options = RetrieveOptions(query_max_length=QUERY_WORDS + 2, doc_max_length=words + 2, batch_size=batch_size,
+                              show_progress=False, encode_chunk=chunk, backend="faiss")
+    tops = retrieve_topk(model, tok, size, texts, {"q": queries}, top_k, options, timings=timings)
     total = time.perf_counter() - start
     scores, index = tops["q"].result()
     assert scores.shape == (n_queries, min(top_k, size)) and (np.diff(scores, axis=1) <= 0).all()
@@ -635,10 +638,10 @@ def scale_eval_cli(backbone: str, folder: Path, chunk: int, batch_size: int, out
             "--doc_max_length", "64", "--query_max_length", str(QUERY_WORDS + 2), "--batch_size", str(batch_size),
             "--encode_chunk", str(chunk), "--output_dir", str(out)]  # fmt: skip
     code = (
-        "import json, sys, time; sys.path.insert(0, '.'); import bench, eval;"
-        f"m = eval.BiEncoder.from_backbone({backbone!r}, pooling='mean').eval(); tok = eval.AutoTokenizer.from_pretrained("
-        f"{backbone!r}); w = eval.encode_texts(m, tok, bench.synthetic_texts(0, 256, 30, 2), 32, show_progress=False);"
-        "eval.make_searcher(w, 'faiss', verbose=False).topk(w[:8], 10); del m, w; base, now = bench.peak_mib(), "
+        "import json, sys, time; sys.path.insert(0, '.'); import bench, encode, eval, search, transformers;"
+        f"m = eval.BiEncoder.from_backbone({backbone!r}, pooling='mean').eval(); tok = transformers.AutoTokenizer.from_pretrained("
+        f"{backbone!r}); w = encode.encode_texts(m, tok, bench.synthetic_texts(0, 256, 30, 2), 32, show_progress=False);"
+        "search.make_searcher(w, 'faiss', verbose=False).topk(w[:8], 10); del m, w; base, now = bench.peak_mib(), "
         "bench.rss_mib();"
         f"t = time.perf_counter(); eval.main({argv!r}); print('SCALE ' + json.dumps({{'baseline_peak_rss_mib': base, "
         "'baseline_rss_mib': now, "

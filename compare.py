@@ -17,7 +17,7 @@ import math
 import numpy as np
 
 from analysis import SUBSETS, paired_tests, query_subsets, read_per_query_file, split_qrels
-from utils import METRICS, DataError, fail, resolve_data_dir
+from utils import METRICS, PRIMARY_METRIC, DataError, fail, resolve_data_dir
 
 
 def load(path: str, metric: str) -> dict[str, float]:
@@ -41,7 +41,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("a", help="per-query JSON of the run under test")
     p.add_argument("b", help="per-query JSON of the reference run")
-    p.add_argument("--metric", default="NDCG@10", choices=[m.name for m in METRICS])
+    p.add_argument("--metric", default=PRIMARY_METRIC, choices=[m.name for m in METRICS])
     p.add_argument("--subset", default="all", choices=["all", *SUBSETS], help="test queries to compare")
     p.add_argument("--dataset", default="scifact", help="BEIR dataset under $BEIR_DATA_DIR, for --subset")
     p.add_argument("--data_dir", default=None, help="a BEIR folder (overrides --dataset)")

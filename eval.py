@@ -20,35 +20,19 @@ its queries are searched in the same corpus pass) unless `--hybrid_weight` fixes
 
 `retrieve` and `evaluate_model` are also what train.py calls for its dev evaluation.
 
-Memory is bounded by one chunk of the corpus, not the corpus: the corpus is cut into chunks of
-`--encode_chunk` documents (fixed boundaries 0, C, 2C, ..., whatever the number of processes);
-process r of W takes the contiguous run of chunks r*n/W .. (r+1)*n/W - 1 (n chunks). Each chunk is
-encoded (length-sorted within the chunk), searched exactly for every query, and its per-query top-k
-merged into a running top-k; then rank 0 receives every rank's top-k and merges them. Every
-selection orders by (score desc, global document index asc), so ties are broken the same way
-whatever the chunking or the number of processes; since a chunk is encoded and searched by the same
-computation wherever it runs, a run with N processes writes the same file as one process.
-Per process: chunk embeddings (twice: ours and the index's copy) + the query embeddings of every
-split + the top-k buffers (queries x k, score and index) + one block of search temporaries.
-
-Exact search within a chunk: FAISS IndexFlatIP (CPU, or every GPU faiss sees, one per rank under
-torchrun). Where faiss sees no GPU but torch does (torch+CUDA without faiss-gpu), a torch matmul +
-top-k on the GPU, query block by query block, with the same ids and ranks as the CPU index and scores
-equal to float32 rounding (another summation order). `--search torch` (or EVAL_SEARCH_BACKEND=torch)
-forces that path, also on the CPU.
+Encoding and the embedding cache live in encode.py, exact chunked search in search.py; this file is
+the retrieval loop over both (`retrieve_topk`) and the command line.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import itertools
-import json
 import os
-import tempfile
 import time
 from array import array
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -57,15 +41,26 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from analysis import write_evaluation, write_metrics
+from encode import EmbeddingCache, cache_key, encode_texts
 from model import VARIANTS, BiEncoder, load_model, load_tokenizer
 from retrievers import BM25, DEV_FRACTION, DEV_SEED, FUSIONS, SELECT_METRIC, choose_weight, dev_qrels, fuse
+from search import (  # noqa: F401  (search: re-exported for frozen.py)
+    ENCODE_CHUNK,
+    TopK,
+    broadcast_rows,
+    gather_topk,
+    make_searcher,
+    rank_chunks,
+    resolve_backend,
+    search,
+    search_chunk,
+    to_results,
+)
 from utils import (
     MAX_CUTOFF,
     METRICS,
     TABLE_COLUMNS,
     DataError,
-    atomic_write_text,
-    autocast,
     check_writable,
     corpus_path,
     doc_text,
@@ -83,369 +78,22 @@ from utils import (
     resolve_data_dir,
 )
 
-ENCODE_CHUNK = 50_000  # documents encoded, held and searched at a time (--encode_chunk)
-QUERY_BLOCK = 8_192  # queries per search call and per top-k merge
-TIE_MARGIN = 16  # extra candidates asked of a chunk, so a tie across the k-th place is seen whole
-TIE_ENTRIES = 2**21  # (query, candidate) pairs per re-search of tied rows, and per torch score block / 4
-_ANNOUNCED: set[str] = set()
-_GPU_RESOURCES: dict = {}
-
-
-# --------------------------------------------------------------------------------------------
-# Encoding
-
-
-def _tokenize(tokenizer, texts: list[str], max_length: int, step: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids of every text as one flat int32 array and offsets (4 bytes a token, not a Python int)."""
-    flat, lengths = [], []
-    for start in range(0, len(texts), step):
-        ids = tokenizer(texts[start : start + step], truncation=True, max_length=max_length, add_special_tokens=True)
-        ids = ids["input_ids"]
-        lengths.append(np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids)))
-        flat.append(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32))
-    lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    return (np.concatenate(flat) if flat else np.zeros(0, dtype=np.int32)), offsets
-
-
-def _pad(ids: np.ndarray, offsets: np.ndarray, rows: np.ndarray, pad_id: int, left: bool):
-    """(input_ids, attention_mask) of the given texts, padded as tokenizer.pad would."""
-    lengths = offsets[rows + 1] - offsets[rows]
-    width = int(lengths.max())
-    input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(rows), width), dtype=np.int64)
-    for r, (i, n) in enumerate(zip(rows, lengths)):
-        cols = slice(width - n, width) if left else slice(0, n)
-        input_ids[r, cols] = ids[offsets[i] : offsets[i] + n]
-        mask[r, cols] = 1
-    return torch.from_numpy(input_ids), torch.from_numpy(mask)
-
-
-@torch.inference_mode()
-def encode_texts(
-    model: BiEncoder,
-    tokenizer,
-    texts: list[str],
-    max_length: int,
-    batch_size: int = 128,
-    bf16: bool = False,
-    fp16: bool = False,
-    desc: str = "encode",
-    show_progress: bool = True,
-) -> np.ndarray:
-    """(N, H) float32 embeddings; batches sorted by length so padding stays small."""
-    device = next(model.parameters()).device
-    ids, offsets = _tokenize(tokenizer, texts, max_length)
-    order = np.argsort(-np.diff(offsets), kind="stable")
-    out = np.empty((len(texts), model.config.backbone_config["hidden_size"]), dtype=np.float32)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    left = getattr(tokenizer, "padding_side", "right") == "left"
-    was_training = model.training
-    model.eval()
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not show_progress, leave=False):
-        rows = order[start : start + batch_size]
-        input_ids, mask = _pad(ids, offsets, rows, pad_id, left)
-        with autocast(device, bf16=bf16, fp16=fp16):
-            reps = model.encode(input_ids.to(device), mask.to(device))
-        out[rows] = reps.float().cpu().numpy()
-    model.train(was_training)
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# Exact search, chunk by chunk, with one tie rule
-
-
-def _announce(message: str, verbose: bool = True) -> None:
-    if verbose and message not in _ANNOUNCED:
-        print(message, flush=True)
-        _ANNOUNCED.add(message)
-
-
-def faiss_gpus() -> int:
-    import faiss
-
-    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-
-
-def build_index(dim: int, verbose: bool = True, gpu: int | None = None):
-    """Exact inner product: on every GPU faiss sees (sharded; only GPU `gpu` when given), else CPU IndexFlatIP."""
-    import faiss
-
-    index = faiss.IndexFlatIP(dim)
-    n_gpus = faiss_gpus()
-    if n_gpus > 0 and gpu is not None:
-        if gpu not in _GPU_RESOURCES:  # one set of resources (and its scratch memory) per GPU, for every chunk
-            _GPU_RESOURCES[gpu] = faiss.StandardGpuResources()
-        index = faiss.index_cpu_to_gpu(_GPU_RESOURCES[gpu], gpu, index)
-        choice = f"FAISS: exact inner product on GPU {gpu}"
-    elif n_gpus > 0:
-        options = faiss.GpuMultipleClonerOptions()
-        options.shard = True
-        index = faiss.index_cpu_to_all_gpus(index, co=options)
-        choice = f"FAISS: exact inner product on {n_gpus} GPU(s), sharded"
-    else:
-        choice = "FAISS: exact inner product on CPU (IndexFlatIP)"
-    _announce(choice, verbose)
-    return index
-
-
-def resolve_backend(choice: str = "auto") -> str:
-    """faiss | torch: `auto` (or $EVAL_SEARCH_BACKEND) takes faiss, unless torch sees a GPU that faiss does not."""
-    if choice == "auto":
-        choice = os.environ.get("EVAL_SEARCH_BACKEND", "auto")
-    if choice not in ("auto", "faiss", "torch"):
-        raise ValueError(f"search backend {choice!r}: expected auto, faiss or torch")
-    if choice == "auto":
-        choice = "torch" if torch.cuda.is_available() and faiss_gpus() == 0 else "faiss"
-    return choice
-
-
-def select_topk(scores: np.ndarray, index: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's first k in the order (score desc, index asc): the one tie rule of every search."""
-    order = np.lexsort((index, -scores), axis=-1)[:, :k]
-    return np.take_along_axis(scores, order, 1), np.take_along_axis(index, order, 1)
-
-
-class FaissChunk:
-    """Exact top-k of one chunk with FAISS; ties at the k-th place resolved by the lower index."""
-
-    max_k = None  # faiss-gpu selects at most 2048 per query
-
-    def __init__(self, d_emb: np.ndarray, verbose: bool = True, gpu: int | None = None):
-        self.n = len(d_emb)
-        self.index = build_index(d_emb.shape[1], verbose, gpu)
-        self.index.add(np.ascontiguousarray(d_emb, dtype=np.float32))  # the index keeps its own copy
-        if faiss_gpus() > 0:
-            self.max_k, self.d_emb = 2048, d_emb
-
-    def _search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        scores, idx = self.index.search(np.ascontiguousarray(q, dtype=np.float32), k)
-        return select_topk(scores, idx, k)
-
-    def topk(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        k = min(k, self.n)
-        k2 = min(self.n, k + TIE_MARGIN)
-        scores, idx = self._search(q, k2)
-        out_s, out_i = scores[:, :k].copy(), idx[:, :k].copy()
-        # A row whose k-th score equals its last candidate's may have more documents at that score
-        # than were returned: ask again for more until the tie ends inside the list.
-        rows = np.flatnonzero(scores[:, k - 1] == scores[:, k2 - 1]) if k2 < self.n else np.zeros(0, np.int64)
-        while rows.size:
-            k2 = min(self.n, 2 * k2)
-            if self.max_k is not None and k2 > self.max_k:  # faiss-gpu: those rows go to the torch path
-                s, i = TorchChunk(self.d_emb, "cuda").topk(q[rows], k)
-                out_s[rows], out_i[rows] = s, i
-                break
-            tied = []
-            for a in range(0, rows.size, max(1, TIE_ENTRIES // k2)):  # bounded: rows x k2 <= TIE_ENTRIES
-                part = rows[a : a + max(1, TIE_ENTRIES // k2)]
-                s, i = self._search(q[part], k2)
-                out_s[part], out_i[part] = s[:, :k], i[:, :k]
-                tied.append(part[s[:, k - 1] == s[:, k2 - 1]])
-            rows = np.concatenate(tied) if k2 < self.n else rows[:0]
-        return out_s, out_i
-
-
-class TorchChunk:
-    """Exact top-k of one chunk by matmul + top-k on `device`; ties resolved by the lower index."""
-
-    def __init__(self, d_emb: np.ndarray, device: str, verbose: bool = False):
-        self.n, self.device = len(d_emb), torch.device(device)
-        self.d = torch.from_numpy(np.array(d_emb, dtype=np.float32)).to(self.device)
-        _announce(f"torch: exact inner product on {self.device.type} (chunked matmul + top-k)", verbose)
-
-    def topk(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        k = min(k, self.n)
-        k2 = min(self.n, k + TIE_MARGIN)
-        out_s, out_i = np.empty((len(q), k), np.float32), np.empty((len(q), k), np.int64)
-        step = max(1, min(QUERY_BLOCK, 4 * TIE_ENTRIES // self.n))  # a score block of at most 32 MiB
-        q_all = torch.from_numpy(np.array(q, dtype=np.float32))
-        tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False  # full fp32
-        try:
-            self._blocks(q_all, k, k2, step, out_s, out_i)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = tf32
-        return out_s, out_i
-
-    def _blocks(self, q_all: torch.Tensor, k: int, k2: int, step: int, out_s: np.ndarray, out_i: np.ndarray) -> None:
-        for a in range(0, len(q_all), step):
-            block = q_all[a : a + step].to(self.device) @ self.d.T
-            v, i = torch.topk(block, k2, dim=1)
-            v, i = select_topk(v.cpu().numpy(), i.cpu().numpy(), k2)
-            out_s[a : a + step], out_i[a : a + step] = v[:, :k], i[:, :k]
-            if k2 < self.n:  # a tie across the k-th place: sort those rows whole (stable: lower index first)
-                rows = np.flatnonzero(v[:, k - 1] == v[:, k2 - 1])
-                if rows.size:
-                    picked = block[torch.from_numpy(rows).to(self.device)]
-                    vs, js = torch.sort(picked, dim=1, descending=True, stable=True)
-                    out_s[a + rows], out_i[a + rows] = vs[:, :k].cpu().numpy(), js[:, :k].cpu().numpy()
-
-
-def make_searcher(d_emb: np.ndarray, backend: str, verbose: bool = True, gpu: int | None = None):
-    if backend == "torch":
-        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
-        return TorchChunk(d_emb, device, verbose)
-    return FaissChunk(d_emb, verbose, gpu)
-
-
-class TopK:
-    """Running exact top-k of every query over the documents seen so far, in (score desc, index asc)."""
-
-    def __init__(self, n_queries: int, k: int):
-        self.k, self.width = k, 0  # width: min(k, documents seen)
-        self.scores = np.empty((n_queries, k), dtype=np.float32)
-        self.index = np.empty((n_queries, k), dtype=np.int64)
-
-    def merge(self, rows: slice, scores: np.ndarray, index: np.ndarray) -> None:
-        """Merge candidates of the query rows `rows`; call `grow` once every row has had its share."""
-        w = self.width
-        s = np.concatenate([self.scores[rows, :w], scores], axis=1)
-        i = np.concatenate([self.index[rows, :w], index], axis=1)
-        s, i = select_topk(s, i, self.k)
-        self.scores[rows, : s.shape[1]], self.index[rows, : s.shape[1]] = s, i
-
-    def grow(self, n_docs: int) -> None:
-        self.width = min(self.k, self.width + n_docs)
-
-    def result(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.scores[:, : self.width], self.index[:, : self.width]
-
-
-def search_chunk(searcher, offset: int, n_docs: int, q_sets: dict[str, np.ndarray], tops: dict[str, TopK]) -> None:
-    """Search one chunk (global documents offset .. offset+n_docs-1) for every query set, merge into `tops`."""
-    for name, q in q_sets.items():
-        top = tops[name]
-        for a in range(0, len(q), QUERY_BLOCK):
-            scores, idx = searcher.topk(q[a : a + QUERY_BLOCK], top.k)
-            top.merge(slice(a, a + QUERY_BLOCK), scores, idx + offset)
-        top.grow(n_docs)
-
-
-def chunk_bounds(n_docs: int, chunk: int) -> list[tuple[int, int]]:
-    """The corpus' chunks: [0, C), [C, 2C), ... whatever the number of processes."""
-    return [(a, min(a + chunk, n_docs)) for a in range(0, n_docs, chunk)]
-
-
-def rank_chunks(n_docs: int, chunk: int, rank: int = 0, world: int = 1) -> list[tuple[int, int]]:
-    """Rank `rank`'s shard: a contiguous run of whole chunks (none when there are fewer chunks than ranks)."""
-    bounds = chunk_bounds(n_docs, chunk)
-    return bounds[rank * len(bounds) // world : (rank + 1) * len(bounds) // world]
-
-
-def search_embeddings(q_sets: dict[str, np.ndarray], d_emb: np.ndarray, top_k: int, chunk: int | None = None,
-                      backend: str = "auto") -> dict[str, TopK]:  # fmt: skip
-    """Exact top-k of every query set over embeddings already encoded (an array or a .npy memory map)."""
-    backend = resolve_backend(backend)
-    tops = {name: TopK(len(q), top_k) for name, q in q_sets.items()}
-    for a, b in chunk_bounds(len(d_emb), chunk or ENCODE_CHUNK):
-        search_chunk(make_searcher(d_emb[a:b], backend), a, b - a, q_sets, tops)
-    return tops
-
-
-def to_results(top: TopK, qids: list[str], doc_ids: list[str]) -> dict[str, dict[str, float]]:
-    scores, index = top.result()
-    return {qid: {doc_ids[j]: float(s) for j, s in zip(index[r], scores[r]) if j >= 0} for r, qid in enumerate(qids)}
-
-
-def search(q_emb: np.ndarray, d_emb: np.ndarray, doc_ids: list[str], qids: list[str], top_k: int, *,
-           chunk: int | None = None, backend: str = "auto") -> dict:  # fmt: skip
-    """results[qid][doc_id] = score: exact top-k, searched `chunk` documents at a time."""
-    return to_results(search_embeddings({"q": q_emb}, d_emb, top_k, chunk, backend)["q"], qids, doc_ids)
-
-
 # --------------------------------------------------------------------------------------------
 # Sharded retrieval: encode (or read cached) chunks, search them, gather the top-k on rank 0
 
 
-class EmbeddingCache:
-    """Encoded chunks as `<root>/<hash of key>/chunk-<start>-<stop>.npy`, written atomically and read
-    back as memory maps. The key names everything the embeddings depend on (see `cache_key`)."""
+@dataclass(frozen=True)
+class RetrieveOptions:
+    """How to encode and search: the keyword arguments of `retrieve` and `evaluate_model`."""
 
-    def __init__(self, root: str | Path, key: dict):
-        text = json.dumps(key, sort_keys=True, default=str)
-        self.dir = Path(root) / hashlib.sha1(text.encode()).hexdigest()[:16]
-        self.dir.mkdir(parents=True, exist_ok=True)
-        if not (self.dir / "key.json").is_file():
-            atomic_write_text(self.dir / "key.json", json.dumps(key, indent=2, sort_keys=True, default=str))
-        self.hits = self.misses = 0
-
-    def path(self, start: int, stop: int) -> Path:
-        return self.dir / f"chunk-{start:012d}-{stop:012d}.npy"
-
-    def load(self, start: int, stop: int, dim: int) -> np.ndarray | None:
-        path = self.path(start, stop)
-        try:
-            emb = np.load(path, mmap_mode="r")
-        except (OSError, ValueError):
-            self.misses += 1
-            return None
-        if emb.shape != (stop - start, dim) or emb.dtype != np.float32:
-            self.misses += 1
-            return None
-        self.hits += 1
-        return emb
-
-    def save(self, start: int, stop: int, emb: np.ndarray) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".chunk-", suffix=".npy")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.save(fh, np.ascontiguousarray(emb, dtype=np.float32))
-            os.replace(tmp, self.path(start, stop))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-
-def _stat(path: Path) -> list:
-    st = path.stat()
-    return [path.name, st.st_size, st.st_mtime_ns]
-
-
-def cache_key(source: str, model: BiEncoder, data_dir: Path, n_docs: int, doc_max_length: int, dtype: str,
-              batch_size: int) -> dict:  # fmt: skip
-    """What a corpus' embeddings depend on: the model (its folder's files by size and mtime, its config:
-    pooling, inference mode, ...), the corpus file, its size, truncation, autocast dtype, batch size
-    (padding changes the last bits) and the device type."""
-    folder = Path(source)
-    files = sorted(_stat(p) for p in folder.iterdir() if p.is_file()) if folder.is_dir() else None
-    device = next(model.parameters()).device.type
-    return {
-        "model": str(folder.resolve()) if folder.is_dir() else source, "model_files": files,
-        "config": model.config.to_dict(), "data_dir": str(Path(data_dir).resolve()),
-        "corpus_file": _stat(corpus_path(data_dir)), "n_docs": n_docs, "doc_max_length": doc_max_length,
-        "dtype": dtype, "batch_size": batch_size, "device": device,
-    }  # fmt: skip
-
-
-def _broadcast(array: np.ndarray | None, shape: tuple[int, int], rank: int) -> np.ndarray:
-    t = torch.from_numpy(array) if rank == 0 else torch.empty(shape, dtype=torch.float32)
-    dist.broadcast(t, 0)
-    return t.numpy()
-
-
-def gather_topk(tops: dict[str, TopK], shard_docs: list[int], rank: int, world: int) -> None:
-    """Every rank's top-k to rank 0, merged there in rank order (the merge order does not matter)."""
-    for top in tops.values():
-        scores, index = top.result()
-        if rank != 0:
-            if scores.shape[1]:
-                dist.send(torch.from_numpy(np.ascontiguousarray(scores)), 0)
-                dist.send(torch.from_numpy(np.ascontiguousarray(index)), 0)
-            continue
-        for r in range(1, world):
-            w = min(top.k, shard_docs[r])
-            if w == 0:
-                continue
-            s = torch.empty((len(top.scores), w), dtype=torch.float32)
-            i = torch.empty((len(top.scores), w), dtype=torch.int64)
-            dist.recv(s, r)
-            dist.recv(i, r)
-            s, i = s.numpy(), i.numpy()
-            for a in range(0, len(s), QUERY_BLOCK):
-                top.merge(slice(a, a + QUERY_BLOCK), s[a : a + QUERY_BLOCK], i[a : a + QUERY_BLOCK])
-            top.grow(shard_docs[r])
+    query_max_length: int = 64
+    doc_max_length: int = 256
+    batch_size: int = 128
+    bf16: bool = False
+    fp16: bool = False
+    show_progress: bool = True
+    encode_chunk: int = ENCODE_CHUNK  # documents encoded, held and searched at a time
+    backend: str = "auto"  # search backend: auto | faiss | torch
 
 
 def retrieve_topk(
@@ -455,15 +103,8 @@ def retrieve_topk(
     texts,  # texts(start, stop) -> the documents' texts, in corpus order
     query_sets: dict[str, dict[str, str]],
     top_k: int,
+    options: RetrieveOptions = RetrieveOptions(),
     *,
-    query_max_length: int = 64,
-    doc_max_length: int = 256,
-    batch_size: int = 128,
-    bf16: bool = False,
-    fp16: bool = False,
-    show_progress: bool = True,
-    encode_chunk: int = ENCODE_CHUNK,
-    backend: str = "auto",
     rank: int = 0,
     world: int = 1,
     cache: EmbeddingCache | None = None,
@@ -474,26 +115,27 @@ def retrieve_topk(
     timings = {} if timings is None else timings
     for key in ("encode", "index", "search", "gather"):
         timings.setdefault(key, 0.0)
-    kw = dict(batch_size=batch_size, bf16=bf16, fp16=fp16, show_progress=show_progress and rank == 0)
-    backend = resolve_backend(backend)
+    o = options
+    kw = dict(batch_size=o.batch_size, bf16=o.bf16, fp16=o.fp16, show_progress=o.show_progress and rank == 0)
+    backend = resolve_backend(o.backend)
     dim = model.config.backbone_config["hidden_size"]
     start = time.perf_counter()
     q_sets = {}
     for name, queries in query_sets.items():  # rank 0 encodes the queries, every rank searches with them
         q_emb = None
         if rank == 0:
-            q_emb = encode_texts(model, tokenizer, list(queries.values()), query_max_length, desc="queries", **kw)
-        q_sets[name] = q_emb if world == 1 else _broadcast(q_emb, (len(queries), dim), rank)
+            q_emb = encode_texts(model, tokenizer, list(queries.values()), o.query_max_length, desc="queries", **kw)
+        q_sets[name] = q_emb if world == 1 else broadcast_rows(q_emb, (len(queries), dim), rank)
     timings["encode"] += time.perf_counter() - start
     tops = {name: TopK(len(q), top_k) for name, q in q_sets.items()}
     gpu = torch.cuda.current_device() if world > 1 and torch.cuda.is_available() else None
-    chunks = rank_chunks(n_docs, encode_chunk, rank, world)
+    chunks = rank_chunks(n_docs, o.encode_chunk, rank, world)
     inner = {**kw, "show_progress": kw["show_progress"] and len(chunks) < 2}  # one bar: batches, or chunks
     for a, b in tqdm(chunks, desc="corpus chunks", disable=not kw["show_progress"] or len(chunks) < 2, leave=False):
         t0 = time.perf_counter()
         emb = cache.load(a, b, dim) if cache else None
         if emb is None:
-            emb = encode_texts(model, tokenizer, texts(a, b), doc_max_length, desc="corpus", **inner)
+            emb = encode_texts(model, tokenizer, texts(a, b), o.doc_max_length, desc="corpus", **inner)
             if cache:
                 cache.save(a, b, emb)
         t1 = time.perf_counter()
@@ -507,7 +149,7 @@ def retrieve_topk(
         timings["search"] += t3 - t2
     if world > 1:
         t0 = time.perf_counter()
-        shard_docs = [sum(b - a for a, b in rank_chunks(n_docs, encode_chunk, r, world)) for r in range(world)]
+        shard_docs = [sum(b - a for a, b in rank_chunks(n_docs, o.encode_chunk, r, world)) for r in range(world)]
         gather_topk(tops, shard_docs, rank, world)
         timings["gather"] += time.perf_counter() - t0
     return tops
@@ -516,12 +158,12 @@ def retrieve_topk(
 def retrieve(model: BiEncoder, tokenizer, corpus: dict, queries: dict, top_k: int = 100, **kwargs) -> dict:
     """results[qid][doc_id] = score, top-k by exact inner product (the corpus encoded chunk by chunk).
 
-    `kwargs` are `retrieve_topk`'s: query_max_length, doc_max_length, batch_size, bf16, fp16,
+    `kwargs` are `RetrieveOptions`' fields: query_max_length, doc_max_length, batch_size, bf16, fp16,
     show_progress, encode_chunk, backend.
     """
     doc_ids = list(corpus)
     texts = lambda a, b: [doc_text(corpus[d]) for d in doc_ids[a:b]]  # noqa: E731
-    tops = retrieve_topk(model, tokenizer, len(doc_ids), texts, {"q": queries}, top_k, **kwargs)
+    tops = retrieve_topk(model, tokenizer, len(doc_ids), texts, {"q": queries}, top_k, RetrieveOptions(**kwargs))
     return to_results(tops["q"], list(queries), doc_ids)
 
 
@@ -839,9 +481,10 @@ def main(argv=None) -> dict:
         timings: dict[str, float] = {}
         tops = retrieve_topk(
             model, tokenizer, len(corpus), corpus.reader(), {split: q for split, (q, _) in splits.items()},
-            args.top_k, query_max_length=args.query_max_length, doc_max_length=args.doc_max_length,
-            batch_size=args.batch_size, bf16=args.bf16, fp16=args.fp16, encode_chunk=args.encode_chunk,
-            backend=args.search, rank=rank, world=world, cache=cache, timings=timings,
+            args.top_k, RetrieveOptions(query_max_length=args.query_max_length, doc_max_length=args.doc_max_length,
+                                        batch_size=args.batch_size, bf16=args.bf16, fp16=args.fp16,
+                                        encode_chunk=args.encode_chunk, backend=args.search),
+            rank=rank, world=world, cache=cache, timings=timings,
         )  # fmt: skip
         if rank != 0:
             continue

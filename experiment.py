@@ -23,19 +23,17 @@ import subprocess
 import sys
 import threading
 import time
-import tomllib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
 import analysis as an
-from model import VARIANTS
-from retrievers import BM25, DEV_FRACTION, FUSIONS, SELECT_METRIC, choose_weight, dev_qrels, fuse
+from report import build_report, figures, render, summarise
+from retrievers import BM25, DEV_FRACTION, SELECT_METRIC, choose_weight, dev_qrels, fuse
+from spec import HYBRID, UNTRAINED, Experiment, Run, load_experiment, restrict_seeds, transfer_name
 from utils import (
     MAX_CUTOFF,
-    TABLE_COLUMNS,
+    PRIMARY_METRIC,
     DataError,
     atomic_write_text,
     check_writable,
@@ -44,12 +42,10 @@ from utils import (
     load_qrels,
     load_queries,
     load_split,
-    mean_metrics,
     read_trec,
     resolve_data_dir,
 )
 
-UNTRAINED = ("zeroshot", "bm25")  # evaluated once, seed-independent
 SMOKE_TRAIN = ["--max_steps", "2", "--doc_max_length", "32", "--per_device_train_batch_size", "8", "--eval_strategy",
                "no", "--load_best_model_at_end", "false", "--save_strategy", "no"]  # fmt: skip
 SMOKE_EVAL = ["--doc_max_length", "32"]
@@ -95,216 +91,6 @@ def smoke_slice(folder: Path, out: Path, n_queries: int = SMOKE_QUERIES, n_docs:
         if not (out / name).is_file() or (out / name).read_text(encoding="utf-8") != text:
             atomic_write_text(out / name, text)
     return out
-TOP_KEYS = {"name", "description", "dataset", "data_dir", "model", "seeds", "splits", "subsets", "recipe", "eval",
-            "trec_depth", "runs", "select", "figures", "frozen", "transfer"}  # fmt: skip
-RUN_KEYS = {"kind", "train", "eval", "label", "reference", "group", "seeds", "frozen", "fuse", "weight", "fusion"}
-HYBRID = "hybrid"  # two runs of the file fused (retrievers.fuse), per seed where one of them is trained
-
-
-# --------------------------------------------------------------------------------------------
-# The experiment file
-
-
-@dataclass
-class Run:
-    name: str
-    kind: str
-    train: list[str] = field(default_factory=list)
-    eval: list[str] = field(default_factory=list)
-    seeds: list[int] = field(default_factory=list)
-    label: str = ""
-    references: list[str] = field(default_factory=list)  # runs it is compared with (paired tests)
-    group: str | None = None
-    frozen: bool = False  # backbone frozen: frozen.py trains the head on cached backbone outputs
-    fuse: list[str] = field(default_factory=list)  # kind hybrid: the two runs fused, the first weighted `weight`
-    weight: float | None = None  # kind hybrid: fixed; None: chosen on dev (equal where no dev run files exist)
-    fusion: str = "interpolate"  # kind hybrid: interpolate | rrf
-
-    @property
-    def trained(self) -> bool:
-        return self.kind not in (*UNTRAINED, HYBRID)
-
-    @property
-    def per_seed(self) -> bool:
-        """Results per seed: a trained run, or a hybrid of one (its seeds are that run's)."""
-        return self.trained or (self.kind == HYBRID and bool(self.seeds))
-
-    @property
-    def tag(self) -> str:
-        """Name of its files and of the TREC run column."""
-        return self.name.rsplit("/", 1)[-1]
-
-
-@dataclass
-class Experiment:
-    name: str
-    description: str
-    dataset: str | None
-    data_dir: str | None
-    model: str | None
-    seeds: list[int]
-    splits: list[str]
-    subsets: list[str]
-    recipe: list[str]
-    eval: list[str]
-    trec_depth: dict[str, int]
-    runs: dict[str, Run]
-    select: dict | None
-    figures: list[str]
-    transfer: list[str] = field(default_factory=list)  # further BEIR datasets, evaluated on test, never trained on
-
-
-def restrict_seeds(exp: Experiment, seeds: list[int]) -> Experiment:
-    """The experiment with only `seeds` (where a run or the select stage has them)."""
-    keep = lambda xs: [s for s in xs if s in seeds]  # noqa: E731
-    runs = {n: replace(r, seeds=keep(r.seeds)) for n, r in exp.runs.items()}
-    select = None if exp.select is None else {**exp.select, "seeds": keep(exp.select.get("seeds", exp.seeds))}
-    return replace(exp, seeds=keep(exp.seeds), runs=runs, select=select)
-
-
-def check_types(raw: dict, check) -> None:
-    """Every value of an experiment file of the type it must have, before anything reads it (`seeds = "42"`
-    must not run seeds 4 and 2)."""
-
-    def is_int(x) -> bool:
-        return isinstance(x, int) and not isinstance(x, bool)
-
-    def strings(where: str, value, empty: bool = True) -> None:
-        check(isinstance(value, list) and all(isinstance(x, str) for x in value),
-              f"{where} must be a list of strings, got {value!r}")  # fmt: skip
-        check(empty or bool(value), f"{where} must not be empty")
-
-    def seeds(where: str, value, empty: bool) -> None:
-        check(isinstance(value, list) and all(is_int(x) for x in value),
-              f"{where} must be a list of integers such as [42, 43], got {value!r}")  # fmt: skip
-        check(empty or bool(value), f"{where} must not be empty")
-        check(len(set(value)) == len(value), f"{where} repeats a seed: {value}")
-
-    for key in ("name", "description", "dataset", "data_dir", "model"):
-        check(key not in raw or isinstance(raw[key], str), f"{key} must be a string, got {raw.get(key)!r}")
-    check(bool(str(raw.get("name", "x")).strip()) and "/" not in str(raw.get("name", "")),
-          f"name {raw.get('name')!r} must be a non-empty folder name")  # fmt: skip
-    if "seeds" in raw:
-        seeds("seeds", raw["seeds"], empty=False)
-    if "splits" in raw:
-        strings("splits", raw["splits"], empty=False)
-        check(len(set(raw["splits"])) == len(raw["splits"]) and all(s.strip() for s in raw["splits"]),
-              f"splits must be distinct split names, got {raw['splits']!r}")  # fmt: skip
-    for key in ("subsets", "recipe", "eval", "figures"):
-        if key in raw:
-            strings(key, raw[key])
-    check(set(raw.get("figures", [])) <= {"training", "experts"}, "figures must be among ['training', 'experts']")
-    check("frozen" not in raw or isinstance(raw["frozen"], bool), f"frozen must be true or false, got {raw.get('frozen')!r}")
-    depth = raw.get("trec_depth", {})
-    check(isinstance(depth, dict) and all(is_int(k) and k >= 1 for k in depth.values()),
-          f"trec_depth must be a table of split = K (K >= 1), got {depth!r}")  # fmt: skip
-    check(set(depth) <= set(raw.get("splits", ["test"])), f"trec_depth names a split not in splits: {sorted(depth)}")
-    for name, spec in raw.get("runs", {}).items():
-        if not isinstance(spec, dict):
-            continue  # load_experiment says so
-        where = f"runs.{name}"
-        check("kind" in spec and isinstance(spec["kind"], str), f"{where}.kind must be given as a string")
-        for key in ("train", "eval"):
-            if key in spec:
-                strings(f"{where}.{key}", spec[key])
-        if "seeds" in spec:
-            seeds(f"{where}.seeds", spec["seeds"], empty=True)  # [] = only a template for [select]
-        for key in ("label", "group"):
-            check(key not in spec or isinstance(spec[key], str), f"{where}.{key} must be a string")
-        ref = spec.get("reference", [])
-        check(isinstance(ref, str) or (isinstance(ref, list) and all(isinstance(r, str) for r in ref)),
-              f"{where}.reference must be a run name or a list of them, got {ref!r}")  # fmt: skip
-        check("frozen" not in spec or isinstance(spec["frozen"], bool), f"{where}.frozen must be true or false")
-    select = raw.get("select")
-    if select is not None:
-        check(isinstance(select, dict), "select must be a table")
-        for key in ("reference", "compare_to"):
-            check(key not in select or isinstance(select[key], str), f"select.{key} must be a run name")
-        if "runs" in select:
-            strings("select.runs", select["runs"], empty=False)
-        if "seeds" in select:
-            seeds("select.seeds", select["seeds"], empty=False)
-
-
-def load_experiment(path: str | Path) -> Experiment:
-    """Parse and check an experiment file; every mistake is a one-line DataError naming the file."""
-    path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise DataError(f"{path}: cannot read an experiment file ({exc})") from None
-
-    def check(ok: bool, message: str) -> None:
-        if not ok:
-            raise DataError(f"{path}: {message}")
-
-    check(not set(raw) - TOP_KEYS, f"unknown key(s) {sorted(set(raw) - TOP_KEYS)}; expected {sorted(TOP_KEYS)}")
-    check(isinstance(raw.get("runs"), dict) and bool(raw["runs"]), "no [runs.NAME] tables")
-    check_types(raw, check)
-    seeds = raw.get("seeds", [42])
-    splits = raw.get("splits", ["test"])
-    runs = {}
-    for name, spec in raw["runs"].items():
-        check(isinstance(spec, dict), f"runs.{name} must be a table")
-        check(not set(spec) - RUN_KEYS, f"runs.{name}: unknown key(s) {sorted(set(spec) - RUN_KEYS)}")
-        kind = spec.get("kind", "")
-        check(kind in VARIANTS or kind in UNTRAINED or kind == HYBRID, f"runs.{name}: kind {kind!r} is not one of "
-              f"{', '.join([*VARIANTS, *UNTRAINED, HYBRID])}")  # fmt: skip
-        check((kind == HYBRID) == ("fuse" in spec) and (kind == HYBRID or not {"weight", "fusion"} & set(spec)),
-              f"runs.{name}: `fuse` (and `weight`, `fusion`) belong to kind {HYBRID!r}, which needs `fuse`")  # fmt: skip
-        for key in ("train", "eval"):
-            check(all(isinstance(x, str) for x in spec.get(key, [])), f"runs.{name}.{key} must be a list of strings")
-        refs = spec.get("reference", [])
-        check(not ("frozen" in spec and kind in UNTRAINED), f"runs.{name}: only a trained kind can be frozen")
-        runs[name] = Run(name, kind, list(spec.get("train", [])), list(spec.get("eval", [])),
-                         list(spec.get("seeds", seeds)), spec.get("label", name), [refs] if isinstance(refs, str)
-                         else list(refs), spec.get("group"),
-                         kind in VARIANTS and bool(spec.get("frozen", raw.get("frozen", False))))  # fmt: skip
-        if kind == HYBRID:
-            runs[name] = hybrid_run(runs[name], spec, raw["runs"], lambda ok, m, n=name: check(ok, f"runs.{n}: {m}"))
-    for run in runs.values():
-        for ref in run.references:
-            check(ref in runs, f"runs.{run.name}.reference {ref!r} is not a run")
-    select = raw.get("select")
-    if select is not None:
-        check(select.get("reference") in runs, "select.reference must name a run")
-        check(all(r in runs for r in select.get("runs", [])), "select.runs must name runs")
-        check(select.get("compare_to", select["reference"]) in runs, "select.compare_to must name a run")
-    check(set(raw.get("subsets", [])) <= set(an.SUBSETS), f"subsets must be among {an.SUBSETS}")
-    transfer = raw.get("transfer", [])
-    check(isinstance(transfer, list) and all(isinstance(t, str) and t.strip() for t in transfer),
-          "transfer must be a list of dataset names (under $BEIR_DATA_DIR) or BEIR folders")  # fmt: skip
-    names = [transfer_name(t) for t in transfer]
-    check(len(set(names)) == len(names), f"transfer names a dataset twice: {names}")
-    return Experiment(
-        name=raw.get("name", path.stem), description=raw.get("description", ""), dataset=raw.get("dataset"),
-        data_dir=raw.get("data_dir"), model=raw.get("model"), seeds=seeds, splits=splits,
-        subsets=list(raw.get("subsets", [])), recipe=list(raw.get("recipe", [])), eval=list(raw.get("eval", [])),
-        trec_depth=dict(raw.get("trec_depth", {})), runs=runs, select=select,
-        figures=list(raw.get("figures", ["training", "experts"])), transfer=list(transfer),
-    )  # fmt: skip
-
-
-def hybrid_run(run: Run, spec: dict, specs: dict, check) -> Run:
-    """A hybrid's members checked (two other non-hybrid runs of the file), its weight and fusion; its seeds
-    are those of its trained member(s), none when both are untrained."""
-    members, weight, fusion = spec["fuse"], spec.get("weight"), spec.get("fusion", "interpolate")
-    check(isinstance(members, list) and len(members) == 2 and len(set(members)) == 2
-          and all(isinstance(m, str) for m in members), f"fuse must name two different runs, got {members!r}")  # fmt: skip
-    for member in members:
-        check(member in specs and isinstance(specs[member], dict) and specs[member].get("kind") != HYBRID,
-              f"fuse: {member!r} is not a (non-hybrid) run of the file")  # fmt: skip
-    check(fusion in FUSIONS, f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
-    number = isinstance(weight, (int, float)) and not isinstance(weight, bool)
-    check(weight is None or (number and 0 <= weight <= 1 and fusion == "interpolate"),
-          f"weight must be in [0, 1] (and the fusion interpolate), got {weight!r}")  # fmt: skip
-    check(not {"train", "eval", "frozen", "group"} & set(spec), "a hybrid has no train, eval, frozen or group")
-    trained = [specs[m].get("seeds", run.seeds) for m in members if specs[m].get("kind") not in UNTRAINED]
-    seeds = [s for s in trained[0] if all(s in t for t in trained)] if trained else []
-    weight = None if weight is None else float(weight)
-    return replace(run, fuse=list(members), weight=weight, fusion=fusion, seeds=seeds)
-
-
 # --------------------------------------------------------------------------------------------
 # Where things live
 
@@ -568,7 +354,7 @@ def choose(exp: Experiment, layout: Layout) -> list[str]:
 
     ref = dev(exp.runs[exp.select["reference"]])
     if ref is None:
-        fail(f"select: the reference run {exp.select['reference']!r} has no dev NDCG@10 (trained without dev "
+        fail(f"select: the reference run {exp.select['reference']!r} has no dev {PRIMARY_METRIC} (trained without dev "
              "evaluation?): nothing to choose on")  # fmt: skip
     flags = []
     for group in dict.fromkeys(r.group for r in exp.runs.values() if r.group):
@@ -601,11 +387,6 @@ def chosen_runs(exp: Experiment, flags: list[str]) -> dict[str, Run]:
 
 # --------------------------------------------------------------------------------------------
 # Transfer: every checkpoint, BM25 and the zero-shot backbone on other BEIR datasets (BEIR's zero-shot protocol)
-
-
-def transfer_name(entry: str) -> str:
-    """A transfer entry's name in the results: the dataset name, or a folder's last component."""
-    return Path(entry.rstrip("/\\")).name
 
 
 def resolve_transfer(exp: Experiment, download: bool = True) -> dict[str, Path]:
@@ -667,262 +448,6 @@ def transfer_report(exp: Experiment, args, stages: list[dict[str, Run]]) -> dict
         if summary["rows"]:
             out[name] = summary
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# Report
-
-
-def summarise(exp: Experiment, layout: Layout, runs: dict[str, Run], subsets: dict[str, list[str]]) -> dict:
-    """Rows (mean ± std over the evaluated seeds) and paired tests of one stage."""
-    main = exp.splits[0]
-    rows, scores = {}, {}
-    for run in runs.values():
-        seeds = [s for s in (run.seeds if run.per_seed else [None]) if layout.evaluated(run, s)]
-        if not seeds:
-            continue
-        per_split = {split: [an.read_per_query(layout.split_dir(run, s, split), run.tag) for s in seeds]
-                     for split in exp.splits}  # fmt: skip
-        row = {"label": run.label, "kind": run.kind, "change": " ".join(run.train + run.eval),
-               "seeds": seeds if run.per_seed else [], "planned_seeds": run.seeds if run.per_seed else []}  # fmt: skip
-        if run.kind == HYBRID:  # how each seed's runs were fused
-            row["hybrid"] = {str(s): an.read_metrics(layout.split_dir(run, s, main)).get("hybrid") for s in seeds}
-        for split, per_seed in per_split.items():
-            prefix = "" if split == main else f"{split} "
-            for col in TABLE_COLUMNS:
-                row[prefix + col] = an.mean_std([mean_metrics(r)[col] for r in per_seed])
-        for name, qids in subsets.items():
-            row[f"{name} NDCG@10"] = an.mean_std([an.subset_mean(r, qids) for r in per_split[main]])
-        histories = [an.read_log_history(layout.run_dir(run, s)) for s in seeds
-                     if run.trained and (layout.run_dir(run, s) / "log_history.json").is_file()]  # fmt: skip
-        devs = [d for d in (an.best_dev(h) for h in histories) if d is not None]
-        row["dev NDCG@10"] = an.mean_std(devs) if devs else None
-        times = [t for t in map(an.train_seconds, histories) if t is not None]
-        row["train_seconds"] = an.mean_std(times) if times else None
-        times = [t for s in seeds if (t := an.eval_seconds(layout.split_dir(run, s, main))) is not None]
-        row["eval_seconds"] = an.mean_std(times) if times else None
-        facts = {s: an.read_checkpoint_facts(layout.run_dir(run, s)) for s in seeds if run.trained}
-        row["expert_out_max_abs"] = {str(s): f["expert_out_max_abs"] for s, f in facts.items()
-                                     if f.get("expert_out_max_abs") is not None}  # fmt: skip
-        rows[run.name] = row
-        scores[run.name] = dict(zip(seeds, per_split[main]))
-    tests = [compare(run.name, ref, scores[run.name], scores[ref], subsets) for run in runs.values()
-             for ref in run.references if run.name in scores and ref in scores]  # fmt: skip
-    return {"rows": rows, "tests": tests}
-
-
-def compare(run: str, reference: str, a: dict, b: dict, subsets: dict[str, list[str]]) -> dict:
-    """Paired tests over queries of one run against its reference: seed-averaged and per seed, on all
-    queries and on each subset. Seeds present in both (an untrained reference serves every seed)."""
-    untrained_a, untrained_b = list(a) == [None], list(b) == [None]
-    seeds = list(b) if untrained_a and not untrained_b else [s for s in a if s in b or untrained_b]
-    pick = lambda scores, s: scores[None] if list(scores) == [None] else scores[s]  # noqa: E731
-    qids = sorted(next(iter(a.values())))
-    x = an.scores_matrix([pick(a, s) for s in seeds], qids)
-    y = an.scores_matrix([pick(b, s) for s in seeds], qids)
-    out = {"run": run, "reference": reference, "seeds": seeds, "queries": len(qids), **an.paired_tests(x.mean(0), y.mean(0))}
-    out["per_seed"] = [an.paired_tests(xs, ys) for xs, ys in zip(x, y)]
-    for name, subset in subsets.items():
-        keep = np.isin(qids, subset)
-        out[name] = an.paired_tests(x.mean(0)[keep], y.mean(0)[keep]) if keep.sum() > 1 else None
-    return out
-
-
-def build_report(exp: Experiment, layout: Layout, folder: Path, stages: list[dict[str, Run]],
-                 chosen: list[str] | None) -> dict:
-    """Every stage summarised; each run's row also written as `<run>/summary.json`."""
-    subsets = {}
-    if exp.subsets:
-        train, reported = an.split_qrels(folder, exp.splits[0])
-        subsets = {k: v for k, v in an.query_subsets(train, reported).items() if k in exp.subsets}
-    result = {"experiment": exp.name, "description": exp.description, "splits": exp.splits,
-              "recipe": exp.recipe, "subsets": subsets,
-              "stages": [summarise(exp, layout, runs, subsets) for runs in stages]}  # fmt: skip
-    if chosen is not None:
-        result["chosen"] = chosen
-    for stage in result["stages"]:
-        for name, row in stage["rows"].items():
-            atomic_write_text(layout.root / name / "summary.json", json.dumps(row, indent=2))
-    return result
-
-
-def render(result: dict) -> str:
-    main, others = result["splits"][0], result["splits"][1:]
-    subsets = result["subsets"]
-    cols = [*TABLE_COLUMNS, *(f"{k} NDCG@10" for k in subsets), *(f"{s} {c}" for s in others
-                                                                 for c in ("NDCG@10", "Recall@10"))]  # fmt: skip
-    lines = [f"# {result['experiment']}", ""]
-    if result["description"]:
-        lines += [result["description"], ""]
-    notes = [f"Metrics on the {main} split; trained runs: mean ± std over their seeds."]
-    for name, qids in subsets.items():
-        what = "none of whose relevant documents is a positive of any" if name == "unseen" else (
-            "with a relevant document that is a positive of some")
-        notes.append(f"*{name}*: the {len(qids)} {main} queries {what} training query.")
-    for split in others:
-        notes.append(f"Columns *{split} ...*: the same models on the {split} queries"
-                     + (" (the paper's leaky protocol)." if split == "train" else "."))  # fmt: skip
-    lines += [" ".join(notes), "", f"Recipe of every trained run: `{' '.join(result['recipe']) or '(defaults)'}`."]
-    for i, stage in enumerate(result["stages"]):
-        if i == 1:
-            lines += ["", "## Stage 2: the combination chosen on dev", "",
-                      f"Chosen on dev: `{' '.join(result.get('chosen') or []) or '(no option beat the reference)'}`"]
-        lines += ["", *table(stage, cols), "", *tests_text(stage, subsets), *cost_text(stage)]
-    if result.get("chosen") is not None and len(result["stages"]) == 1:
-        lines += ["", f"Chosen on dev for stage 2: `{' '.join(result['chosen']) or '(none)'}` (not trained yet)."]
-    for name, stage in result.get("transfer", {}).items():
-        lines += ["", f"## Transfer: {name}", "",
-                  f"The same checkpoints, BM25 and the zero-shot backbone on the test split of {name}, which no run "
-                  "trained on (BEIR's zero-shot protocol); paired tests against the baseline.", "",
-                  *table(stage, list(TABLE_COLUMNS)), "", *tests_text(stage, {})]  # fmt: skip
-    return "\n".join(lines) + "\n"
-
-
-def cell(value, spread: bool) -> str:
-    if value is None:
-        return "-"
-    m, s = value
-    return f"{m:.4f} ± {s:.4f}" if spread else f"{m:.4f}"
-
-
-def table(stage: dict, cols: list[str]) -> list[str]:
-    lines = ["| run | change | seeds | dev NDCG@10 | " + " | ".join(cols) + " |", "|---" * (len(cols) + 4) + "|"]
-    for name, row in stage["rows"].items():
-        first = next((t for t in stage["tests"] if t["run"] == name), None)  # against its first reference
-        mark = " †" if first and an.significant(first) else ""
-        spread = len(row["seeds"]) > 1
-        seeds = ", ".join(map(str, row["seeds"])) or "-"
-        if len(row["seeds"]) < len(row["planned_seeds"]):
-            seeds += f" (of {len(row['planned_seeds'])})"
-        cells = [f"`{row['change']}`" if row["change"] else "", seeds, cell(row["dev NDCG@10"], spread)]
-        cells += [cell(row.get(c), spread) for c in cols]
-        lines.append(f"| {row['label']}{mark} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def cost_text(stage: dict) -> list[str]:
-    """Training and evaluation wall-clock per run (mean over seeds), where the files record them."""
-    timed = {n: r for n, r in stage["rows"].items() if r.get("train_seconds") or r.get("eval_seconds")}
-    if not timed:
-        return []
-    minutes = lambda v: "-" if not v else f"{v[0] / 60:.1f}"  # noqa: E731
-    lines = ["", "Wall-clock minutes per run and seed (mean over seeds; training includes its dev evaluations; "
-             "evaluation is eval.py's encoding and search of every split; on a shared machine these are rough):", "",
-             "| run | training | evaluation |", "|---|---|---|"]  # fmt: skip
-    lines += [f"| {r['label']} | {minutes(r.get('train_seconds'))} | {minutes(r.get('eval_seconds'))} |"
-              for r in timed.values()]  # fmt: skip
-    return lines
-
-
-def hybrid_text(per_seed: dict[str, dict], rows: dict) -> str:
-    """How a hybrid row's runs were fused (metrics.json's `hybrid` of each seed)."""
-    first = next(iter(per_seed.values()))
-    a, b = (rows[m]["label"] if m in rows else m for m in first["fuse"])
-    if first["fusion"] == "rrf":
-        return f"reciprocal rank fusion of {a} and {b} (k = 60)"
-    weights = {s: f"{h['weight']:g}" for s, h in per_seed.items()}
-    weight = next(iter(weights.values())) if len(set(weights.values())) == 1 else ", ".join(
-        f"{w} (seed {s})" for s, w in weights.items())  # fmt: skip
-    sources = "; ".join(dict.fromkeys(h["weight_from"] for h in per_seed.values()))
-    return f"min-max normalised scores, {a} weighted {weight}, {b} 1 minus that ({sources})"
-
-
-def p_text(t: dict) -> str:
-    return f"{t['mean_diff']:+.4f}, t-test p = {t['t_pvalue']:.3g}, randomisation p = {t['rand_pvalue']:.3g}"
-
-
-def tests_text(stage: dict, subsets: dict) -> list[str]:
-    lines = []
-    rows = stage["rows"]
-    for t in stage["tests"]:
-        name = t["run"]
-        verdict = "significant" if an.significant(t) else "not significant (inside the noise)"
-        n = len(t["seeds"])
-        avg = "seed-averaged " if n > 1 else ""
-        lines.append(f"- {rows[name]['label']} vs {rows[t['reference']]['label']}, NDCG@10 per query ({avg}"
-                     f"{t['queries']} queries, paired): difference {p_text(t)}: {verdict}.")  # fmt: skip
-        for sub in subsets:
-            if t.get(sub):
-                lines.append(f"  On the {len(subsets[sub])} {sub}-document queries: difference {p_text(t[sub])}.")
-        if n > 1:
-            each = ", ".join(f"seed {s} {r['mean_diff']:+.4f} (t p = {r['t_pvalue']:.3g})"
-                             for s, r in zip(t["seeds"], t["per_seed"]))  # fmt: skip
-            lines.append(f"  Per seed: {each}.")
-    for row in rows.values():
-        if row.get("hybrid"):
-            lines.append(f"- {row['label']}: {hybrid_text(row['hybrid'], rows)}.")
-        if row["expert_out_max_abs"] and row["kind"] == "sbmoe":
-            scales = ", ".join(f"seed {k} {v:.4f}" for k, v in row["expert_out_max_abs"].items())
-            lines.append(f"- {row['label']}: experts' output projections, largest |weight| after training: {scales}.")
-    if stage["tests"]:
-        lines.append("- † marks a difference from the (first) reference significant at 0.05 in both paired tests; the ± "
-                     "and the per-seed lines show how much the seeds disagree.")  # fmt: skip
-    return lines
-
-
-# --------------------------------------------------------------------------------------------
-# Figures
-
-
-def figures(exp: Experiment, layout: Layout, stages: list[dict[str, Run]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = [r for stage in stages for r in stage.values() if r.trained]
-    histories = {r.name: [an.read_log_history(layout.run_dir(r, s)) for s in r.seeds
-                          if (layout.run_dir(r, s) / "log_history.json").is_file()] for r in runs}  # fmt: skip
-    histories = {k: v for k, v in histories.items() if v}
-    if "training" in exp.figures and histories:
-        fig, (ax_loss, ax_dev) = plt.subplots(1, 2, figsize=(11, 4))
-        for i, (name, hists) in enumerate(histories.items()):
-            style = {"color": plt.cm.tab20(i % 20), "ls": "--" if name.startswith("chosen/") else "-"}
-            for ax, curves in ((ax_loss, [an.epoch_losses(h) for h in hists]),
-                               (ax_dev, [[v for _, v in an.dev_curve(h)] for h in hists])):  # fmt: skip
-                n = min(len(c) for c in curves)
-                if n == 0:
-                    continue
-                arr = np.array([c[:n] for c in curves])
-                x = np.arange(1, n + 1)
-                ax.plot(x, arr.mean(0), marker="o", ms=3, label=name, **style)
-                if len(curves) > 1:
-                    ax.fill_between(x, arr.min(0), arr.max(0), alpha=0.15, color=style["color"])
-        ax_loss.set(title="training InfoNCE per epoch", xlabel="epoch", ylabel="InfoNCE")
-        ax_dev.set(title="dev NDCG@10 per epoch", xlabel="epoch", ylabel="NDCG@10")
-        for ax in (ax_loss, ax_dev):
-            ax.grid(alpha=0.3)
-            if ax.lines:
-                ax.legend(fontsize=6)
-        fig.suptitle(f"{exp.name}: mean over seeds; band = min..max")
-        fig.tight_layout()
-        fig.savefig(layout.root / "fig_training.png", dpi=120)
-        plt.close(fig)
-    shares, seen = {}, set()
-    for run in runs:  # one panel per checkpoint with more than one expert
-        per_seed = [an.expert_shares(h) for h in histories.get(run.name, [])]
-        key = (run.kind, tuple(run.train), run.frozen)
-        if per_seed and per_seed[0] and max(len(v) for v in per_seed[0].values()) > 1 and key not in seen:
-            seen.add(key)
-            shares[run.name] = per_seed
-    if "experts" in exp.figures and shares:
-        cols = min(4, len(shares))
-        rows = -(-len(shares) // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
-        for ax in axes.flat[len(shares) :]:
-            ax.axis("off")
-        for ax, (name, per_seed) in zip(axes.flat, shares.items()):
-            blocks = sorted(per_seed[0])
-            width = 0.8 / len(blocks)
-            for b, block in enumerate(blocks):
-                vals = np.mean([s[block] for s in per_seed if block in s], axis=0)
-                ax.bar(np.arange(len(vals)) + b * width, vals, width, label=f"block {block}")
-            ax.axhline(1 / len(per_seed[0][blocks[0]]), color="k", ls="--", lw=0.8, label="uniform")
-            ax.set(title=f"{name}: share per expert (training)", xlabel="expert", ylabel="share of routed inputs")
-            ax.legend(fontsize=6)
-        fig.tight_layout()
-        fig.savefig(layout.root / "fig_experts.png", dpi=120)
-        plt.close(fig)
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,19 +6,19 @@
 The arguments are train.py's (the head learns at --moe_learning_rate; epochs, batch size, warm-up, weight
 decay, seed and dev selection as there) plus `FrozenArguments`. The backbone's outputs for every document
 and query (pooled vectors, and the non-padding token states for a head that works per token) are cached
-on disk once per (backbone, texts, length). Each epoch samples one positive per training query, as
-train.py does; dev NDCG@10 after each epoch picks the best epoch. Evaluation applies the head to the
-cached document vectors and scores the run with the same search and metrics code as eval.py, writing the
-same files. `--kind baseline` has no head: it evaluates the backbone's vectors as they are (zero-shot).
-A saved head (`head.safetensors` beside `config.json`) is reused: a second call with other evaluation
-flags (`--inference_mode all`) only evaluates.
+on disk once per (backbone, texts, length). The head trains with train.py's ContrastiveTrainer, fed those
+outputs instead of tokens: the same sampling (one positive per training query an epoch), optimizer groups,
+schedule, logging (expert shares included), checkpoints and best epoch on dev NDCG@10. Evaluation applies
+the head to the cached document vectors and scores the run with the same search and metrics code as
+eval.py, writing the same files. `--kind baseline` has no head: it evaluates the backbone's vectors as they
+are (zero-shot). A saved head (`head.safetensors` beside `config.json`) is reused: a second call with other
+evaluation flags (`--inference_mode all`) only evaluates.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import threading
 import time
@@ -28,21 +28,32 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import get_linear_schedule_with_warmup
+from torch import nn
 
 import analysis as an
-from eval import search
-from model import BiEncoder, Embedding, load_tokenizer
-from train import ContrastiveDataset, build_model, load_data, mine_negatives, parse, positive_ids
+from model import BiEncoder, Embedding, RetrieverOutput, load_tokenizer
+from search import search
+from train import (
+    ContrastiveDataset,
+    ContrastiveTrainer,
+    EpochCallback,
+    NonFiniteLossError,
+    build_model,
+    load_data,
+    mine_negatives,
+    parse,
+    positive_ids,
+)
 from utils import (
     MAX_CUTOFF,
+    PRIMARY_METRIC,
     DataError,
     FolderLock,
     atomic_write_text,
     check_writable,
     doc_text,
     fail,
-    load_beir,
+    load_split,
     mean_metrics,
     per_query_metrics,
     resolve_data_dir,
@@ -127,11 +138,17 @@ def cached_features(folder: Path, key: list, compute) -> Features:
 # The head on cached features
 
 
-def head(model: BiEncoder, feats: Features, rows) -> Embedding:
+def features(feats: Features, rows, per_token: bool) -> tuple[torch.Tensor, ...]:
+    """What the head takes for some rows: padded token states (B, T, H) and their mask (B, T) for a head that
+    works per token, else the pooled vectors (B, H)."""
+    if per_token:
+        return feats.hidden(rows)
+    return (torch.from_numpy(np.asarray(feats.pooled[rows], dtype=np.float32)),)
+
+
+def head(model: BiEncoder, x: tuple[torch.Tensor, ...]) -> Embedding:
     """The model from the backbone's output on: what `model.embed` would give for these texts."""
-    if model.head_on_tokens():
-        return model.embed_hidden(*feats.hidden(rows))
-    return model.embed_pooled(torch.from_numpy(np.asarray(feats.pooled[rows], dtype=np.float32)))
+    return model.embed_hidden(*x) if model.head_on_tokens() else model.embed_pooled(*x)
 
 
 @torch.no_grad()
@@ -139,88 +156,111 @@ def encode_all(model: BiEncoder, feats: Features, batch_size: int = 256) -> np.n
     """(N, H) final, normalised representations of every row, in evaluation mode."""
     was_training = model.training
     model.eval()
-    out = [model._norm(head(model, feats, list(range(a, min(a + batch_size, len(feats.offsets) - 1)))).reps)
-           for a in range(0, len(feats.offsets) - 1, batch_size)]  # fmt: skip
+    n, out = len(feats.offsets) - 1, []
+    for a in range(0, n, batch_size):
+        x = features(feats, list(range(a, min(a + batch_size, n))), model.head_on_tokens())
+        out.append(model.normalize_reps(head(model, [t.to(model.device) for t in x]).reps).cpu())
     model.train(was_training)
     return torch.cat(out).numpy()
 
 
 def retrieve_cached(model, doc_feats: Features, doc_ids: list[str], q_feats: Features, q_rows: dict[str, int],
                     qids: list[str], top_k: int = MAX_CUTOFF) -> dict:  # fmt: skip
-    """eval.py's exact search over the head's document vectors."""
+    """The exact search of eval.py (search.py's) over the head's document vectors."""
     d = encode_all(model, doc_feats)
     q = encode_all(model, q_feats)[[q_rows[x] for x in qids]]
     return search(q, d, doc_ids, qids, top_k)
 
 
 # --------------------------------------------------------------------------------------------
-# Training
+# Training: train.py's ContrastiveTrainer, fed cached features
 
 
-def train_head(model, margs, targs, data, negatives, num_negatives: int, sampling: str, log) -> list[dict]:
-    """AdamW on the head alone, linear warm-up and decay, the best epoch on dev kept; returns the history."""
-    corpus_ids, doc_feats, q_feats, q_rows, train_qrels, dev_qrels = data
-    doc_index = {d: i for i, d in enumerate(corpus_ids)}
-    trainable = model.moe_parameter_names()
-    params = [p for n, p in model.named_parameters() if n in trainable]
-    for n, p in model.named_parameters():
-        p.requires_grad_(n in trainable)
+class HeadOnFeatures(nn.Module):
+    """The Trainer's model: a batch of cached backbone outputs in, the model's InfoNCE output out.
+
+    It holds the model's modules outside the backbone, under their own names, so the Trainer's optimizer,
+    checkpoints and best-epoch restore see the head alone; the backbone is frozen besides.
+    """
+
+    def __init__(self, model: BiEncoder):
+        super().__init__()
+        trainable = model.moe_parameter_names()
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in trainable)
+        for name, module in model.named_children():
+            if name != "encoder":
+                self.add_module(name, module)
+        object.__setattr__(self, "model", model)  # not a submodule: the backbone stays out of the Trainer's sight
+
+    def moe_parameter_names(self) -> set[str]:
+        return self.model.moe_parameter_names()  # the head's names are the same here
+
+    def train(self, mode: bool = True) -> HeadOnFeatures:
+        self.model.train(mode)  # the model's own flag picks the routing and the auxiliary loss
+        return super().train(mode)
+
+    def forward(self, queries: tuple, docs: tuple, doc_ids: torch.Tensor, pos_ids: torch.Tensor) -> RetrieverOutput:
+        return self.model.contrastive(head(self.model, queries), head(self.model, docs), doc_ids, pos_ids)
+
+
+class FeatureCollator:
+    """ContrastiveDataset's examples as cached backbone outputs, as train.py's collator gives them as tokens:
+    queries (B), documents (B*(1+N), positive first), and the ids that mask false negatives."""
+
+    def __init__(self, q_feats: Features, q_rows: dict[str, int], doc_feats: Features, doc_ids: list[str],
+                 qrels: dict, per_token: bool):  # fmt: skip
+        self.q_feats, self.q_rows, self.doc_feats, self.qrels = q_feats, q_rows, doc_feats, qrels
+        self.per_token = per_token
+        self.doc_index = {d: i for i, d in enumerate(doc_ids)}
+        self.width = max(sum(1 for r in docs.values() if r > 0) for docs in qrels.values())
+
+    def __call__(self, examples: list[dict]) -> dict:
+        qids = [e["qid"] for e in examples]
+        docs = [self.doc_index[d] for e in examples for d in e["docs"]]
+        return {
+            "queries": features(self.q_feats, [self.q_rows[q] for q in qids], self.per_token),
+            "docs": features(self.doc_feats, docs, self.per_token),
+            "doc_ids": torch.tensor(docs),
+            "pos_ids": positive_ids(self.qrels, qids, self.doc_index, self.width),
+        }
+
+
+class FrozenTrainer(ContrastiveTrainer):
+    """ContrastiveTrainer with dev evaluation on the cached features: exact search over the head's vectors."""
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval") -> dict[str, float]:
+        doc_ids, doc_feats, q_feats, q_rows, qrels = self.dev_data
+        run = retrieve_cached(self.model.model, doc_feats, doc_ids, q_feats, q_rows, sorted(qrels))
+        scores = mean_metrics(per_query_metrics(qrels, run))
+        metrics = {f"{metric_key_prefix}_{k.lower()}": v for k, v in scores.items()}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+
+def train_head(model: BiEncoder, margs, targs, data: tuple, negatives: dict, num_negatives: int,
+               sampling: str) -> list[dict]:  # fmt: skip
+    """The head trained as train.py trains a model (at --moe_learning_rate, the best dev epoch restored), on
+    cached features; returns the Trainer's log history."""
+    doc_ids, doc_feats, q_feats, q_rows, train_qrels, dev_qrels = data
     dataset = ContrastiveDataset(None, train_qrels, negatives, num_negatives, targs.seed, sampling=sampling)
-    B = targs.per_device_train_batch_size
-    steps_per_epoch = len(dataset) // B
-    if steps_per_epoch == 0:
-        raise DataError(f"{len(dataset)} training examples are fewer than one batch of {B}")
-    epochs = math.ceil(targs.num_train_epochs)
-    total = min(epochs * steps_per_epoch, targs.max_steps if targs.max_steps > 0 else 10**12)
-    optimizer = torch.optim.AdamW(params, lr=margs.moe_learning_rate, weight_decay=targs.weight_decay)
-    warmup = int(targs.warmup_steps * total) if targs.warmup_steps < 1 else int(targs.warmup_steps)
-    schedule = get_linear_schedule_with_warmup(optimizer, warmup, total)
-    width = max(sum(1 for r in docs.values() if r > 0) for docs in train_qrels.values())
-    history, best, best_state, step = [], -1.0, None, 0
-    dev_qids = sorted(dev_qrels)
-    model.train()
-    for epoch in range(epochs):
-        dataset.set_epoch(epoch)
-        order = np.random.default_rng([targs.seed, epoch]).permutation(len(dataset))
-        losses, load = [], None
-        for b in range(steps_per_epoch):
-            if step >= total:
-                break
-            examples = [dataset[int(i)] for i in order[b * B : (b + 1) * B]]
-            qids = [e["qid"] for e in examples]
-            docs = [doc_index[d] for e in examples for d in e["docs"]]
-            out = model.contrastive(head(model, q_feats, [q_rows[q] for q in qids]), head(model, doc_feats, docs),
-                                    torch.tensor(docs), positive_ids(train_qrels, qids, doc_index, width))  # fmt: skip
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            optimizer.step()
-            schedule.step()
-            step += 1
-            losses.append(out.contrastive_loss.item())
-            if out.expert_load is not None:
-                load = out.expert_load if load is None else load + out.expert_load
-        row = {"epoch": float(epoch + 1), "step": step, an.LOSS_KEY: float(np.mean(losses)) if losses else None}
-        if load is not None:
-            shares = load / load.sum(-1, keepdim=True)
-            row.update({an.expert_share_key(b, e): round(v.item(), 4) for b, r in enumerate(shares)
-                        for e, v in enumerate(r)})  # fmt: skip
-        history.append(row)
-        if targs.eval_strategy != "no":
-            run = retrieve_cached(model, doc_feats, corpus_ids, q_feats, q_rows, dev_qids)
-            dev = mean_metrics(per_query_metrics(dev_qrels, run))["NDCG@10"]
-            history.append({"epoch": float(epoch + 1), "step": step, an.DEV_KEY: dev})
-            if dev > best:
-                best, best_state = dev, {n: p.detach().clone() for n, p in model.named_parameters() if n in trainable}
-            log(f"epoch {epoch + 1}: InfoNCE {row[an.LOSS_KEY]:.4f}, dev NDCG@10 {dev:.4f}")
-        if step >= total:
-            break
-    if best_state is not None:  # the best epoch on dev, as train.py's load_best_model_at_end
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n in best_state:
-                    p.copy_(best_state[n])
+    if len(dataset) < targs.per_device_train_batch_size * targs.world_size:
+        raise DataError(f"{len(dataset)} training examples are fewer than one batch of "
+                        f"{targs.per_device_train_batch_size * targs.world_size}")  # fmt: skip
+    collator = FeatureCollator(q_feats, q_rows, doc_feats, doc_ids, train_qrels, model.head_on_tokens())
+    trainer = FrozenTrainer(
+        model=HeadOnFeatures(model.to(targs.device)), args=targs, train_dataset=dataset, data_collator=collator,
+        eval_dataset=sorted(dev_qrels),  # only its presence matters: evaluate() searches the cached documents
+        dev_data=(doc_ids, doc_feats, q_feats, q_rows, dev_qrels), moe_learning_rate=margs.moe_learning_rate,
+        callbacks=[EpochCallback(dataset)],
+    )  # fmt: skip
+    try:
+        trainer.train()
+    except NonFiniteLossError as exc:  # one line, as train.py says it
+        raise DataError(str(exc)) from None
     model.eval()
-    return history
+    return trainer.state.log_history
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         corpus, queries, train_qrels, dev_qrels, cache, dev_info = load_data(dargs, targs.seed)
         data_dir = resolve_data_dir(dargs.dataset, dargs.data_dir)
-        splits = {s: load_beir(data_dir, s)[1:] for s in fargs.eval_splits}
+        splits = {s: load_split(data_dir, s, corpus) for s in fargs.eval_splits}  # the corpus read once
     except DataError as exc:
         fail(str(exc))
     model = build_model(margs)
@@ -321,14 +361,14 @@ def main(argv: list[str] | None = None) -> None:
             elif trainable:
                 negatives = mine_negatives(model, tokenizer, corpus, queries, train_qrels, cache, margs, dargs, targs)
                 data = (list(corpus), doc_feats, q_feats, q_rows, train_qrels, dev_qrels)
-                history = train_head(model, margs, targs, data, negatives, dargs.hard_negatives, dargs.sampling,
-                                     lambda m: print(f"frozen {margs.kind}: {m}", flush=True))  # fmt: skip
+                history = train_head(model, margs, targs, data, negatives, dargs.hard_negatives, dargs.sampling)
                 model.config.save_pretrained(out)
                 an.write_log_history(out, history)
                 info = {"frozen_backbone": True, "dev": dev_info, "head_settings": settings}
                 atomic_write_text(out / "run_info.json", json.dumps(info, indent=1))
                 tmp = out / f".head.{os.getpid()}.safetensors"  # last, and whole: it marks the run as trained
-                save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if n in trainable}, tmp)
+                trained = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+                save_file(trained, tmp)
                 tmp.replace(saved)
     except DataError as exc:
         fail(str(exc))
@@ -351,7 +391,7 @@ def evaluate(model, fargs, data, splits: dict, dataset: str, source: str) -> Non
         meta = {"split": split, "dataset": dataset, "checkpoints": {tag: source}, "dtype": "fp32",
                 "frozen_backbone": True}  # fmt: skip
         metrics = an.write_evaluation(folder, tag, run, qrels, depth.get(split, MAX_CUTOFF), meta)
-        print(f"{tag}/{split}: NDCG@10 {metrics['NDCG@10']:.4f}, Recall@100 {metrics['Recall@100']:.4f}")
+        print(f"{tag}/{split}: {PRIMARY_METRIC} {metrics[PRIMARY_METRIC]:.4f}, Recall@100 {metrics['Recall@100']:.4f}")
 
 
 if __name__ == "__main__":

@@ -5,9 +5,10 @@ Every model is a `PreTrainedModel`: `save_pretrained` writes safetensors and a c
 it exactly (`load_model(dir)`), offline, without the backbone's original files.
 
 A variant is one class: subclassing `BiEncoder` with a new `kind` registers it in `VARIANTS`, and
-the class itself says what the rest of the project needs (default top-k and MoE learning rate, its
-MoE blocks, parameters active per input, FLOPs beyond the backbone). train.py, eval.py, bench.py
-and the experiment runner derive everything from there.
+the class itself says what the rest of the project needs (its `settings`, each a `Setting` with default,
+help and validation, from which train.py makes the flags and build_model the config; default top-k
+and MoE learning rate, its MoE blocks, parameters active per input, FLOPs beyond the backbone).
+train.py, eval.py, bench.py and the experiment runner derive everything from there.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import copy
 import functools
 import json
 import logging
+import math
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -379,11 +382,49 @@ class RandomRouter(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# Config
+# Settings and config
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting of a variant, declared once on the class that introduces it: train.py makes its flag
+    from it, build_model puts it into the config, and `error` is its one validation (the command line's,
+    and the model's when built from Python)."""
+
+    type: type
+    default: object = None
+    help: str = ""
+    choices: tuple | None = None
+    check: Callable[[object], bool] | None = None  # with `must`, what the value must be
+    must: str = ""
+    inherited: bool = True  # whether subclasses of the declaring class have it too
+    flag: bool = True  # a training flag (False: set elsewhere, e.g. eval.py's --inference_mode)
+    strict: bool = False  # the flag given to a kind without this setting is an error, not ignored
+
+    def error(self, name: str, value) -> str | None:
+        """A one-line message naming the flag when `value` is not allowed; None when it is (or is unset)."""
+        if value is None:
+            return None
+        shown = " ".join(map(str, value)) if isinstance(value, list) else value
+        if self.choices is not None and value not in self.choices:
+            return f"--{name} {shown}: expected one of {' | '.join(map(str, self.choices))}"
+        if self.check is not None and not self.check(value):
+            return f"--{name} {shown}: must be {self.must}"
+        return None
+
+
+POSITIVE = dict(check=lambda v: math.isfinite(v) and v > 0, must="a number > 0")
+NON_NEGATIVE = dict(check=lambda v: math.isfinite(v) and v >= 0, must="a number >= 0")
+AT_LEAST_ONE = dict(check=lambda v: v >= 1, must="at least 1")
 
 
 class RetrieverConfig(PretrainedConfig):
-    """Everything that rebuilds a trained retriever: backbone config, pooling, loss and MoE settings."""
+    """Everything that rebuilds a trained retriever: backbone config, pooling, loss and MoE settings.
+
+    The settings are declared on the variants (`BiEncoder.settings`); the class defaults below are kept so
+    that checkpoints saved before a setting existed still load. A new variant's settings need none here:
+    they travel as PretrainedConfig kwargs into config.json and come back on load.
+    """
 
     model_type = "moe_retriever"
 
@@ -456,10 +497,31 @@ class BiEncoder(PreTrainedModel):
     default_top_k = 1  # experts per input when --top_k is not given
     default_moe_learning_rate: float | None = None  # routers and experts; None: the backbone's rate
 
+    settings: dict[str, Setting] = {}  # the settings this class introduces (a subclass adds its own)
+
     @classmethod
     def defaults(cls, design: str | None = None) -> dict:
         """Settings this variant uses when the command line leaves them unset."""
         return {"top_k": cls.default_top_k, "moe_learning_rate": cls.default_moe_learning_rate}
+
+    @classmethod
+    def variant_settings(cls) -> dict[str, Setting]:
+        """Every setting of this variant: its own and the inherited ones of its base classes."""
+        out: dict[str, Setting] = {}
+        for klass in reversed(cls.__mro__):
+            for name, setting in klass.__dict__.get("settings", {}).items():
+                if setting.inherited or klass is cls:
+                    out[name] = setting
+        return out
+
+    @classmethod
+    def settings_error(cls, values: dict) -> str | None:
+        """The first setting in `values` this variant does not allow, as a one-line message; None if all fit.
+        A subclass adds checks that span settings (top_k against num_experts)."""
+        for name, setting in cls.variant_settings().items():
+            if (error := setting.error(name, values.get(name))) is not None:
+                return error
+        return None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -468,6 +530,11 @@ class BiEncoder(PreTrainedModel):
 
     def __init__(self, config: RetrieverConfig):
         super().__init__(config)
+        for name, setting in type(self).variant_settings().items():  # a config saved before the setting existed
+            if not hasattr(config, name):
+                setattr(config, name, setting.default)
+        if (error := type(self).settings_error({n: getattr(config, n) for n in type(self).variant_settings()})):
+            raise ValueError(f"{config.kind}: {error}")
         self.encoder = BertModel(BertConfig(**config.backbone_config), add_pooling_layer=False)
         self.add_moe(config)
         self.post_init()
@@ -604,6 +671,11 @@ class BiEncoder(PreTrainedModel):
     def _norm(self, reps: torch.Tensor) -> torch.Tensor:
         return F.normalize(reps, dim=-1) if self.config.normalize else reps
 
+    def normalize_reps(self, reps: torch.Tensor) -> torch.Tensor:
+        """The final representations from `Embedding.reps` (what `encode` returns), for callers that embed in
+        parts, such as frozen.py's head on cached backbone outputs."""
+        return self._norm(reps)
+
     def routing_summary(self, routings: list[Routing]) -> dict[str, torch.Tensor]:
         """Per MoE block (queries and documents pooled): assignments per expert and router entropy."""
         blocks = self.moe_blocks()
@@ -616,11 +688,41 @@ class BiEncoder(PreTrainedModel):
         return {"load": torch.stack(loads), "entropy": torch.stack(entropies)}
 
 
-class TinyBERTWithMoE(BiEncoder):
+class MoEBiEncoder(BiEncoder):
+    """What the MoE variants share: their experts, top-k, routing and balance loss (no `kind`: not a variant)."""
+
+    settings = {
+        "num_experts": Setting(int, 8, "experts per MoE block", **AT_LEAST_ONE),
+        "top_k": Setting(int, 1, "experts per input (default: the variant's)"),
+        "routing": Setting(str, "learned", "routing: " + " | ".join(ROUTINGS) + " (the token-level MoE: "
+                           + " | ".join(MOE_ROUTINGS) + ")", choices=ROUTINGS),  # fmt: skip
+        "aux_loss_coef": Setting(float, 0.01, "load-balancing loss coefficient", **NON_NEGATIVE),
+    }
+
+    @classmethod
+    def settings_error(cls, values: dict) -> str | None:
+        if (error := super().settings_error(values)) is not None:
+            return error
+        top_k, num_experts = values.get("top_k"), values.get("num_experts")
+        if top_k is not None and num_experts is not None and not 0 < top_k <= num_experts:
+            return f"--top_k {top_k} must be between 1 and --num_experts {num_experts}"
+        return None
+
+
+class TinyBERTWithMoE(MoEBiEncoder):
     """SB-MoE: one MoE block after the final layer (`--design`, `--routing`); see SBMOE_DESIGNS."""
 
     kind = "sbmoe"
     default_moe_learning_rate = 1e-4
+    settings = {
+        "design": Setting(str, "residual-zero", "SB-MoE design: " + " | ".join(SBMOE_DESIGNS),
+                          choices=tuple(SBMOE_DESIGNS)),  # fmt: skip
+        "gate_temperature": Setting(float, 1.0, "SB-MoE gate softmax temperature (default: the design's)", **POSITIVE),
+        "expert_dim": Setting(int, None, "SB-MoE expert hidden size (default: the design's)", **AT_LEAST_ONE),
+        "noise_std": Setting(float, 0.0, "SB-MoE extra gate noise std during training (0 = off)", **NON_NEGATIVE),
+        "inference_mode": Setting(str, "top1", "SB-MoE routing at evaluation: top1 | all", choices=("top1", "all"),
+                                  flag=False),  # fmt: skip
+    }
 
     @classmethod
     def defaults(cls, design: str | None = None) -> dict:
@@ -628,9 +730,6 @@ class TinyBERTWithMoE(BiEncoder):
         return {**super().defaults(), "top_k": d["top_k"], "gate_temperature": d["gate_temperature"]}
 
     def add_moe(self, config: RetrieverConfig) -> None:
-        if config.design not in SBMOE_DESIGNS or config.routing not in ROUTINGS:
-            raise ValueError(f"SB-MoE design {config.design!r} / routing {config.routing!r}: expected one of "
-                             f"{sorted(SBMOE_DESIGNS)} / {list(ROUTINGS)}")  # fmt: skip
         self.moe = SingleBlockMoE(config.backbone_config["hidden_size"], config)
 
     def moe_blocks(self) -> list[nn.Module]:
@@ -667,15 +766,20 @@ class TinyBERTWithMoE(BiEncoder):
         return self.moe.aux_loss(routing, self.config.aux_loss_coef) if self.training else None
 
 
-class TinyBERTMoERegular(BiEncoder):
+class TinyBERTMoERegular(MoEBiEncoder):
     """Token-level top-k MoE in the FFN of chosen layers, experts upcycled from the dense FFN."""
 
     kind = "moe"
     default_top_k = 2
+    settings = {
+        "routing": replace(MoEBiEncoder.settings["routing"], choices=MOE_ROUTINGS),  # its dense control is the baseline
+        "moe_layers": Setting(list[int], None, "MoE layers (default every other layer)", strict=True,
+                              check=lambda v: all(i >= 0 for i in v) and len(set(v)) == len(v),
+                              must="distinct layer numbers >= 0"),  # fmt: skip
+        "z_loss_coef": Setting(float, 0.0, "router z-loss coefficient", **NON_NEGATIVE),
+    }
 
     def add_moe(self, config: RetrieverConfig) -> None:
-        if config.routing not in MOE_ROUTINGS:
-            raise ValueError(f"token-level MoE routing {config.routing!r}: expected one of {list(MOE_ROUTINGS)}")
         bc = config.backbone_config
         self.moe_layers = config.resolved_moe_layers()
         for i in self.moe_layers:

@@ -19,11 +19,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from utils import bm25_search, evaluate_run, load_qrels, split_dev, truncate_run
+from utils import PRIMARY_METRIC, bm25_search, evaluate_run, load_qrels, split_dev, truncate_run
 
 RRF_K = 60
 WEIGHTS = tuple(round(0.1 * i, 1) for i in range(11))  # the dev grid of the first run's weight
-SELECT_METRIC = "NDCG@10"  # the project's primary metric: what the weight is chosen by
+SELECT_METRIC = PRIMARY_METRIC  # what the weight is chosen by
 DEV_FRACTION, DEV_SEED = 0.1, 42  # training's defaults: its dev slice of the train queries
 FUSIONS = ("interpolate", "rrf")
 

@@ -21,7 +21,7 @@ import os
 import random
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 
 import torch
@@ -31,8 +31,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from analysis import DEV_METRIC, expert_share_key, write_log_history
 from eval import evaluate_model, retrieve
-from model import MOE_ROUTINGS, ROUTINGS, SBMOE_DESIGNS, VARIANTS, BiEncoder, load_tokenizer
+from model import VARIANTS, BiEncoder, Setting, load_tokenizer
 from utils import (
+    PRIMARY_METRIC,
     DataError,
     FolderLock,
     atomic_write_text,
@@ -53,6 +54,8 @@ from utils import (
 
 @dataclass
 class ModelArguments:
+    """The flags every kind shares; each variant's own settings (model.Setting) are added by `model_arguments`."""
+
     kind: str | None = field(default=None, metadata={"help": "model variant: " + " | ".join(VARIANTS)})
     model_name_or_path: str = field(
         default="huawei-noah/TinyBERT_General_6L_768D", metadata={"help": "backbone: hub name or local folder"}
@@ -60,23 +63,33 @@ class ModelArguments:
     pooling: str = field(default="auto", metadata={"help": "cls | mean | auto (sentence-transformers config, else cls)"})
     normalize: bool = field(default=True, metadata={"help": "L2-normalise embeddings (cosine similarity)"})
     temperature: float = field(default=0.05, metadata={"help": "InfoNCE temperature"})
-    num_experts: int = field(default=8, metadata={"help": "experts per MoE block"})
-    top_k: int | None = field(default=None, metadata={"help": "experts per input (default: the variant's)"})
-    design: str = field(default="residual-zero", metadata={"help": "SB-MoE design: " + " | ".join(SBMOE_DESIGNS)})
-    routing: str = field(
-        default="learned",
-        metadata={"help": "routing: " + " | ".join(ROUTINGS) + " (the token-level MoE: " + " | ".join(MOE_ROUTINGS) + ")"},
-    )
-    gate_temperature: float | None = field(default=None, metadata={"help": "SB-MoE gate softmax temperature"})
-    expert_dim: int | None = field(default=None, metadata={"help": "SB-MoE expert hidden size (default: the design's)"})
-    noise_std: float = field(default=0.0, metadata={"help": "SB-MoE extra gate noise std during training (0 = off)"})
-    moe_layers: list[int] = field(default_factory=list, metadata={"help": "MoE layers (default every other layer)"})
-    aux_loss_coef: float = field(default=0.01, metadata={"help": "load-balancing loss coefficient"})
-    z_loss_coef: float = field(default=0.0, metadata={"help": "router z-loss coefficient"})
     moe_learning_rate: float | None = field(
         default=None,
         metadata={"help": "learning rate of routers, experts and head (default: the variant's, else --learning_rate)"},
     )
+
+
+def variant_flags() -> dict[str, tuple[Setting, list[str]]]:
+    """Every training flag the registered variants declare (model.Setting), with the kinds that take it;
+    a flag several variants share is declared once, on the class that introduces it."""
+    flags: dict[str, tuple[Setting, list[str]]] = {}
+    for kind, cls in VARIANTS.items():
+        for name, setting in cls.variant_settings().items():
+            if setting.flag:
+                flags.setdefault(name, (setting, []))[1].append(kind)
+    return flags
+
+
+def model_arguments() -> type[ModelArguments]:
+    """ModelArguments plus one field per variant flag, made now, so that a variant defined after this
+    module was imported (in a test file) has its flags. Each is None unless given: parse fills in defaults."""
+    fields = [("kind", str | None, field(default=None, metadata={"help": "model variant: " + " | ".join(VARIANTS)}))]
+    per_variant = set().union(*(cls.defaults() for cls in VARIANTS.values()))
+    for name, (setting, kinds) in variant_flags().items():
+        default = "" if name in per_variant or "default" in setting.help else f"; unset: {setting.default}"
+        help_ = f"{setting.help} [--kind {' | '.join(kinds)}{default}]"
+        fields.append((name, setting.type | None, field(default=None, metadata={"help": help_})))
+    return make_dataclass("ModelArguments", fields, bases=(ModelArguments,))
 
 
 @dataclass
@@ -361,7 +374,7 @@ def unwrap(model):
 
 def parse(kind: str | None, argv: list[str] | None, extra: tuple = ()):
     """The three argument dataclasses (plus any `extra` ones, e.g. frozen.py's), checked; unknown flags fail."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, RetrievalTrainingArguments, *extra))
+    parser = HfArgumentParser((model_arguments(), DataArguments, RetrievalTrainingArguments, *extra))
     argv = list(argv) if argv is not None else sys.argv[1:]
     if not torch.cuda.is_available() and not any(a.split("=")[0] == "--use_cpu" for a in argv):
         argv.append("--use_cpu")  # no GPU: the CPU is the device, also for --bf16
@@ -374,15 +387,15 @@ def parse(kind: str | None, argv: list[str] | None, extra: tuple = ()):
     margs.kind = kind = margs.kind or kind or "baseline"
     if kind not in VARIANTS:
         fail(f"--kind {kind!r}: expected one of {', '.join(VARIANTS)}")
-    if margs.design not in SBMOE_DESIGNS or margs.routing not in ROUTINGS:
-        fail(f"--design {margs.design} --routing {margs.routing}: expected a design in {', '.join(SBMOE_DESIGNS)} "
-             f"and a routing in {', '.join(ROUTINGS)}")  # fmt: skip
-    if kind == "moe" and margs.routing not in MOE_ROUTINGS:
-        fail(f"--routing {margs.routing}: the token-level MoE takes {' | '.join(MOE_ROUTINGS)}")
-    defaults = VARIANTS[kind].defaults(margs.design)
+    check_variant_flags(margs, kind)
+    defaults = VARIANTS[kind].defaults(getattr(margs, "design", None))
     for name, value in defaults.items():
         if getattr(margs, name) is None:
             setattr(margs, name, value)
+    own = VARIANTS[kind].variant_settings()  # the kind's unset flags get their declared defaults; others stay None
+    for name, setting in own.items():
+        if setting.flag and getattr(margs, name) is None:
+            setattr(margs, name, setting.default)
     if margs.moe_learning_rate is None:
         margs.moe_learning_rate = targs.learning_rate
     if not any(str(a).split("=")[0] == "--output_dir" for a in argv):  # transformers 5 fills in "trainer_output"
@@ -390,8 +403,8 @@ def parse(kind: str | None, argv: list[str] | None, extra: tuple = ()):
     check_ranges(margs, dargs, targs)
     if VARIANTS[kind] is not BiEncoder and targs.ddp_find_unused_parameters is None:
         targs.ddp_find_unused_parameters = True  # experts that got no input this step have no gradient
-    if not 0 < margs.top_k <= margs.num_experts:
-        fail(f"--top_k {margs.top_k} must be between 1 and --num_experts {margs.num_experts}")
+    if (error := VARIANTS[kind].settings_error({n: getattr(margs, n) for n in own if own[n].flag})) is not None:
+        fail(error)  # the kind's settings, with their defaults in (for checks that span them: --top_k, --num_experts)
     if dargs.negative_source not in ("bm25", "dense"):
         fail(f"--negative_source {dargs.negative_source!r}: expected bm25 or dense")
     if dargs.hard_negatives > dargs.negative_depth:
@@ -405,6 +418,20 @@ def parse(kind: str | None, argv: list[str] | None, extra: tuple = ()):
     return (margs, dargs, targs, *others)  # one per dataclass parsed
 
 
+def check_variant_flags(margs: ModelArguments, kind: str) -> None:
+    """Each flag given that `kind` does not have, against the declaration of the variant that does (the kind's
+    own are checked by `settings_error` once their defaults are in): a strict one fails for any value."""
+    own = VARIANTS[kind].variant_settings()
+    for name, (setting, kinds) in variant_flags().items():
+        value = getattr(margs, name)
+        if value is None or name in own:
+            continue
+        if setting.strict:
+            fail(f"--{name}: only --kind {' | '.join(kinds)} has this setting, not {kind}")
+        if (error := setting.error(name, value)) is not None:
+            fail(error)
+
+
 def check_ranges(margs: ModelArguments, dargs: DataArguments, targs: RetrievalTrainingArguments) -> None:
     """Every numeric flag in its range, at parse time: one line naming the flag."""
     def need(flag: str, value, ok: bool, what: str) -> None:
@@ -412,14 +439,11 @@ def check_ranges(margs: ModelArguments, dargs: DataArguments, targs: RetrievalTr
             fail(f"--{flag} {value}: must be {what}")
 
     for flag, value in (("learning_rate", targs.learning_rate), ("moe_learning_rate", margs.moe_learning_rate),
-                        ("temperature", margs.temperature), ("gate_temperature", margs.gate_temperature)):  # fmt: skip
+                        ("temperature", margs.temperature)):  # fmt: skip
         need(flag, value, value is None or (math.isfinite(value) and value > 0), "a number > 0")
-    for flag, value in (("noise_std", margs.noise_std), ("aux_loss_coef", margs.aux_loss_coef),
-                        ("z_loss_coef", margs.z_loss_coef), ("weight_decay", targs.weight_decay),
-                        ("warmup_steps", targs.warmup_steps)):  # fmt: skip
+    for flag, value in (("weight_decay", targs.weight_decay), ("warmup_steps", targs.warmup_steps)):
         need(flag, value, math.isfinite(value) and value >= 0, "a number >= 0")
-    for flag, value in (("num_experts", margs.num_experts), ("expert_dim", margs.expert_dim),
-                        ("negative_depth", dargs.negative_depth), ("query_max_length", dargs.query_max_length),
+    for flag, value in (("negative_depth", dargs.negative_depth), ("query_max_length", dargs.query_max_length),
                         ("doc_max_length", dargs.doc_max_length), ("eval_doc_max_length", dargs.eval_doc_max_length),
                         ("per_device_train_batch_size", targs.per_device_train_batch_size),
                         ("eval_batch_size", targs.eval_batch_size),
@@ -429,20 +453,13 @@ def check_ranges(margs: ModelArguments, dargs: DataArguments, targs: RetrievalTr
     need("hard_negatives", dargs.hard_negatives, dargs.hard_negatives >= 0, "0 or more")
     if targs.max_steps <= 0:
         need("num_train_epochs", targs.num_train_epochs, targs.num_train_epochs > 0, "> 0 (or give --max_steps)")
-    if margs.moe_layers and (min(margs.moe_layers) < 0 or len(set(margs.moe_layers)) < len(margs.moe_layers)):
-        fail(f"--moe_layers {' '.join(map(str, margs.moe_layers))}: must be distinct layer numbers >= 0")
-    if margs.moe_layers and margs.kind != "moe":
-        fail(f"--moe_layers: only the token-level MoE (train_moe.py, --kind moe) has MoE layers, not {margs.kind}")
 
 
 def build_model(margs: ModelArguments) -> BiEncoder:
-    settings = dict(
-        normalize=margs.normalize, temperature=margs.temperature, num_experts=margs.num_experts, top_k=margs.top_k,
-        expert_dim=margs.expert_dim, noise_std=margs.noise_std, moe_layers=margs.moe_layers or None,
-        aux_loss_coef=margs.aux_loss_coef, z_loss_coef=margs.z_loss_coef, design=margs.design, routing=margs.routing,
-    )  # fmt: skip
-    if margs.gate_temperature is not None:
-        settings["gate_temperature"] = margs.gate_temperature
+    """A new model of `margs.kind` with exactly that kind's settings in its config (its flags, else their defaults)."""
+    own = VARIANTS[margs.kind].variant_settings()
+    settings = {name: getattr(margs, name, s.default) if s.flag else s.default for name, s in own.items()}
+    settings = dict(normalize=margs.normalize, temperature=margs.temperature, **settings)
     try:
         return VARIANTS[margs.kind].from_backbone(margs.model_name_or_path, pooling=margs.pooling, **settings)
     except ValueError as exc:  # not found locally nor on the hub, or --moe_layers beyond the backbone's layers
@@ -615,9 +632,9 @@ def run_training(margs, dargs, targs, model, tokenizer, data: tuple) -> None:
         }  # fmt: skip
         atomic_write_text(Path(targs.output_dir) / "run_info.json", json.dumps(run_info, indent=1) + "\n")
         best = trainer.state.best_metric
-        print(f"{kind}: best dev NDCG@10 {best if best is None else round(best, 4)} -> {targs.output_dir}")
+        print(f"{kind}: best dev {PRIMARY_METRIC} {best if best is None else round(best, 4)} -> {targs.output_dir}")
         if best is not None and math.isnan(best):
-            fail("dev NDCG@10 is NaN")
+            fail(f"dev {PRIMARY_METRIC} is NaN")
 
 
 if __name__ == "__main__":

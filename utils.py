@@ -56,6 +56,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("MAP@100", "map_cut", 100, table=False),
 )
 TABLE_COLUMNS: tuple[str, ...] = tuple(m.name for m in METRICS if m.table)
+PRIMARY_METRIC = "NDCG@10"  # the one metric tests, dev selection and reports lead with
+assert PRIMARY_METRIC in TABLE_COLUMNS
 MAX_CUTOFF = max(m.cutoff for m in METRICS)
 
 

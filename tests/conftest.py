@@ -23,6 +23,27 @@ SHARED = ROOT.parent / "shared"
 SCIFACT = SHARED / "data" / "beir" / "scifact"
 MINILM = SHARED / "models" / "all-minilm-l6-v2"
 
+def one_line_error(capsys, *needles: str) -> str:
+    """The command's stderr: one `error:` line (argparse may print its usage line first) naming every needle."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:") or ": error: " in line]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+# The zero-shot backbone and a trained baseline: the runs the tests' experiment files share (TOML).
+ZEROSHOT_AND_BASELINE = """
+[runs.zeroshot]
+kind = "zeroshot"
+
+[runs.baseline]
+kind = "baseline"
+"""
+
+
 WORDS = (
     "protein gene cell cancer virus immune brain heart drug trial mouse dose risk blood lung liver "
     "insulin vitamin neuron receptor enzyme tumor therapy infection memory sleep diet exercise"

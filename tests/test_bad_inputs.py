@@ -15,7 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import ROOT, write_tiny_beir
+from conftest import ROOT, one_line_error, write_tiny_beir
 
 import compare
 import eval as evaluation
@@ -23,17 +23,6 @@ import experiment
 import train
 from model import BiEncoder, TinyBERTWithMoE, load_model
 from utils import DataError, FolderLock, atomic_write_text, corpus_digest, default_cache_dir, load_beir, load_corpus
-
-
-def one_line_error(capsys, *needles: str) -> str:
-    """The command's stderr: one `error:` line (argparse may print its usage line first) naming every needle."""
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = [line for line in err.strip().splitlines() if line.startswith("error:") or ": error: " in line]
-    assert len(lines) == 1, err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 def exits(fn, *args) -> int:

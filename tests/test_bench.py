@@ -11,6 +11,7 @@ import stat
 from pathlib import Path
 
 import pytest
+from conftest import one_line_error
 
 import bench
 
@@ -85,15 +86,6 @@ def test_encode_with_anchor_worker(tiny_backbone, tiny_beir, tmp_path, capsys):
         assert anchor["round_trip_median_s"][name] >= anchor["worker_median_s"][name] > 0
     assert any(n.startswith("sentence-transformers onnx, onnx-int8: worker process") for n in report["notes"])
     assert not (tiny_backbone / "onnx").exists()  # the worker quantised a copy, not the model folder
-
-
-def one_line_error(capsys, *needles: str) -> None:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = [line for line in err.strip().splitlines() if line.startswith("error:") or ": error: " in line]
-    assert len(lines) == 1, err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 def exits(argv: list[str]) -> int:

@@ -100,11 +100,11 @@ def test_stage2_keeps_references_inside_the_stage_else_compare_to():
 
 
 def test_compare_pairs_each_seed_with_the_same_seed_and_averages_over_seeds():
-    import experiment
+    import report
     q = [f"q{i}" for i in range(6)]
     a = {42: {x: {"NDCG@10": 0.1 * i} for i, x in enumerate(q)}, 43: {x: {"NDCG@10": 0.5} for x in q}}
     b = {43: {x: {"NDCG@10": 0.2} for x in q}, 42: {x: {"NDCG@10": 0.1 * i} for i, x in enumerate(q)}}
-    t = experiment.compare("a", "b", a, b, {})
+    t = report.compare("a", "b", a, b, {})
     assert t["seeds"] == [42, 43] and [r["mean_diff"] for r in t["per_seed"]] == pytest.approx([0.0, 0.3])
     assert t["mean_diff"] == pytest.approx(0.15)
 
@@ -148,8 +148,8 @@ def test_frozen_head_trains_at_the_head_rate_keeps_its_best_dev_epoch_on_dev_que
     from safetensors.torch import load_file
 
     import frozen
-    snaps, qids, lrs, scores = [], [], [], iter([0.9, 0.1, 0.2])
-    real_retrieve, real_adamw = frozen.retrieve_cached, torch.optim.AdamW
+    snaps, qids, groups, scores = [], [], set(), iter([0.9, 0.1, 0.2])
+    real_retrieve, real_create = frozen.retrieve_cached, frozen.FrozenTrainer.create_optimizer
 
     def spy(model, doc_feats, doc_ids, q_feats, q_rows, ids, **kw):
         snaps.append({n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("moe.")})
@@ -158,11 +158,16 @@ def test_frozen_head_trains_at_the_head_rate_keeps_its_best_dev_epoch_on_dev_que
 
     monkeypatch.setattr(frozen, "retrieve_cached", spy)
     monkeypatch.setattr(frozen, "mean_metrics", lambda per_query: {"NDCG@10": next(scores)})
-    monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, **kw: lrs.append(lr) or real_adamw(params, lr=lr, **kw))
+    def create(trainer, model=None):
+        opt = real_create(trainer, model)
+        groups.update((g["name"], g["initial_lr"]) for g in opt.param_groups)
+        return opt
+
+    monkeypatch.setattr(frozen.FrozenTrainer, "create_optimizer", create)
     frozen.main([*FROZEN, "--model_name_or_path", str(tiny_backbone), "--data_dir", str(tiny_beir), "--output_dir",
                  str(tmp_path / "ck"), "--embedding_cache", str(tmp_path / "cache")])
     head = load_file(tmp_path / "ck" / "head.safetensors")
-    assert lrs == [1e-2]
+    assert groups == {("moe", 1e-2)}  # the Trainer's optimizer holds the head alone, at the head's rate
     assert all(torch.equal(head[n], snaps[0][n]) for n in snaps[0])  # epoch 1 was best on dev
     assert not all(torch.equal(snaps[0][n], snaps[-1][n]) for n in snaps[0])  # and training moved on after it
     torch.manual_seed(42)  # frozen.main's initialisation

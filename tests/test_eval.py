@@ -46,7 +46,7 @@ def test_zeroshot_end_to_end_metrics_equal_pytrec_eval_on_the_trec_file(tiny_bac
 def test_length_sorted_encoding_equals_one_by_one(tiny_backbone):
     from transformers import AutoTokenizer
 
-    from eval import encode_texts
+    from encode import encode_texts
     from model import BiEncoder
 
     model = BiEncoder.from_backbone(str(tiny_backbone), pooling="mean").eval()

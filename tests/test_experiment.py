@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, ZEROSHOT_AND_BASELINE
 
 import analysis as an
 from utils import load_beir, read_trec, unseen_document_queries
@@ -29,13 +29,7 @@ recipe = ["--num_train_epochs", "1"]
 [runs.bm25]
 kind = "bm25"
 label = "BM25"
-
-[runs.zeroshot]
-kind = "zeroshot"
-
-[runs.baseline]
-kind = "baseline"
-
+""" + ZEROSHOT_AND_BASELINE + """
 [runs.sbmoe]
 kind = "sbmoe"
 reference = "baseline"
@@ -218,6 +212,64 @@ def test_a_variant_is_one_class(throwaway_variant, tiny_backbone, tiny_beir, tmp
     rows = result["stages"][0]["rows"]
     assert rows["scaled"]["kind"] == "throwaway" and result["stages"][0]["tests"][0]["run"] == "scaled"
     assert load_model(tmp_path / "ck2" / "two" / "scaled" / "seed42").__class__ is throwaway_variant
+
+
+@pytest.fixture
+def variant_with_settings():
+    """A variant with two settings, defined here alone: a scale on the pooled vector, its starting value and
+    whether it trains. The settings are declared once, on the class; nothing else is edited."""
+    from model import POSITIVE, VARIANTS, BiEncoder, Setting
+
+    class KnobBiEncoder(BiEncoder):
+        kind = "knob"
+        settings = {
+            "init_scale": Setting(float, 1.0, "starting value of the scale", **POSITIVE),
+            "learn_scale": Setting(bool, True, "train the scale (false: it stays at --init_scale)"),
+        }
+
+        def add_moe(self, config):
+            self.scale = torch.nn.Parameter(torch.full((1,), float(config.init_scale)),
+                                            requires_grad=config.learn_scale)  # fmt: skip
+
+        def embed(self, input_ids, attention_mask):
+            out = super().embed(input_ids, attention_mask)
+            out.reps = out.reps * self.scale
+            return out
+
+    yield KnobBiEncoder
+    del VARIANTS["knob"]
+
+
+def test_a_variants_settings_reach_its_flags_config_and_checkpoint(variant_with_settings, tiny_backbone, tiny_beir,
+                                                                   tmp_path, capsys):  # fmt: skip
+    import train
+    from model import load_model
+
+    with pytest.raises(SystemExit) as exc:
+        train.main(None, ["--kind", "knob", "--help"])
+    assert exc.value.code == 0
+    usage = capsys.readouterr().out
+    assert "--init_scale" in usage and "--learn_scale" in usage and "starting value of the scale" in usage
+    assert "sbmoe | moe | baseline | knob" in usage  # --kind lists it too
+    margs, *_ = train.parse(None, ["--kind", "knob", "--init_scale", "2.5", "--learn_scale", "false"])
+    assert (margs.init_scale, margs.learn_scale) == (2.5, False)
+    margs, *_ = train.parse(None, ["--kind", "knob"])
+    assert (margs.init_scale, margs.learn_scale) == (1.0, True)  # the declared defaults
+    with pytest.raises(SystemExit) as exc:
+        train.parse(None, ["--kind", "knob", "--init_scale", "-1"])
+    assert exc.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert lines == ["error: --init_scale -1.0: must be a number > 0"]
+    out = tmp_path / "ck"
+    train.main(None, ["--kind", "knob", "--model_name_or_path", str(tiny_backbone), "--data_dir", str(tiny_beir),
+                      "--output_dir", str(out), "--max_steps", "2", "--eval_strategy", "no", "--save_strategy", "no",
+                      "--load_best_model_at_end", "false", "--init_scale", "2.5", "--learn_scale", "false", *TINY])  # fmt: skip
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["kind"], saved["init_scale"], saved["learn_scale"]) == ("knob", 2.5, False)
+    assert "num_experts" not in saved or saved["num_experts"] == 8  # another variant's flag (TINY) stays out
+    model = load_model(out)
+    assert type(model) is variant_with_settings and (model.config.init_scale, model.config.learn_scale) == (2.5, False)
+    assert model.scale.item() == 2.5  # started at --init_scale and, with --learn_scale false, did not train
 
 
 def test_runner_frozen_runs_share_the_head_across_evaluation_flags(tiny_backbone, tiny_beir, tmp_path, monkeypatch):

@@ -75,3 +75,32 @@ def test_frozen_refuses_a_moe_inside_the_backbone(tiny_backbone, tiny_beir, tmp_
         frozen.main(["--kind", "moe", "--model_name_or_path", str(tiny_backbone), "--data_dir", str(tiny_beir),
                      "--output_dir", str(tmp_path), "--embedding_cache", str(tmp_path / "c")])  # fmt: skip
     assert "cannot be frozen" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("design", ["sokli", "seed"])
+def test_the_trainers_model_on_cached_features_gives_the_loss_of_the_model_on_the_texts(tiny_backbone, design):
+    import frozen
+
+    model = VARIANTS["sbmoe"].from_backbone(str(tiny_backbone), pooling="mean", design=design, num_experts=4)
+    for m in model.modules():
+        if getattr(m, "zero_init", False):
+            torch.nn.init.normal_(m.weight, std=0.3)
+    tok = AutoTokenizer.from_pretrained(tiny_backbone)
+    feats = frozen.encode_features(model, tok, TEXTS, 16)
+    wrapped = frozen.HeadOnFeatures(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in wrapped.named_parameters()} == model.moe_parameter_names()  # the head alone
+    assert wrapped.train() and model.training  # the model's routing and auxiliary loss follow the Trainer's mode
+    wrapped.eval()
+    ids = [f"t{i}" for i in range(len(TEXTS))]
+    qrels = {"t0": {"t1": 1}, "t2": {"t3": 1, "t1": 1}}
+    examples = [{"qid": "t0", "docs": ["t1", "t2"]}, {"qid": "t2", "docs": ["t3", "t0"]}]
+    batch = frozen.FeatureCollator(feats, {t: i for i, t in enumerate(ids)}, feats, ids, qrels,
+                                   model.head_on_tokens())(examples)  # fmt: skip
+    q, d = (tok([TEXTS[i] for i in rows], padding=True, truncation=True, max_length=16, return_tensors="pt")
+            for rows in ([0, 2], [1, 2, 3, 0]))  # fmt: skip
+    with torch.no_grad():
+        cached = wrapped(**batch).contrastive_loss
+        direct = model(q["input_ids"], q["attention_mask"], d["input_ids"], d["attention_mask"], batch["doc_ids"],
+                       batch["pos_ids"]).contrastive_loss  # fmt: skip
+    assert cached.item() == pytest.approx(direct.item(), abs=5e-3 if design == "seed" else 1e-5)

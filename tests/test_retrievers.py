@@ -4,6 +4,7 @@ import argparse
 import json
 
 import pytest
+from conftest import ZEROSHOT_AND_BASELINE
 
 from retrievers import BM25, WEIGHTS, Hybrid, choose_weight, dev_qrels, fuse, interpolate, min_max, rrf
 from utils import load_beir, split_dev
@@ -141,13 +142,7 @@ recipe = ["--num_train_epochs", "1"]
 
 [runs.bm25]
 kind = "bm25"
-
-[runs.zeroshot]
-kind = "zeroshot"
-
-[runs.baseline]
-kind = "baseline"
-
+""" + ZEROSHOT_AND_BASELINE + """
 [runs.bm25-zeroshot]
 kind = "hybrid"
 fuse = ["bm25", "zeroshot"]

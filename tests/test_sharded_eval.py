@@ -106,7 +106,7 @@ def same_ranking(a: dict, b: dict) -> bool:
 
 @pytest.mark.parametrize("chunk", [7, 37, 100, 499])
 def test_chunked_search_equals_unchunked_search_ties_included(chunk):
-    from eval import search
+    from search import search
 
     q, d, doc_ids, qids = integer_case(0)
     whole = search(q, d, doc_ids, qids, 100)
@@ -119,7 +119,7 @@ def test_chunked_search_equals_unchunked_search_ties_included(chunk):
 
 
 def test_torch_topk_path_equals_faiss(monkeypatch):
-    from eval import resolve_backend, search
+    from search import resolve_backend, search
 
     q, d, doc_ids, qids = integer_case(2)
     faiss_run = search(q, d, doc_ids, qids, 100, backend="faiss")
@@ -137,6 +137,7 @@ def test_torch_topk_path_equals_faiss(monkeypatch):
 
 def test_embedding_cache_is_reused_without_encoding_the_corpus(word_backbone, tiny_beir, tmp_path, monkeypatch, capsys):
     import eval as evaluation
+    import search as search_module
 
     cache = tmp_path / "cache"
     first, second = tmp_path / "first", tmp_path / "second"
@@ -158,7 +159,7 @@ def test_embedding_cache_is_reused_without_encoding_the_corpus(word_backbone, ti
     for split in ("test", "train"):  # the same embeddings, the same search: the same bytes
         assert (first / split / "T.trec.gz").read_bytes() == (second / split / "T.trec.gz").read_bytes()
         assert rows(first, split) == rows(second, split)
-    monkeypatch.setattr(evaluation, "_ANNOUNCED", set())  # the backend is announced once per process
+    monkeypatch.setattr(search_module, "_ANNOUNCED", set())  # the backend is announced once per process
     evaluation.main(eval_argv(word_backbone, tiny_beir, tmp_path / "torch", *extra, "--search", "torch"))
     assert "torch: exact inner product on cpu" in capsys.readouterr().out
     a, b = read_trec(first / "test" / "T.trec.gz"), read_trec(tmp_path / "torch" / "test" / "T.trec.gz")

@@ -1,0 +1,148 @@
+"""Encoding: tokenise once (flat int32 ids), encode length-sorted batches under autocast, and the
+embedding cache of encoded corpus chunks (`EmbeddingCache`, keyed by `cache_key`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from model import BiEncoder
+from utils import (
+    atomic_write_text,
+    autocast,
+    corpus_path,
+)
+
+# --------------------------------------------------------------------------------------------
+# Encoding
+
+
+def _tokenize(tokenizer, texts: list[str], max_length: int, step: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of every text as one flat int32 array and offsets (4 bytes a token, not a Python int)."""
+    flat, lengths = [], []
+    for start in range(0, len(texts), step):
+        ids = tokenizer(texts[start : start + step], truncation=True, max_length=max_length, add_special_tokens=True)
+        ids = ids["input_ids"]
+        lengths.append(np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids)))
+        flat.append(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32))
+    lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return (np.concatenate(flat) if flat else np.zeros(0, dtype=np.int32)), offsets
+
+
+def _pad(ids: np.ndarray, offsets: np.ndarray, rows: np.ndarray, pad_id: int, left: bool):
+    """(input_ids, attention_mask) of the given texts, padded as tokenizer.pad would."""
+    lengths = offsets[rows + 1] - offsets[rows]
+    width = int(lengths.max())
+    input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for r, (i, n) in enumerate(zip(rows, lengths)):
+        cols = slice(width - n, width) if left else slice(0, n)
+        input_ids[r, cols] = ids[offsets[i] : offsets[i] + n]
+        mask[r, cols] = 1
+    return torch.from_numpy(input_ids), torch.from_numpy(mask)
+
+
+@torch.inference_mode()
+def encode_texts(
+    model: BiEncoder,
+    tokenizer,
+    texts: list[str],
+    max_length: int,
+    batch_size: int = 128,
+    bf16: bool = False,
+    fp16: bool = False,
+    desc: str = "encode",
+    show_progress: bool = True,
+) -> np.ndarray:
+    """(N, H) float32 embeddings; batches sorted by length so padding stays small."""
+    device = next(model.parameters()).device
+    ids, offsets = _tokenize(tokenizer, texts, max_length)
+    order = np.argsort(-np.diff(offsets), kind="stable")
+    out = np.empty((len(texts), model.config.backbone_config["hidden_size"]), dtype=np.float32)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    left = getattr(tokenizer, "padding_side", "right") == "left"
+    was_training = model.training
+    model.eval()
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not show_progress, leave=False):
+        rows = order[start : start + batch_size]
+        input_ids, mask = _pad(ids, offsets, rows, pad_id, left)
+        with autocast(device, bf16=bf16, fp16=fp16):
+            reps = model.encode(input_ids.to(device), mask.to(device))
+        out[rows] = reps.float().cpu().numpy()
+    model.train(was_training)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The embedding cache: encoded chunks on disk
+
+
+class EmbeddingCache:
+    """Encoded chunks as `<root>/<hash of key>/chunk-<start>-<stop>.npy`, written atomically and read
+    back as memory maps. The key names everything the embeddings depend on (see `cache_key`)."""
+
+    def __init__(self, root: str | Path, key: dict):
+        text = json.dumps(key, sort_keys=True, default=str)
+        self.dir = Path(root) / hashlib.sha1(text.encode()).hexdigest()[:16]
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if not (self.dir / "key.json").is_file():
+            atomic_write_text(self.dir / "key.json", json.dumps(key, indent=2, sort_keys=True, default=str))
+        self.hits = self.misses = 0
+
+    def path(self, start: int, stop: int) -> Path:
+        return self.dir / f"chunk-{start:012d}-{stop:012d}.npy"
+
+    def load(self, start: int, stop: int, dim: int) -> np.ndarray | None:
+        path = self.path(start, stop)
+        try:
+            emb = np.load(path, mmap_mode="r")
+        except (OSError, ValueError):
+            self.misses += 1
+            return None
+        if emb.shape != (stop - start, dim) or emb.dtype != np.float32:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return emb
+
+    def save(self, start: int, stop: int, emb: np.ndarray) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".chunk-", suffix=".npy")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.save(fh, np.ascontiguousarray(emb, dtype=np.float32))
+            os.replace(tmp, self.path(start, stop))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def _stat(path: Path) -> list:
+    st = path.stat()
+    return [path.name, st.st_size, st.st_mtime_ns]
+
+
+def cache_key(source: str, model: BiEncoder, data_dir: Path, n_docs: int, doc_max_length: int, dtype: str,
+              batch_size: int) -> dict:  # fmt: skip
+    """What a corpus' embeddings depend on: the model (its folder's files by size and mtime, its config:
+    pooling, inference mode, ...), the corpus file, its size, truncation, autocast dtype, batch size
+    (padding changes the last bits) and the device type."""
+    folder = Path(source)
+    files = sorted(_stat(p) for p in folder.iterdir() if p.is_file()) if folder.is_dir() else None
+    device = next(model.parameters()).device.type
+    return {
+        "model": str(folder.resolve()) if folder.is_dir() else source, "model_files": files,
+        "config": model.config.to_dict(), "data_dir": str(Path(data_dir).resolve()),
+        "corpus_file": _stat(corpus_path(data_dir)), "n_docs": n_docs, "doc_max_length": doc_max_length,
+        "dtype": dtype, "batch_size": batch_size, "device": device,
+    }  # fmt: skip

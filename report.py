@@ -1,0 +1,281 @@
+"""The report of an experiment, from its results alone: per-run summaries, paired tests, report.md /
+report.json and the figures (experiment.py --report re-renders them).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+import analysis as an
+from spec import HYBRID, Experiment, Run
+from utils import (
+    PRIMARY_METRIC,
+    TABLE_COLUMNS,
+    atomic_write_text,
+    mean_metrics,
+)
+
+if TYPE_CHECKING:
+    from experiment import Layout
+
+DEV_COLUMN = f"dev {PRIMARY_METRIC}"  # a report row's best dev score
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+
+
+def summarise(exp: Experiment, layout: Layout, runs: dict[str, Run], subsets: dict[str, list[str]]) -> dict:
+    """Rows (mean ± std over the evaluated seeds) and paired tests of one stage."""
+    main = exp.splits[0]
+    rows, scores = {}, {}
+    for run in runs.values():
+        seeds = [s for s in (run.seeds if run.per_seed else [None]) if layout.evaluated(run, s)]
+        if not seeds:
+            continue
+        per_split = {split: [an.read_per_query(layout.split_dir(run, s, split), run.tag) for s in seeds]
+                     for split in exp.splits}  # fmt: skip
+        row = {"label": run.label, "kind": run.kind, "change": " ".join(run.train + run.eval),
+               "seeds": seeds if run.per_seed else [], "planned_seeds": run.seeds if run.per_seed else []}  # fmt: skip
+        if run.kind == HYBRID:  # how each seed's runs were fused
+            row["hybrid"] = {str(s): an.read_metrics(layout.split_dir(run, s, main)).get("hybrid") for s in seeds}
+        for split, per_seed in per_split.items():
+            prefix = "" if split == main else f"{split} "
+            for col in TABLE_COLUMNS:
+                row[prefix + col] = an.mean_std([mean_metrics(r)[col] for r in per_seed])
+        for name, qids in subsets.items():
+            row[f"{name} {PRIMARY_METRIC}"] = an.mean_std([an.subset_mean(r, qids) for r in per_split[main]])
+        histories = [an.read_log_history(layout.run_dir(run, s)) for s in seeds
+                     if run.trained and (layout.run_dir(run, s) / "log_history.json").is_file()]  # fmt: skip
+        devs = [d for d in (an.best_dev(h) for h in histories) if d is not None]
+        row[DEV_COLUMN] = an.mean_std(devs) if devs else None
+        times = [t for t in map(an.train_seconds, histories) if t is not None]
+        row["train_seconds"] = an.mean_std(times) if times else None
+        times = [t for s in seeds if (t := an.eval_seconds(layout.split_dir(run, s, main))) is not None]
+        row["eval_seconds"] = an.mean_std(times) if times else None
+        facts = {s: an.read_checkpoint_facts(layout.run_dir(run, s)) for s in seeds if run.trained}
+        row["expert_out_max_abs"] = {str(s): f["expert_out_max_abs"] for s, f in facts.items()
+                                     if f.get("expert_out_max_abs") is not None}  # fmt: skip
+        rows[run.name] = row
+        scores[run.name] = dict(zip(seeds, per_split[main]))
+    tests = [compare(run.name, ref, scores[run.name], scores[ref], subsets) for run in runs.values()
+             for ref in run.references if run.name in scores and ref in scores]  # fmt: skip
+    return {"rows": rows, "tests": tests}
+
+
+def compare(run: str, reference: str, a: dict, b: dict, subsets: dict[str, list[str]]) -> dict:
+    """Paired tests over queries of one run against its reference: seed-averaged and per seed, on all
+    queries and on each subset. Seeds present in both (an untrained reference serves every seed)."""
+    untrained_a, untrained_b = list(a) == [None], list(b) == [None]
+    seeds = list(b) if untrained_a and not untrained_b else [s for s in a if s in b or untrained_b]
+    pick = lambda scores, s: scores[None] if list(scores) == [None] else scores[s]  # noqa: E731
+    qids = sorted(next(iter(a.values())))
+    x = an.scores_matrix([pick(a, s) for s in seeds], qids)
+    y = an.scores_matrix([pick(b, s) for s in seeds], qids)
+    out = {"run": run, "reference": reference, "seeds": seeds, "queries": len(qids), **an.paired_tests(x.mean(0), y.mean(0))}
+    out["per_seed"] = [an.paired_tests(xs, ys) for xs, ys in zip(x, y)]
+    for name, subset in subsets.items():
+        keep = np.isin(qids, subset)
+        out[name] = an.paired_tests(x.mean(0)[keep], y.mean(0)[keep]) if keep.sum() > 1 else None
+    return out
+
+
+def build_report(exp: Experiment, layout: Layout, folder: Path, stages: list[dict[str, Run]],
+                 chosen: list[str] | None) -> dict:
+    """Every stage summarised; each run's row also written as `<run>/summary.json`."""
+    subsets = {}
+    if exp.subsets:
+        train, reported = an.split_qrels(folder, exp.splits[0])
+        subsets = {k: v for k, v in an.query_subsets(train, reported).items() if k in exp.subsets}
+    result = {"experiment": exp.name, "description": exp.description, "splits": exp.splits,
+              "recipe": exp.recipe, "subsets": subsets,
+              "stages": [summarise(exp, layout, runs, subsets) for runs in stages]}  # fmt: skip
+    if chosen is not None:
+        result["chosen"] = chosen
+    for stage in result["stages"]:
+        for name, row in stage["rows"].items():
+            atomic_write_text(layout.root / name / "summary.json", json.dumps(row, indent=2))
+    return result
+
+
+def render(result: dict) -> str:
+    main, others = result["splits"][0], result["splits"][1:]
+    subsets = result["subsets"]
+    cols = [*TABLE_COLUMNS, *(f"{k} {PRIMARY_METRIC}" for k in subsets), *(f"{s} {c}" for s in others
+                                                                 for c in (PRIMARY_METRIC, "Recall@10"))]  # fmt: skip
+    lines = [f"# {result['experiment']}", ""]
+    if result["description"]:
+        lines += [result["description"], ""]
+    notes = [f"Metrics on the {main} split; trained runs: mean ± std over their seeds."]
+    for name, qids in subsets.items():
+        what = "none of whose relevant documents is a positive of any" if name == "unseen" else (
+            "with a relevant document that is a positive of some")
+        notes.append(f"*{name}*: the {len(qids)} {main} queries {what} training query.")
+    for split in others:
+        notes.append(f"Columns *{split} ...*: the same models on the {split} queries"
+                     + (" (the paper's leaky protocol)." if split == "train" else "."))  # fmt: skip
+    lines += [" ".join(notes), "", f"Recipe of every trained run: `{' '.join(result['recipe']) or '(defaults)'}`."]
+    for i, stage in enumerate(result["stages"]):
+        if i == 1:
+            lines += ["", "## Stage 2: the combination chosen on dev", "",
+                      f"Chosen on dev: `{' '.join(result.get('chosen') or []) or '(no option beat the reference)'}`"]
+        lines += ["", *table(stage, cols), "", *tests_text(stage, subsets), *cost_text(stage)]
+    if result.get("chosen") is not None and len(result["stages"]) == 1:
+        lines += ["", f"Chosen on dev for stage 2: `{' '.join(result['chosen']) or '(none)'}` (not trained yet)."]
+    for name, stage in result.get("transfer", {}).items():
+        lines += ["", f"## Transfer: {name}", "",
+                  f"The same checkpoints, BM25 and the zero-shot backbone on the test split of {name}, which no run "
+                  "trained on (BEIR's zero-shot protocol); paired tests against the baseline.", "",
+                  *table(stage, list(TABLE_COLUMNS)), "", *tests_text(stage, {})]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def cell(value, spread: bool) -> str:
+    if value is None:
+        return "-"
+    m, s = value
+    return f"{m:.4f} ± {s:.4f}" if spread else f"{m:.4f}"
+
+
+def table(stage: dict, cols: list[str]) -> list[str]:
+    lines = [f"| run | change | seeds | {DEV_COLUMN} | " + " | ".join(cols) + " |", "|---" * (len(cols) + 4) + "|"]
+    for name, row in stage["rows"].items():
+        first = next((t for t in stage["tests"] if t["run"] == name), None)  # against its first reference
+        mark = " †" if first and an.significant(first) else ""
+        spread = len(row["seeds"]) > 1
+        seeds = ", ".join(map(str, row["seeds"])) or "-"
+        if len(row["seeds"]) < len(row["planned_seeds"]):
+            seeds += f" (of {len(row['planned_seeds'])})"
+        cells = [f"`{row['change']}`" if row["change"] else "", seeds, cell(row[DEV_COLUMN], spread)]
+        cells += [cell(row.get(c), spread) for c in cols]
+        lines.append(f"| {row['label']}{mark} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def cost_text(stage: dict) -> list[str]:
+    """Training and evaluation wall-clock per run (mean over seeds), where the files record them."""
+    timed = {n: r for n, r in stage["rows"].items() if r.get("train_seconds") or r.get("eval_seconds")}
+    if not timed:
+        return []
+    minutes = lambda v: "-" if not v else f"{v[0] / 60:.1f}"  # noqa: E731
+    lines = ["", "Wall-clock minutes per run and seed (mean over seeds; training includes its dev evaluations; "
+             "evaluation is eval.py's encoding and search of every split; on a shared machine these are rough):", "",
+             "| run | training | evaluation |", "|---|---|---|"]  # fmt: skip
+    lines += [f"| {r['label']} | {minutes(r.get('train_seconds'))} | {minutes(r.get('eval_seconds'))} |"
+              for r in timed.values()]  # fmt: skip
+    return lines
+
+
+def hybrid_text(per_seed: dict[str, dict], rows: dict) -> str:
+    """How a hybrid row's runs were fused (metrics.json's `hybrid` of each seed)."""
+    first = next(iter(per_seed.values()))
+    a, b = (rows[m]["label"] if m in rows else m for m in first["fuse"])
+    if first["fusion"] == "rrf":
+        return f"reciprocal rank fusion of {a} and {b} (k = 60)"
+    weights = {s: f"{h['weight']:g}" for s, h in per_seed.items()}
+    weight = next(iter(weights.values())) if len(set(weights.values())) == 1 else ", ".join(
+        f"{w} (seed {s})" for s, w in weights.items())  # fmt: skip
+    sources = "; ".join(dict.fromkeys(h["weight_from"] for h in per_seed.values()))
+    return f"min-max normalised scores, {a} weighted {weight}, {b} 1 minus that ({sources})"
+
+
+def p_text(t: dict) -> str:
+    return f"{t['mean_diff']:+.4f}, t-test p = {t['t_pvalue']:.3g}, randomisation p = {t['rand_pvalue']:.3g}"
+
+
+def tests_text(stage: dict, subsets: dict) -> list[str]:
+    lines = []
+    rows = stage["rows"]
+    for t in stage["tests"]:
+        name = t["run"]
+        verdict = "significant" if an.significant(t) else "not significant (inside the noise)"
+        n = len(t["seeds"])
+        avg = "seed-averaged " if n > 1 else ""
+        lines.append(f"- {rows[name]['label']} vs {rows[t['reference']]['label']}, {PRIMARY_METRIC} per query ({avg}"
+                     f"{t['queries']} queries, paired): difference {p_text(t)}: {verdict}.")  # fmt: skip
+        for sub in subsets:
+            if t.get(sub):
+                lines.append(f"  On the {len(subsets[sub])} {sub}-document queries: difference {p_text(t[sub])}.")
+        if n > 1:
+            each = ", ".join(f"seed {s} {r['mean_diff']:+.4f} (t p = {r['t_pvalue']:.3g})"
+                             for s, r in zip(t["seeds"], t["per_seed"]))  # fmt: skip
+            lines.append(f"  Per seed: {each}.")
+    for row in rows.values():
+        if row.get("hybrid"):
+            lines.append(f"- {row['label']}: {hybrid_text(row['hybrid'], rows)}.")
+        if row["expert_out_max_abs"] and row["kind"] == "sbmoe":
+            scales = ", ".join(f"seed {k} {v:.4f}" for k, v in row["expert_out_max_abs"].items())
+            lines.append(f"- {row['label']}: experts' output projections, largest |weight| after training: {scales}.")
+    if stage["tests"]:
+        lines.append("- † marks a difference from the (first) reference significant at 0.05 in both paired tests; the ± "
+                     "and the per-seed lines show how much the seeds disagree.")  # fmt: skip
+    return lines
+
+
+# --------------------------------------------------------------------------------------------
+# Figures
+
+
+def figures(exp: Experiment, layout: Layout, stages: list[dict[str, Run]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for stage in stages for r in stage.values() if r.trained]
+    histories = {r.name: [an.read_log_history(layout.run_dir(r, s)) for s in r.seeds
+                          if (layout.run_dir(r, s) / "log_history.json").is_file()] for r in runs}  # fmt: skip
+    histories = {k: v for k, v in histories.items() if v}
+    if "training" in exp.figures and histories:
+        fig, (ax_loss, ax_dev) = plt.subplots(1, 2, figsize=(11, 4))
+        for i, (name, hists) in enumerate(histories.items()):
+            style = {"color": plt.cm.tab20(i % 20), "ls": "--" if name.startswith("chosen/") else "-"}
+            for ax, curves in ((ax_loss, [an.epoch_losses(h) for h in hists]),
+                               (ax_dev, [[v for _, v in an.dev_curve(h)] for h in hists])):  # fmt: skip
+                n = min(len(c) for c in curves)
+                if n == 0:
+                    continue
+                arr = np.array([c[:n] for c in curves])
+                x = np.arange(1, n + 1)
+                ax.plot(x, arr.mean(0), marker="o", ms=3, label=name, **style)
+                if len(curves) > 1:
+                    ax.fill_between(x, arr.min(0), arr.max(0), alpha=0.15, color=style["color"])
+        ax_loss.set(title="training InfoNCE per epoch", xlabel="epoch", ylabel="InfoNCE")
+        ax_dev.set(title=f"{DEV_COLUMN} per epoch", xlabel="epoch", ylabel=PRIMARY_METRIC)
+        for ax in (ax_loss, ax_dev):
+            ax.grid(alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=6)
+        fig.suptitle(f"{exp.name}: mean over seeds; band = min..max")
+        fig.tight_layout()
+        fig.savefig(layout.root / "fig_training.png", dpi=120)
+        plt.close(fig)
+    shares, seen = {}, set()
+    for run in runs:  # one panel per checkpoint with more than one expert
+        per_seed = [an.expert_shares(h) for h in histories.get(run.name, [])]
+        key = (run.kind, tuple(run.train), run.frozen)
+        if per_seed and per_seed[0] and max(len(v) for v in per_seed[0].values()) > 1 and key not in seen:
+            seen.add(key)
+            shares[run.name] = per_seed
+    if "experts" in exp.figures and shares:
+        cols = min(4, len(shares))
+        rows = -(-len(shares) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+        for ax in axes.flat[len(shares) :]:
+            ax.axis("off")
+        for ax, (name, per_seed) in zip(axes.flat, shares.items()):
+            blocks = sorted(per_seed[0])
+            width = 0.8 / len(blocks)
+            for b, block in enumerate(blocks):
+                vals = np.mean([s[block] for s in per_seed if block in s], axis=0)
+                ax.bar(np.arange(len(vals)) + b * width, vals, width, label=f"block {block}")
+            ax.axhline(1 / len(per_seed[0][blocks[0]]), color="k", ls="--", lw=0.8, label="uniform")
+            ax.set(title=f"{name}: share per expert (training)", xlabel="expert", ylabel="share of routed inputs")
+            ax.legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(layout.root / "fig_experts.png", dpi=120)
+        plt.close(fig)

@@ -164,12 +164,28 @@ def encode_all(model: BiEncoder, feats: Features, batch_size: int = 256) -> np.n
     return torch.cat(out).numpy()
 
 
+class CachedHead:
+    """A head on a frozen backbone as a retriever (retrievers.Retriever's `search(corpus, queries, top_k)`): the
+    head applied once to the cached features of every document and query, then the exact search of search.py."""
+
+    def __init__(self, model, doc_ids: list[str], doc_feats: Features, q_feats: Features, q_rows: dict[str, int]):
+        self.doc_ids, self.q_rows = doc_ids, q_rows
+        self.docs, self.queries = encode_all(model, doc_feats), encode_all(model, q_feats)
+
+    def search(self, corpus, queries, top_k: int = MAX_CUTOFF) -> dict:
+        if len(corpus) != len(self.doc_ids) or any(d not in corpus for d in self.doc_ids):
+            raise DataError(f"a corpus of {len(corpus)} documents is not the one whose features are cached")
+        qids = list(queries)
+        unknown = [q for q in qids if q not in self.q_rows]
+        if unknown:
+            raise DataError(f"query {unknown[0]!r}: its backbone output is not among the cached features")
+        return search(self.queries[[self.q_rows[q] for q in qids]], self.docs, self.doc_ids, qids, top_k)
+
+
 def retrieve_cached(model, doc_feats: Features, doc_ids: list[str], q_feats: Features, q_rows: dict[str, int],
                     qids: list[str], top_k: int = MAX_CUTOFF) -> dict:  # fmt: skip
-    """The exact search of eval.py (search.py's) over the head's document vectors."""
-    d = encode_all(model, doc_feats)
-    q = encode_all(model, q_feats)[[q_rows[x] for x in qids]]
-    return search(q, d, doc_ids, qids, top_k)
+    """The head's run for these queries (the dev evaluation each epoch: the head changes between calls)."""
+    return CachedHead(model, doc_ids, doc_feats, q_feats, q_rows).search(dict.fromkeys(doc_ids), qids, top_k)
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,11 +399,10 @@ def evaluate(model, fargs, data, splits: dict, dataset: str, source: str) -> Non
     doc_ids, doc_feats, q_feats, q_rows = data
     tag = fargs.tag or model.config.kind
     depth = {k: int(v) for k, v in (x.split("=") for x in fargs.trec_depth)}
-    d, q = encode_all(model, doc_feats), encode_all(model, q_feats)  # the head on the documents once, every split
+    retriever = CachedHead(model, doc_ids, doc_feats, q_feats, q_rows)  # the head on the documents once, every split
     for split, (queries, qrels) in splits.items():
         folder = Path(fargs.eval_output_dir) / split
-        qids = list(queries)
-        run = search(q[[q_rows[x] for x in qids]], d, doc_ids, qids, MAX_CUTOFF)
+        run = retriever.search(dict.fromkeys(doc_ids), queries, MAX_CUTOFF)
         meta = {"split": split, "dataset": dataset, "checkpoints": {tag: source}, "dtype": "fp32",
                 "frozen_backbone": True}  # fmt: skip
         metrics = an.write_evaluation(folder, tag, run, qrels, depth.get(split, MAX_CUTOFF), meta)

@@ -34,6 +34,21 @@ def test_head_on_cached_features_equals_the_model_on_the_texts(tiny_backbone, tm
     cached = frozen.encode_all(model, feats, batch_size=2)
     tol = 5e-3 if design == "seed" else 1e-5  # token states are cached in fp16
     np.testing.assert_allclose(cached, direct, atol=tol)
+    from retrievers import Dense  # the same search through the one retrieval interface, cached or on the texts
+
+    corpus = {f"d{i}": {"title": "", "text": t} for i, t in enumerate(TEXTS)}
+    queries = {"q0": TEXTS[1], "q1": TEXTS[3]}
+    q_feats = frozen.encode_features(model, tok, list(queries.values()), 16)
+    head = frozen.CachedHead(model, list(corpus), feats, q_feats, {"q0": 0, "q1": 1})
+    run = head.search(corpus, queries, top_k=3)
+    text_run = Dense(model, tok, query_max_length=16, doc_max_length=16).search(corpus, queries, top_k=3)
+    assert {q: list(d) for q, d in run.items()} == {q: list(d) for q, d in text_run.items()}
+    for q in run:
+        np.testing.assert_allclose(list(run[q].values()), list(text_run[q].values()), atol=2 * tol)
+    with pytest.raises(frozen.DataError, match="'q9'"):
+        head.search(corpus, {"q9": "trial"})
+    with pytest.raises(frozen.DataError, match="not the one"):
+        head.search({"d0": corpus["d0"]}, queries)
 
 
 def test_frozen_run_trains_only_the_head_and_reuses_it(tiny_backbone, tiny_beir, tmp_path, capsys):

@@ -345,7 +345,8 @@ def checkpoint_metrics(path: Path, checkpoint: Path) -> dict:
         if len(rows) != 1:
             raise DataError(f"--metrics {path}: {len(rows)} rows and none from {checkpoint}")
         tag = next(iter(rows))
-    out = {"tag": tag, "split": data.get("split"), "dataset": data.get("dataset"), "all": rows[tag]}
+    # the dataset's name, never the folder it was read from (a path of the machine that evaluated it)
+    out = {"tag": tag, "split": data.get("split"), "dataset": Path(str(data.get("dataset"))).name, "all": rows[tag]}
     try:
         from analysis import query_subsets, read_per_query, split_qrels, subset_mean
         from utils import resolve_data_dir

@@ -85,12 +85,13 @@ def test_model_card_states_the_test_metrics(checkpoints, tmp_path):
     metrics = tmp_path / "eval" / "metrics.json"
     metrics.parent.mkdir()
     metrics.write_text(json.dumps({"sbmoe": {"NDCG@10": 0.61234, "Recall@100": 0.9}, "split": "test",
-                                   "dataset": "scifact", "checkpoints": {"sbmoe": str(ckpt)}}))  # fmt: skip
+                                   "dataset": str(tmp_path / "beir" / "scifact"), "checkpoints": {"sbmoe": str(ckpt)}}))  # fmt: skip
     (ckpt / "run_info.json").write_text(json.dumps({"seed": 42, "sampling": "query"}))
     export.main([str(ckpt), str(tmp_path / "st"), "--metrics", str(metrics), "--query_max_length", "8",
                  "--doc_max_length", "64"])  # fmt: skip
     card = (tmp_path / "st" / "README.md").read_text()
     assert "value: 0.6123" in card and "| seed | 42 |" in card and "design `residual-zero`" in card
+    assert "name: scifact" in card and str(tmp_path) not in card  # the dataset's name, not the machine's path
 
 
 def test_onnx_graph_and_int8_agree_with_the_model(checkpoints, tmp_path):

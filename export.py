@@ -49,7 +49,10 @@ BACKENDS = ("torch", "onnx", "onnx-int8")
 # eager attention, onnxruntime's BERT optimizer fuses attention and the embeddings and the int8 graph encodes
 # 1.13x sentence-transformers' int8, but it lost 0.018 NDCG@10 on SciFact's unseen-document queries (paired
 # p = 0.01; the unfused graph -0.002, inside the noise): results/export/zeroshot-onnx-int8-fused.log.
-INT8 = dict(optimize=False, per_channel=True, reduce_range=False, weight_type="QInt8")
+# Only MatMuls with a constant B (the weights): onnxruntime's dynamic mode otherwise also quantises the attention
+# scores (activation x activation), which cost a fine-tuned SB-MoE 0.0086 NDCG@10 on SciFact test
+# (results/export/residual-zero-onnx-int8.compare.log) and are about a tenth of the multiply-adds at 256 tokens.
+INT8 = dict(optimize=False, per_channel=True, reduce_range=False, weight_type="QInt8", const_b_only=True)
 TOLERANCE = 1e-5  # max |difference| per embedding coordinate, export vs eval.py, fp32
 ONNX_TOLERANCE = 1e-4  # onnxruntime fp32 vs torch (another summation order; fused kernels)
 
@@ -186,8 +189,9 @@ def export_onnx(model: BiEncoder, path: Path, opset: int = 17) -> None:
 
 
 def quantize_int8(src: Path, dst: Path, config: RetrieverConfig, optimize: bool = True, per_channel: bool = True,
-                  reduce_range: bool = True, weight_type: str = "QInt8") -> None:  # fmt: skip
-    """Dynamic int8 quantisation of the MatMul weights, after onnxruntime's BERT graph fusions when `optimize`."""
+                  reduce_range: bool = True, weight_type: str = "QInt8", const_b_only: bool = True) -> None:  # fmt: skip
+    """Dynamic int8 quantisation of the MatMul weights, after onnxruntime's BERT graph fusions when `optimize`;
+    `const_b_only`: only MatMuls whose B is a weight (False: the attention scores' MatMuls too)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -203,7 +207,8 @@ def quantize_int8(src: Path, dst: Path, config: RetrieverConfig, optimize: bool 
             opt.save_model_to_file(str(source))
         quantize_dynamic(str(source), str(dst), weight_type=getattr(QuantType, weight_type), per_channel=per_channel,
                          reduce_range=reduce_range, op_types_to_quantize=["MatMul"],
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})  # fused ops lack shape inference  # fmt: skip
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT,  # fused ops lack shape inference
+                                        "MatMulConstBOnly": const_b_only})  # fmt: skip
 
 
 def session(path: Path, threads: int | None = None):

@@ -106,6 +106,14 @@ def test_onnx_graph_and_int8_agree_with_the_model(checkpoints, tmp_path):
     assert np.abs(fp32 - ref).max() < export.ONNX_TOLERANCE
     assert (int8 * ref).sum(1).min() > INT8_MIN_COSINE
     assert np.abs(int8 - ref).max() > 0  # it is quantised
+    import onnx
+
+    graph = onnx.load(str(out / export.ONNX_INT8)).graph
+    weights = {t.name for t in graph.initializer}
+    integer = [n for n in graph.node if n.op_type == "MatMulInteger"]
+    float_matmuls = [n for n in graph.node if n.op_type == "MatMul"]
+    assert integer and all(n.input[1] in weights for n in integer)  # only weights are int8 ...
+    assert float_matmuls and not any(n.input[1] in weights for n in float_matmuls)  # ... the attention scores stay fp32
 
 
 def test_eval_backends_give_the_same_metrics(checkpoints, tmp_path):

@@ -17,30 +17,16 @@ from pathlib import Path
 
 sys.path.insert(0, "tests")
 from conftest import write_tiny_backbone, write_tiny_beir  # noqa: E402
-
-TOML = """name = "tiny-transfer"
-dataset = "tiny"
-seeds = [42]
-splits = ["test"]
-recipe = ["--num_train_epochs", "1"]
-transfer = ["{other}"]
-
-[runs.baseline]
-kind = "baseline"
-
-[runs.sbmoe]
-kind = "sbmoe"
-reference = "baseline"
-"""
+from test_experiment import TINY, TRANSFER  # noqa: E402  (the transfer test's experiment file and flags)
 
 work = Path(tempfile.mkdtemp(prefix="transfer-demo-"))
 write_tiny_beir(work / "beir" / "tiny")
 other = write_tiny_beir(work / "elsewhere" / "other-set", n_docs=40, n_queries=15, seed=7)
 backbone = write_tiny_backbone(work / "backbone")
-(work / "tiny-transfer.toml").write_text(TOML.format(other=other))
+(work / "tiny-transfer.toml").write_text(TRANSFER.format(other=other))
 cmd = [sys.executable, "experiment.py", str(work / "tiny-transfer.toml"), "--model_name_or_path", str(backbone),
        "--data_dir", str(work / "beir" / "tiny"), "--results", str(work / "res"), "--ckpt_root", str(work / "ck"),
-       "--smoke", "--extra", "--per_device_train_batch_size", "4", "--num_experts", "4", "--dev_fraction", "0.2"]  # fmt: skip
+       "--smoke", "--extra", *TINY]  # fmt: skip
 print("$ python", " ".join(cmd[1:]).replace(str(work), "TMP"), flush=True)
 rc = subprocess.call(cmd)
 if rc == 0:

@@ -24,10 +24,12 @@ INT8_MIN_COSINE = 0.99  # int8 weights (per channel) against fp32, per embedding
 def make_checkpoint(folder, backbone, kind: str, **settings):
     torch.manual_seed(0)
     model = VARIANTS[kind].from_backbone(str(backbone), pooling="mean", **{**SETTINGS[kind], **settings}).eval()
-    with torch.no_grad():  # SB-MoE's zero-initialised experts made live, so the head changes the output
-        for module in model.modules():
+    with torch.no_grad():  # SB-MoE's zero-initialised experts made live, so the head changes the output, and the
+        for name, module in model.named_modules():  # token-level MoE's copies of the FFN made distinct, as in training
             if getattr(module, "zero_init", False):
                 torch.nn.init.normal_(module.weight, std=0.2)
+            elif ".experts." in name and isinstance(module, torch.nn.Linear):
+                module.weight.add_(torch.randn_like(module.weight) * 0.02)
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(backbone).save_pretrained(folder)
     return model
@@ -113,8 +115,16 @@ def test_onnx_graph_and_int8_agree_with_the_model(checkpoints, tmp_path):
     integer = [n for n in graph.node if n.op_type == "MatMulInteger"]
     float_matmuls = [n for n in graph.node if n.op_type == "MatMul"]
     assert integer and all(n.input[1] in weights for n in integer)  # only weights are int8 ...
-    assert float_matmuls and not any(n.input[1] in weights for n in float_matmuls)  # ... the attention scores stay fp32
-
+    kept = [n for n in float_matmuls if n.input[1] in weights]  # ... but the first layer's and the routers' stay fp32
+    first = [n for n in kept if "/encoder/layer.0/" in n.name]
+    routers = [n for n in kept if "/router/" in n.name]
+    assert len(first) == 6 and len(routers) == model.config.backbone_config["num_hidden_layers"] // 2
+    assert len(kept) == len(first) + len(routers)
+    assert not any("/encoder/layer.0/" in n.name or "/router/" in n.name for n in integer)
+    assert sum("/experts." in n.name for n in integer) == 2 * 4 * len(routers)  # every expert's two weights
+    scores = [n for n in float_matmuls if n not in kept]
+    assert scores and not any(n.input[1] in weights for n in scores)  # ... as do the attention scores
+    assert report["onnx"]["int8"]["fp32_matmuls"] == len(first) + 2 + len(routers)  # + layer 0's attention scores
 
 def test_eval_backends_give_the_same_metrics(checkpoints, tmp_path):
     beir = write_tiny_beir(tmp_path / "beir")

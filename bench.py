@@ -4,6 +4,7 @@
         [--anchor_python PY]                           # + its onnx and onnx-int8, in a venv with sentence-transformers[onnx]
     python bench.py models   --model_name_or_path M    # baseline / SB-MoE / MoE: params, FLOPs, speed, memory
     python bench.py latency  --model_name_or_path M    # baseline / SB-MoE / MoE: batch-1 query p50, batched docs/s
+        [--backend onnx|onnx-int8]                     # through export.py's graphs (onnxruntime) instead of PyTorch
     python bench.py pipeline --model_name_or_path M    # our eval pipeline vs BEIR's DenseRetrievalExactSearch
     python bench.py params   --model_name_or_path M    # parameter counts, also on the TinyBERT-6L shape
     python bench.py scale --sizes 10000 100000 1000000 # eval.py's chunked retrieval: time and peak memory by size
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 
+import export
 from encode import encode_texts
 from eval import retrieve
 from model import VARIANTS, BiEncoder, backbone_flops
@@ -70,13 +72,18 @@ def load_data(args):
 
 
 def build(kind: str, backbone: str) -> BiEncoder:
-    """A variant with its default settings, every zero-initialised weight made live (no path is free)."""
+    """A variant with its default settings, every zero-initialised weight made live (no path is free) and the
+    token-level MoE's upcycled experts made distinct, as after training (an ONNX export would otherwise store
+    identical copies once)."""
     settings = {k: v for k, v in VARIANTS[kind].defaults().items() if k != "moe_learning_rate" and v is not None}
     model = VARIANTS[kind].from_backbone(backbone, **settings).eval()
+    gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for module in model.modules():
+        for name, module in model.named_modules():
             if getattr(module, "zero_init", False):
                 torch.nn.init.normal_(module.weight, std=0.02)
+            elif ".experts." in name and isinstance(module, torch.nn.Linear):
+                module.weight.add_(torch.randn(module.weight.shape, generator=gen) * 1e-3)
     return model
 
 
@@ -191,7 +198,6 @@ def bench_encode(args) -> dict:
 
     from sentence_transformers import SentenceTransformer
 
-    import export
 
     corpus, _, _ = load_data(args)
     texts = [doc_text(d) for d in corpus.values()]
@@ -404,8 +410,17 @@ def bench_latency(args) -> dict:
     models = {k: build(k, args.model_name_or_path) for k in args.kinds}
     q_texts = list(queries.values())[: args.latency_queries]
     one = [tok(q, truncation=True, max_length=64, return_tensors="pt") for q in q_texts]
+    diff = {}
+    if args.backend != "torch":  # the graphs eval.py --backend runs (the token-level MoE's computes every expert)
+        graphs = {k: export.onnx_retriever(m, args.backend) for k, m in models.items()}
+        with torch.inference_mode():
+            for k, m in models.items():
+                ids, mask = one[0]["input_ids"], one[0]["attention_mask"]
+                diff[k] = float((graphs[k].encode(ids, mask) - m.encode(ids, mask)).abs().max())
+        models = graphs
     texts = [doc_text(d) for d in corpus.values()]
-    report = {"machine": machine(), "queries": len(one), "docs": len(texts), "doc_max_length": args.doc_max_length,
+    report = {"machine": machine(), "backend": args.backend, "queries": len(one), "docs": len(texts),
+              "doc_max_length": args.doc_max_length,
               "batch_size": args.batch_size, "query_tokens_mean": float(np.mean([b["input_ids"].shape[1] for b in one])),
               "models": {}}  # fmt: skip
     lat: dict[str, list[float]] = {k: [] for k in models}
@@ -427,10 +442,13 @@ def bench_latency(args) -> dict:
             "latency_p50_ms": float(np.percentile(lat[kind], 50) * 1e3),
             "latency_p95_ms": float(np.percentile(lat[kind], 95) * 1e3),
             "docs_per_s": len(texts) / t[kind],
+            "encoder": type(models[kind]).__name__,  # what was timed
+            **({"max_abs_diff_vs_torch": diff[kind]} if diff else {}),
         }
     b = report["models"][base]
     lines = [f"{report['machine']}; {len(one)} queries at batch 1 (mean {report['query_tokens_mean']:.1f} tokens), "
-             f"{len(texts)} docs at batch {args.batch_size} (max {args.doc_max_length} tokens), fp32",
+             f"{len(texts)} docs at batch {args.batch_size} (max {args.doc_max_length} tokens), "
+             + ("fp32" if args.backend == "torch" else f"ONNX ({args.backend}, onnxruntime)"),
              "| model | p50 ms | p95 ms | p50 ratio | docs/s | throughput ratio |", "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for kind, r in report["models"].items():
         r["p50_ratio"] = r["latency_p50_ms"] / b["latency_p50_ms"]
@@ -746,6 +764,8 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--latency_queries", type=int, default=50)
     p.add_argument("--kinds", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="latency: variants")
+    p.add_argument("--backend", default="torch", choices=export.BACKENDS,
+                   help="latency: PyTorch, or the ONNX graphs export.py writes (fp32 or int8)")
     p.add_argument("--dtypes", default="cpu", help="'cpu' = fp32,bf16 (plus fp16 on a GPU), or a list")
     p.add_argument("--output", default=None, help="JSON report path (default results/bench/<what>.json)")
     p.add_argument("--anchor_python", default=None, metavar="PYTHON",
@@ -777,6 +797,8 @@ def main(argv=None) -> None:
             p.error(f"--dtypes {args.dtypes}: unknown {', '.join(unknown)} (expected 'cpu' or a list of {', '.join(DTYPES)})")
         if "fp16" in args.dtypes.split(",") and not torch.cuda.is_available():
             p.error("--dtypes fp16: fp16 autocast needs a GPU")
+    if args.backend != "torch" and args.what != "latency":
+        p.error(f"--backend {args.backend}: only for latency (encode measures every backend)")
     if args.anchor_python is not None:
         if args.what != "encode":
             p.error(f"--anchor_python: only for encode, not {args.what}")

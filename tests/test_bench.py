@@ -11,6 +11,7 @@ import stat
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import one_line_error
 
 import bench
@@ -123,3 +124,47 @@ def test_anchor_worker_that_dies(tiny_backbone, tiny_beir, tmp_path, capsys):
     assert exits(argv) == 2
     one_line_error(capsys, f"--anchor_python {fake}", "exited (code 3)", "no sentence-transformers in this one")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx", "onnx-int8"])
+def test_latency_rows_and_ratios(tiny_backbone, tiny_beir, tmp_path, capsys, backend):
+    out = tmp_path / "latency.json"
+    bench.main(["latency", "--model_name_or_path", str(tiny_backbone), "--data_dir", str(tiny_beir), "--docs", "8",
+                "--doc_max_length", "16", "--batch_size", "4", "--repeats", "1", "--latency_queries", "6",
+                "--backend", backend, "--output", str(out)])  # fmt: skip
+    report = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+    rows = report["models"]
+    assert report["backend"] == backend and report["queries"] == 6 and list(rows) == list(bench.VARIANTS)
+    base = rows["baseline"]
+    for kind, row in rows.items():
+        assert row["p50_ratio"] == pytest.approx(row["latency_p50_ms"] / base["latency_p50_ms"])
+        assert row["throughput_ratio"] == pytest.approx(row["docs_per_s"] / base["docs_per_s"])
+        assert row["latency_p95_ms"] >= row["latency_p50_ms"] > 0
+        assert f"| {kind} | {row['latency_p50_ms']:.2f} |" in printed
+        assert (row["encoder"] == "OnnxRetriever") == (backend != "torch")  # what was timed
+        if backend == "torch":
+            assert "max_abs_diff_vs_torch" not in row
+        elif backend == "onnx":  # the graph encodes as the model does
+            assert row["max_abs_diff_vs_torch"] < 1e-4
+        else:  # quantised
+            assert 0 < row["max_abs_diff_vs_torch"] < 0.1
+    assert ("fp32" if backend == "torch" else f"ONNX ({backend}") in report["table"][0]
+
+
+def test_latency_builds_distinct_experts(tiny_backbone):
+    """Upcycled experts start as copies; the benchmark makes them distinct, as training does (an ONNX export stores
+    identical weights once, which would flatter the token-level MoE's graph)."""
+    model = bench.build("moe", str(tiny_backbone))
+    for layer in model.encoder.encoder.layer:
+        experts = getattr(layer.intermediate, "experts", None)
+        if experts is not None:
+            w = [e.fc_in.weight for e in experts]
+            assert all(not torch.equal(w[0], x) for x in w[1:])
+
+
+def test_backend_only_for_latency(tiny_backbone, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["encode", "--model_name_or_path", str(tiny_backbone), "--backend", "onnx"])
+    assert exc.value.code != 0
+    one_line_error(capsys, "--backend onnx: only for latency")

@@ -393,6 +393,14 @@ def _name(source: str) -> str:
     return source if source.count("/") == 1 and not Path(source).exists() else Path(source).name
 
 
+def _card_value(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(f"`{x}`" for x in v)
+    return str(v)
+
+
 def model_card(model: BiEncoder, recipe: dict, metrics: dict | None, query_max_length: int, doc_max_length: int,
                onnx: dict | None) -> str:  # fmt: skip
     c = model.config
@@ -460,7 +468,9 @@ def model_card(model: BiEncoder, recipe: dict, metrics: dict | None, query_max_l
         lines += ["", "## ONNX", "", f"`{ONNX_FP32}`: the whole encoder (ids and mask in, normalised embedding out), "
                   f"max |difference| to PyTorch {onnx['fp32_max_abs_diff_vs_torch']:.1e}."]  # fmt: skip
         if "int8" in onnx:
-            lines.append(f"`{ONNX_INT8}`: dynamic int8 quantisation ({', '.join(f'{k}={v}' for k, v in onnx['int8'].items())}).")
+            settings = "; ".join(f"{k} {_card_value(v)}" for k, v in onnx["int8"].items())
+            lines.append(f"`{ONNX_INT8}`: dynamic int8 quantisation of the MatMul weights with onnxruntime ({settings}); "
+                         "the MatMuls whose names contain one of fp32_nodes stay fp32.")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

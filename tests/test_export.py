@@ -125,6 +125,8 @@ def test_onnx_graph_and_int8_agree_with_the_model(checkpoints, tmp_path):
     scores = [n for n in float_matmuls if n not in kept]
     assert scores and not any(n.input[1] in weights for n in scores)  # ... as do the attention scores
     assert report["onnx"]["int8"]["fp32_matmuls"] == len(first) + 2 + len(routers)  # + layer 0's attention scores
+    card = (out / "README.md").read_text()  # the card says which MatMuls stayed fp32
+    assert f"fp32_nodes `/encoder/layer.0/`, `/router/`; fp32_matmuls {len(first) + 2 + len(routers)}" in card
 
 def test_eval_backends_give_the_same_metrics(checkpoints, tmp_path):
     beir = write_tiny_beir(tmp_path / "beir")

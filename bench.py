@@ -198,7 +198,6 @@ def bench_encode(args) -> dict:
 
     from sentence_transformers import SentenceTransformer
 
-
     corpus, _, _ = load_data(args)
     texts = [doc_text(d) for d in corpus.values()]
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -17,17 +17,30 @@ w1 = rng.standard_normal((E, INNER, H)).astype(np.float32)  # fc1 weights per ex
 w2 = rng.standard_normal((E, H, INNER)).astype(np.float32)
 x = rng.standard_normal((N, H)).astype(np.float32)
 logits = rng.standard_normal((N, E)).astype(np.float32)
-node = helper.make_node("MoE", ["x", "router", "w1", "", "w2", ""], ["y"], domain="com.microsoft", k=K,
-                        activation_type="gelu", normalize_routing_weights=1)  # fmt: skip
-graph = helper.make_graph(
-    [node], "moe",
-    [helper.make_tensor_value_info("x", TensorProto.FLOAT, [N, H]),
-     helper.make_tensor_value_info("router", TensorProto.FLOAT, [N, E])],
-    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [N, H])],
-    [helper.make_tensor(n, TensorProto.FLOAT, a.shape, a.ravel()) for n, a in (("w1", w1), ("w2", w2))],
-)  # fmt: skip
-model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
-session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def moe_session(weights: dict, hidden: int, experts: int, threads: int | None = None) -> ort.InferenceSession:
+    """A one-node com.microsoft.MoE graph (top-K, renormalised, GELU) over `weights` (w1, b1, w2, b2; biases may be
+    absent)."""
+    names = [n if n in weights else "" for n in ("w1", "b1", "w2", "b2")]
+    node = helper.make_node("MoE", ["x", "router", *names], ["y"], domain="com.microsoft", k=K,
+                            activation_type="gelu", normalize_routing_weights=1)  # fmt: skip
+    graph = helper.make_graph(
+        [node], "moe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, hidden]),
+         helper.make_tensor_value_info("router", TensorProto.FLOAT, [None, experts])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, hidden])],
+        [helper.make_tensor(n, TensorProto.FLOAT, a.shape, a.ravel()) for n, a in weights.items()],
+    )  # fmt: skip
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(helper.make_model(graph, opset_imports=opsets).SerializeToString(), options,
+                                providers=["CPUExecutionProvider"])  # fmt: skip
+
+
+session = moe_session({"w1": w1, "w2": w2}, H, E)
 y = session.run(None, {"x": x, "router": logits})[0]
 print(f"onnxruntime {ort.__version__}: com.microsoft.MoE runs on the CPU provider; output scale {np.abs(y).max():.1f}")
 probs = torch.tensor(logits).softmax(-1)
@@ -58,19 +71,7 @@ dense = Expert(H, INNER).eval()
 stack = lambda attr: torch.stack([getattr(e, attr).weight for e in experts]).detach().numpy()  # noqa: E731
 bias = lambda attr: torch.stack([getattr(e, attr).bias for e in experts]).detach().numpy()  # noqa: E731
 inits = {"w1": stack("fc_in"), "b1": bias("fc_in"), "w2": stack("fc_out"), "b2": bias("fc_out")}
-node = helper.make_node("MoE", ["x", "router", "w1", "b1", "w2", "b2"], ["y"], domain="com.microsoft", k=K,
-                        activation_type="gelu", normalize_routing_weights=1)  # fmt: skip
-graph = helper.make_graph(
-    [node], "moe",
-    [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, H]),
-     helper.make_tensor_value_info("router", TensorProto.FLOAT, [None, E])],
-    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, H])],
-    [helper.make_tensor(n, TensorProto.FLOAT, a.shape, a.ravel()) for n, a in inits.items()],
-)  # fmt: skip
-opts = ort.SessionOptions()
-opts.intra_op_num_threads = 2
-session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(
-    "com.microsoft", 1)]).SerializeToString(), opts, providers=["CPUExecutionProvider"])  # fmt: skip
+session = moe_session(inits, H, E, threads=2)
 xs = torch.randn(N, H)
 logits = torch.randn(N, E)
 with torch.inference_mode():

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
-from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
+from transformers import HfArgumentParser, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from analysis import DEV_METRIC, expert_share_key, write_log_history
@@ -620,6 +620,9 @@ def run_training(margs, dargs, targs, model, tokenizer, data: tuple) -> None:
     try:
         trainer.train(resume_from_checkpoint=resume)
     except NonFiniteLossError as exc:
+        for callback in trainer.callback_handler.callbacks:  # end the open progress bar: the error gets its own line
+            if isinstance(callback, ProgressCallback) and callback.training_bar is not None:
+                callback.training_bar.close()
         fail(str(exc))
     save_final(trainer, targs.output_dir)
     if trainer.is_world_process_zero():

@@ -1,12 +1,9 @@
 """BEIR loading: both corpus formats, CRLF qrels, and one clear line for every kind of bad input."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-from conftest import ROOT, SCIFACT, needs_shared, write_tiny_beir
+from conftest import SCIFACT, needs_shared, write_tiny_beir
 
 from utils import DataError, load_beir, resolve_data_dir, split_dev, unseen_document_queries
 
@@ -69,15 +66,17 @@ def test_dev_split_is_seeded_and_disjoint(tiny_beir):
     assert len(dev) == round(len(qrels) * 0.25)
 
 
-def test_eval_cli_bad_input_is_one_line_and_nonzero(tiny_beir, tmp_path):
+def test_eval_cli_bad_input_is_one_line_and_nonzero(tiny_beir, tmp_path, capsys):
+    import eval as eval_cli
+
     (tiny_beir / "queries.jsonl").write_text('{"_id": "q0", "text": "a"}\nnot json\n')
-    proc = subprocess.run(
-        [sys.executable, "eval.py", "--model", "zeroshot", "--model_name_or_path", "unused",
-         "--data_dir", str(tiny_beir), "--output_dir", str(tmp_path / "out")],
-        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
-    assert proc.returncode != 0
-    assert proc.stderr.strip().splitlines() == [f"error: {tiny_beir / 'queries.jsonl'}:2: malformed JSON (Expecting value)"]
+    with pytest.raises(SystemExit) as exc:  # the command's entry point, in-process
+        eval_cli.main(["--model", "zeroshot", "--model_name_or_path", "unused", "--data_dir", str(tiny_beir),
+                       "--output_dir", str(tmp_path / "out")])  # fmt: skip
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {tiny_beir / 'queries.jsonl'}:2: malformed JSON (Expecting value)"
+    ]
     assert not (tmp_path / "out").exists()
 
 

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import ROOT, ZEROSHOT_AND_BASELINE
+from conftest import ROOT, ZEROSHOT_AND_BASELINE, one_line_error
 
 import analysis as an
 from utils import load_beir, read_trec, unseen_document_queries
@@ -113,7 +113,7 @@ def test_runner_subprocesses_in_parallel_resume_an_interrupted_checkpoint(tiny_b
     assert proc.returncode != 0 and "1 job(s) failed: sbmoe seed 42: training FAILED" in proc.stderr
 
 
-def test_runner_rejects_bad_experiment_files_in_one_line(tmp_path, tiny_beir):
+def test_runner_rejects_bad_experiment_files_in_one_line(tmp_path, tiny_beir, capsys):
     import experiment
 
     cases = {
@@ -127,8 +127,9 @@ def test_runner_rejects_bad_experiment_files_in_one_line(tmp_path, tiny_beir):
         (tmp_path / "bad.toml").write_text(text)
         with pytest.raises(experiment.DataError, match=re.escape(message)):
             experiment.load_experiment(tmp_path / "bad.toml")
-    proc = runner([tmp_path / "bad.toml", "--data_dir", tiny_beir], ENV, check=False)
-    assert proc.returncode != 0 and "bad.toml" in proc.stderr and "Traceback" not in proc.stderr
+    with pytest.raises(SystemExit) as exc:  # the command's entry point: exit 2, one line naming the file
+        experiment.main(list(map(str, [tmp_path / "bad.toml", "--data_dir", tiny_beir])))
+    assert exc.value.code == 2 and "bad.toml" in one_line_error(capsys)
 
 
 def test_choose_takes_the_best_option_of_each_group_only_if_it_beats_the_reference_on_dev(tmp_path):

@@ -11,18 +11,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, one_line_error
 
 from utils import info_nce, load_beir
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
 
 
-def run(script, *args, check=True, timeout=300):
+def run(script, *args, timeout=300):
+    """A training script as a command; it must succeed."""
     proc = subprocess.run(
         [sys.executable, script, *map(str, args)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout
     )
-    if check and proc.returncode != 0:
+    if proc.returncode != 0:
         raise AssertionError(proc.stdout[-3000:] + proc.stderr[-3000:])
     return proc
 
@@ -71,9 +72,12 @@ def test_torchrun_two_processes_equal_one_process_step(tiny_backbone, tmp_path):
 
 
 @pytest.mark.parametrize("script", ["train.py", "train_sbmoe.py", "train_moe.py"])
-def test_two_steps_evaluate_and_resume(tiny_backbone, tiny_beir, tmp_path, script):
+def test_two_steps_evaluate_and_resume(tiny_backbone, tiny_beir, tmp_path, script, capsys):
+    # Each script runs once as a command; evaluating and resuming call the same entry points in-process.
     from transformers import AutoTokenizer
 
+    import eval as eval_cli
+    import train
     from eval import evaluate_model
     from model import load_model
 
@@ -89,38 +93,50 @@ def test_two_steps_evaluate_and_resume(tiny_backbone, tiny_beir, tmp_path, scrip
     if script != "train.py":
         assert any(k.startswith("expert_share/") for h in history for k in h)
     kind = {"train.py": "baseline", "train_sbmoe.py": "sbmoe", "train_moe.py": "moe"}[script]
-    res = run("eval.py", "--model", kind, "--checkpoint", out, "--data_dir", tiny_beir, "--output_dir", tmp_path / "ev")
+    capsys.readouterr()
+    eval_cli.main(list(map(str, ["--model", kind, "--checkpoint", out, "--data_dir", tiny_beir, "--output_dir",
+                                 tmp_path / "ev"])))  # fmt: skip
+    assert "NDCG@10" in capsys.readouterr().out
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     corpus, queries, qrels = load_beir(tiny_beir, "test")  # the saved checkpoint scores as the in-memory evaluation
     expected = evaluate_model(load_model(out), AutoTokenizer.from_pretrained(out), corpus, queries, qrels,
                               show_progress=False)  # fmt: skip
     assert metrics[kind] == pytest.approx(expected, abs=1e-6) and metrics["split"] == "test"
-    assert "NDCG@10" in res.stdout
     args[args.index("--max_steps") + 1] = 4
-    resumed = run(script, *args, "--resume_from_checkpoint", out / "checkpoint-2")
+    train.main(kind, list(map(str, [*args, "--resume_from_checkpoint", out / "checkpoint-2"])))
     state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
-    assert state["global_step"] == 4 and f"resuming from {out / 'checkpoint-2'} at step 2" in resumed.stdout
+    assert state["global_step"] == 4 and f"resuming from {out / 'checkpoint-2'} at step 2" in capsys.readouterr().out
 
 
-def test_non_finite_loss_stops_with_step_and_saves_nothing(tiny_backbone, tiny_beir, tmp_path):
+def train_fails(kind, capsys, *args, needles=()):
+    """train.main in-process (the commands' own entry point): exit 2 with one error line naming every needle."""
+    import train
+
+    with pytest.raises(SystemExit) as exc:
+        train.main(kind, list(map(str, args)))
+    assert exc.value.code == 2
+    return one_line_error(capsys, *needles)
+
+
+def test_non_finite_loss_stops_with_step_and_saves_nothing(tiny_backbone, tiny_beir, tmp_path, capsys):
     out = tmp_path / "nan"
     # a temperature > 0 (0 is refused at parse time) so small that the logits overflow float32
-    proc = run("train.py", *train_args(tiny_backbone, tiny_beir, out, "--temperature", "1e-45"), check=False)
-    assert proc.returncode != 0
-    assert "non-finite loss" in proc.stderr and "at step 1" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    train_fails("baseline", capsys, *train_args(tiny_backbone, tiny_beir, out, "--temperature", "1e-45"),
+                needles=("non-finite loss", "at step 1"))  # fmt: skip
     assert not (out / "model.safetensors").exists() and not list(out.glob("checkpoint-*"))
 
 
-def test_unknown_flag_and_empty_training_set_are_one_line_errors(tiny_backbone, tiny_beir, tmp_path):
-    proc = run("train.py", *train_args(tiny_backbone, tiny_beir, tmp_path / "x", "--no_such_flag", 1), check=False)
-    assert proc.returncode != 0 and "--no_such_flag" in proc.stderr and "Traceback" not in proc.stderr
+def test_unknown_flag_and_empty_training_set_are_one_line_errors(tiny_backbone, tiny_beir, tmp_path, capsys):
+    train_fails("baseline", capsys, *train_args(tiny_backbone, tiny_beir, tmp_path / "x", "--no_such_flag", 1),
+                needles=("--no_such_flag",))  # fmt: skip
     (tiny_beir / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n")
-    proc = run("train.py", *train_args(tiny_backbone, tiny_beir, tmp_path / "y"), check=False)
-    assert proc.returncode != 0 and "train.tsv: no judgments" in proc.stderr and "Traceback" not in proc.stderr
+    train_fails("baseline", capsys, *train_args(tiny_backbone, tiny_beir, tmp_path / "y"),
+                needles=("train.tsv: no judgments",))  # fmt: skip
 
 
 def test_killed_mid_run_resumes_and_finishes(tiny_backbone, tiny_beir, tmp_path):
+    import train
+
     out = tmp_path / "kill"
     args = train_args(tiny_backbone, tiny_beir, out, "--max_steps", 400, "--save_strategy", "steps", "--save_steps",
                       1, "--eval_strategy", "no", "--load_best_model_at_end", "false", "--save_total_limit", 3)  # fmt: skip
@@ -137,14 +153,16 @@ def test_killed_mid_run_resumes_and_finishes(tiny_backbone, tiny_beir, tmp_path)
     last = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
     shutil.rmtree(out / ".staging", ignore_errors=True)
     args[args.index("--max_steps") + 1] = last + 2
-    run("train.py", *args, "--resume_from_checkpoint", "last")
+    train.main("baseline", list(map(str, [*args, "--resume_from_checkpoint", "last"])))
     assert (out / f"checkpoint-{last + 2}" / "trainer_state.json").is_file()
     assert (out / "model.safetensors").is_file()
 
 
-def test_dense_negatives_are_the_starting_models_top_documents_minus_positives(tiny_backbone, tiny_beir, tmp_path):
+def test_dense_negatives_are_the_starting_models_top_documents_minus_positives(tiny_backbone, tiny_beir, tmp_path,
+                                                                                capsys):  # fmt: skip
     from transformers import AutoTokenizer
 
+    import train
     from eval import retrieve
     from model import BiEncoder
     from utils import load_beir, split_dev
@@ -152,7 +170,8 @@ def test_dense_negatives_are_the_starting_models_top_documents_minus_positives(t
     args = train_args(tiny_backbone, tiny_beir, tmp_path / "dense", "--negative_source", "dense", "--negative_depth",
                       5, "--max_steps", 1, "--eval_strategy", "no", "--save_strategy", "no",
                       "--load_best_model_at_end", "false", "--seed", 7)  # fmt: skip
-    run("train_sbmoe.py", *args)  # SB-MoE starts as the pretrained retriever: it mines the baseline's negatives
+    # SB-MoE starts as the pretrained retriever: it mines the baseline's negatives
+    train.main("sbmoe", list(map(str, args)))
     (cached,) = (Path(os.environ["RETRIEVAL_CACHE_DIR"]) / "negatives" / "tiny").glob("dense_negatives_*.json")
     assert not (tiny_beir / "cache").exists()  # nothing written into the dataset folder
     negatives = json.loads(cached.read_text())
@@ -166,9 +185,8 @@ def test_dense_negatives_are_the_starting_models_top_documents_minus_positives(t
     for qid, negs in negatives.items():
         ranked = [d for d, _ in sorted(run_[qid].items(), key=lambda x: -x[1]) if d not in train_qrels[qid]]
         assert negs == ranked[:5] and not set(negs) & set(train_qrels[qid])
-    proc = run("train.py", *train_args(tiny_backbone, tiny_beir, tmp_path / "x", "--negative_source", "tfidf"),
-               check=False)  # fmt: skip
-    assert proc.returncode != 0 and "--negative_source 'tfidf'" in proc.stderr and "Traceback" not in proc.stderr
+    train_fails("baseline", capsys, *train_args(tiny_backbone, tiny_beir, tmp_path / "x", "--negative_source", "tfidf"),
+                needles=("--negative_source 'tfidf'",))  # fmt: skip
 
 
 def test_dev_evaluation_truncates_at_eval_doc_max_length(tiny_backbone, tiny_beir, tmp_path, monkeypatch):

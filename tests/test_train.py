@@ -28,6 +28,16 @@ def run(script, *args, timeout=300):
     return proc
 
 
+def train_fails(kind, capsys, *args, needles=()):
+    """train.main in-process (the commands' own entry point): exit 2 with one error line naming every needle."""
+    import train
+
+    with pytest.raises(SystemExit) as exc:
+        train.main(kind, list(map(str, args)))
+    assert exc.value.code == 2
+    return one_line_error(capsys, *needles)
+
+
 def train_args(backbone, data, out, *extra):
     return ["--model_name_or_path", backbone, "--data_dir", data, "--output_dir", out, "--per_device_train_batch_size",
             4, "--num_experts", 4, "--logging_steps", 1, "--use_cpu", "--dev_fraction", 0.2, *extra]  # fmt: skip
@@ -106,16 +116,6 @@ def test_two_steps_evaluate_and_resume(tiny_backbone, tiny_beir, tmp_path, scrip
     train.main(kind, list(map(str, [*args, "--resume_from_checkpoint", out / "checkpoint-2"])))
     state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["global_step"] == 4 and f"resuming from {out / 'checkpoint-2'} at step 2" in capsys.readouterr().out
-
-
-def train_fails(kind, capsys, *args, needles=()):
-    """train.main in-process (the commands' own entry point): exit 2 with one error line naming every needle."""
-    import train
-
-    with pytest.raises(SystemExit) as exc:
-        train.main(kind, list(map(str, args)))
-    assert exc.value.code == 2
-    return one_line_error(capsys, *needles)
 
 
 def test_non_finite_loss_stops_with_step_and_saves_nothing(tiny_backbone, tiny_beir, tmp_path, capsys):

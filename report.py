@@ -81,6 +81,8 @@ def compare(run: str, reference: str, a: dict, b: dict, subsets: dict[str, list[
     for name, subset in subsets.items():
         keep = np.isin(qids, subset)
         out[name] = an.paired_tests(x.mean(0)[keep], y.mean(0)[keep]) if keep.sum() > 1 else None
+        if out[name] is not None:  # the training noise: does each seed agree on the subset too?
+            out[name]["per_seed"] = [an.paired_tests(xs[keep], ys[keep]) for xs, ys in zip(x, y)]
     return out
 
 
@@ -204,6 +206,10 @@ def tests_text(stage: dict, subsets: dict) -> list[str]:
             each = ", ".join(f"seed {s} {r['mean_diff']:+.4f} (t p = {r['t_pvalue']:.3g})"
                              for s, r in zip(t["seeds"], t["per_seed"]))  # fmt: skip
             lines.append(f"  Per seed: {each}.")
+            for sub in subsets:
+                if t.get(sub):
+                    each = ", ".join(f"seed {s} {r['mean_diff']:+.4f}" for s, r in zip(t["seeds"], t[sub]["per_seed"]))
+                    lines.append(f"  Per seed, {sub}-document queries: {each}.")
     for row in rows.values():
         if row.get("hybrid"):
             lines.append(f"- {row['label']}: {hybrid_text(row['hybrid'], rows)}.")

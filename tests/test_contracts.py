@@ -104,9 +104,15 @@ def test_compare_pairs_each_seed_with_the_same_seed_and_averages_over_seeds():
     q = [f"q{i}" for i in range(6)]
     a = {42: {x: {"NDCG@10": 0.1 * i} for i, x in enumerate(q)}, 43: {x: {"NDCG@10": 0.5} for x in q}}
     b = {43: {x: {"NDCG@10": 0.2} for x in q}, 42: {x: {"NDCG@10": 0.1 * i} for i, x in enumerate(q)}}
-    t = report.compare("a", "b", a, b, {})
+    t = report.compare("a", "b", a, b, {"unseen": ["q1", "q5"]})
     assert t["seeds"] == [42, 43] and [r["mean_diff"] for r in t["per_seed"]] == pytest.approx([0.0, 0.3])
     assert t["mean_diff"] == pytest.approx(0.15)
+    assert t["unseen"]["mean_diff"] == pytest.approx(0.15)  # the subset's queries, each seed with its own
+    assert [r["mean_diff"] for r in t["unseen"]["per_seed"]] == pytest.approx([0.0, 0.3])
+    b[43]["q5"]["NDCG@10"] = 0.4
+    t = report.compare("a", "b", a, b, {"unseen": ["q1", "q5"]})
+    assert [r["mean_diff"] for r in t["unseen"]["per_seed"]] == pytest.approx([0.0, 0.2])
+    assert t["per_seed"][1]["mean_diff"] == pytest.approx(0.3 - 0.2 / 6)
 
 
 def test_randomisation_test_is_two_sided_and_significance_needs_both_tests():

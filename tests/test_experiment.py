@@ -88,6 +88,10 @@ def test_runner_trains_evaluates_reports_and_skips_finished_runs(tiny_backbone, 
     for text in ("| BM25 |", "| zeroshot |", "| baseline |", "| sbmoe", "train NDCG@10", "randomisation p",
                  "Per seed: seed 42 ", f"the {len(unseen)} test queries", "unseen-document queries"):  # fmt: skip
         assert text in md, text
+    per_seed_unseen = [an.subset_mean(r, unseen) - an.subset_mean(b, unseen) for r, b in zip(
+        per_seed, [an.read_per_query(root / "baseline" / f"seed{s}" / "test", "baseline") for s in (42, 43)])]  # fmt: skip
+    assert ("Per seed, unseen-document queries: " + ", ".join(
+        f"seed {s} {d:+.4f}" for s, d in zip((42, 43), per_seed_unseen))) in md  # fmt: skip
     capsys.readouterr()
     experiment.main(list(map(str, args)))
     assert capsys.readouterr().out.count("done earlier") == 6  # 2 untrained runs + 2 checkpoints x 2 seeds

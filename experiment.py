@@ -528,11 +528,11 @@ def main(argv=None) -> dict:
     result = build_report(exp, layout, folder, stages, chosen)
     if exp.transfer:
         result["transfer"] = transfer_report(exp, args, stages)
+    if not args.smoke:
+        result["figures"] = figures(exp, layout, stages)
     text = render(result)
     atomic_write_text(layout.root / "report.json", json.dumps(result, indent=2))
     atomic_write_text(layout.root / "report.md", text)
-    if not args.smoke:
-        figures(exp, layout, stages)
     print(text)
     return result
 

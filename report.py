@@ -4,6 +4,7 @@ report.json and the figures (experiment.py --report re-renders them).
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,6 +16,7 @@ from spec import HYBRID, Experiment, Run
 from utils import (
     PRIMARY_METRIC,
     TABLE_COLUMNS,
+    atomic_write_bytes,
     atomic_write_text,
     mean_metrics,
 )
@@ -133,6 +135,8 @@ def render(result: dict) -> str:
                   f"The same checkpoints, BM25 and the zero-shot backbone on the test split of {name}, which no run "
                   "trained on (BEIR's zero-shot protocol); paired tests against the baseline.", "",
                   *table(stage, list(TABLE_COLUMNS)), "", *tests_text(stage, {})]  # fmt: skip
+    if result.get("figures"):
+        lines += ["", "## Figures", "", *(f"![{f['caption']}]({f['file']})" for f in result["figures"])]
     return "\n".join(lines) + "\n"
 
 
@@ -226,7 +230,15 @@ def tests_text(stage: dict, subsets: dict) -> list[str]:
 # Figures
 
 
-def figures(exp: Experiment, layout: Layout, stages: list[dict[str, Run]]) -> None:
+def save_figure(fig, path: Path) -> None:
+    """The figure as PNG, written whole (temp file, then rename)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def figures(exp: Experiment, layout: Layout, stages: list[dict[str, Run]]) -> list[dict]:
+    """Draws the experiment's figures from the training histories; returns each one's file and caption."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -236,6 +248,7 @@ def figures(exp: Experiment, layout: Layout, stages: list[dict[str, Run]]) -> No
     histories = {r.name: [an.read_log_history(layout.run_dir(r, s)) for s in r.seeds
                           if (layout.run_dir(r, s) / "log_history.json").is_file()] for r in runs}  # fmt: skip
     histories = {k: v for k, v in histories.items() if v}
+    drawn = []
     if "training" in exp.figures and histories:
         fig, (ax_loss, ax_dev) = plt.subplots(1, 2, figsize=(11, 4))
         for i, (name, hists) in enumerate(histories.items()):
@@ -258,8 +271,9 @@ def figures(exp: Experiment, layout: Layout, stages: list[dict[str, Run]]) -> No
                 ax.legend(fontsize=6)
         fig.suptitle(f"{exp.name}: mean over seeds; band = min..max")
         fig.tight_layout()
-        fig.savefig(layout.root / "fig_training.png", dpi=120)
+        save_figure(fig, layout.root / "fig_training.png")
         plt.close(fig)
+        drawn.append({"file": "fig_training.png", "caption": "training loss and dev NDCG@10 per epoch"})
     shares, seen = {}, set()
     for run in runs:  # one panel per checkpoint with more than one expert
         per_seed = [an.expert_shares(h) for h in histories.get(run.name, [])]
@@ -283,5 +297,7 @@ def figures(exp: Experiment, layout: Layout, stages: list[dict[str, Run]]) -> No
             ax.set(title=f"{name}: share per expert (training)", xlabel="expert", ylabel="share of routed inputs")
             ax.legend(fontsize=6)
         fig.tight_layout()
-        fig.savefig(layout.root / "fig_experts.png", dpi=120)
+        save_figure(fig, layout.root / "fig_experts.png")
         plt.close(fig)
+        drawn.append({"file": "fig_experts.png", "caption": "share of routed inputs per expert in training"})
+    return drawn

@@ -158,6 +158,33 @@ def test_choose_takes_the_best_option_of_each_group_only_if_it_beats_the_referen
     assert cut.runs["e5"].seeds == [] and cut.select["seeds"] == [43] and exp.runs["e5"].seeds == [42]
 
 
+def test_figures_are_drawn_from_the_histories_written_whole_and_linked_from_the_report(tmp_path):
+    import experiment
+    import report
+
+    (tmp_path / "f.toml").write_text("seeds = [42, 43]\n[runs.base]\nkind = 'baseline'\n[runs.moe]\nkind = 'sbmoe'\n")
+    exp = experiment.load_experiment(tmp_path / "f.toml")
+    layout = experiment.Layout(exp, tmp_path / "res", tmp_path / "ck")
+    for name in ("base", "moe"):
+        for seed in (42, 43):
+            history = [{"epoch": 1.0, "contrastive_loss": 1.0}, {"epoch": 1.0, an.DEV_KEY: 0.4}]
+            if name == "moe":  # only a run with more than one expert gets a share panel
+                history[0] |= {an.expert_share_key(0, 0): 0.75, an.expert_share_key(0, 1): 0.25}
+            an.write_log_history(layout.run_dir(exp.runs[name], seed), history)
+    drawn = report.figures(exp, layout, [exp.runs])
+    assert [f["file"] for f in drawn] == ["fig_training.png", "fig_experts.png"]
+    for f in drawn:
+        assert (layout.root / f["file"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p.name for p in layout.root.iterdir() if p.name.startswith(".")]  # no temp file left behind
+    result = {"experiment": "f", "description": "", "splits": ["test"], "recipe": [], "subsets": {}, "stages": [],
+              "figures": drawn}  # fmt: skip
+    md = report.render(result)
+    assert "## Figures" in md and "(fig_training.png)" in md and "(fig_experts.png)" in md
+    assert "## Figures" not in report.render({**result, "figures": []})
+    drawn = report.figures(experiment.load_experiment(tmp_path / "f.toml"), layout, [{"base": exp.runs["base"]}])
+    assert [f["file"] for f in drawn] == ["fig_training.png"]  # one expert: no share figure
+
+
 def test_readers_parse_what_training_writes():
     history = [{"epoch": 0.5, "contrastive_loss": 2.0, an.expert_share_key(0, 0): 0.75, an.expert_share_key(0, 1): 0.25},
                {"epoch": 1.0, "contrastive_loss": 1.0, an.expert_share_key(0, 0): 0.25, an.expert_share_key(0, 1): 0.75,

@@ -295,6 +295,8 @@ class SingleBlockMoE(nn.Module):
 
     def choose(self, x: torch.Tensor, mode: str) -> Routing:
         if self.router is None:
+            if mode == "all" and not self.training and self.routing_mode == "random":  # the gateless ensemble
+                return route_all(torch.zeros(x.shape[0], self.num_experts, device=x.device))  # each expert at 1/E
             k = 1 if self.routing_mode == "dense" else self.top_k
             scores = None if self.training else input_hash(x, self.num_experts)
             return route_fixed(x.shape[0], self.num_experts, k, x.device, self.routing_mode == "random", scores)
@@ -323,8 +325,8 @@ class SingleBlockMoE(nn.Module):
         return coef * load_balancing_loss(routing.logits, self.top_k)
 
     def active_experts(self, inference_mode: str) -> int:
-        if self.router is None:
-            return 1 if self.routing_mode == "dense" else self.top_k
+        if self.routing_mode == "dense":
+            return 1
         return self.num_experts if inference_mode == "all" else self.top_k
 
     def flops(self, inference_mode: str) -> float:

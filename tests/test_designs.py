@@ -148,6 +148,30 @@ def test_random_routing_is_uniform_with_a_fixed_weight_and_reproducible_at_infer
     assert torch.all(two.weights == 0.5) and torch.all(two.indices[:, 0] != two.indices[:, 1])  # k distinct
 
 
+def test_random_routing_all_experts_at_inference_is_the_uniform_ensemble(tiny_backbone):
+    """`--inference_mode all` of a gateless block: every expert at weight 1/E (the control for a learned gate's
+    all-experts inference); training is untouched and a dense head has one expert to use."""
+    model = build(tiny_backbone, design="sokli", routing="random").eval()
+    for e in model.moe.experts:
+        torch.nn.init.normal_(e.fc_out.weight, std=0.3)
+    x = torch.randn(50, H)
+    every = model.moe.choose(x, "all")
+    assert torch.allclose(every.weights, torch.full((50, E), 1 / E)) and torch.equal(every.indices[7], torch.arange(E))
+    assert model.moe.active_experts("all") == E and model.moe.active_experts("top1") == 1
+    ids, mask = batch()
+    top1 = model.embed(ids, mask).reps
+    model.config.inference_mode = "all"
+    pooled, _ = pooled_and_hidden(model, ids, mask)
+    mix = sum(e(pooled) for e in model.moe.experts) / E
+    assert torch.allclose(model.embed(ids, mask).reps, F.normalize(mix, dim=-1) + pooled, atol=1e-5)
+    assert not torch.allclose(model.embed(ids, mask).reps, top1)
+    model.train()
+    assert model.moe.choose(x, "all").indices.shape == (50, 1)  # training draws one random expert, as before
+    dense = build(tiny_backbone, design="sokli", routing="dense").eval()
+    assert torch.equal(dense.moe.choose(x, "all").indices, dense.moe.choose(x, "top1").indices)
+    assert dense.moe.active_experts("all") == 1
+
+
 def test_noise_only_in_training(tiny_backbone):
     model = build(tiny_backbone, design="residual-zero", noise_std=1.0)
     x = torch.randn(50, H)

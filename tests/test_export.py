@@ -73,7 +73,8 @@ def test_exported_folder_encodes_like_eval(kind, checkpoints, tmp_path):
 def test_sbmoe_designs_and_controls_export_exactly(tiny_backbone, tmp_path):
     from sentence_transformers import SentenceTransformer
 
-    for i, settings in enumerate([dict(design="seed", top_k=2), dict(design="sokli"), dict(routing="random")]):
+    for i, settings in enumerate([dict(design="seed", top_k=2), dict(design="sokli"), dict(routing="random"),
+                                  dict(design="sokli", routing="random", inference_mode="all")]):  # fmt: skip
         ckpt = tmp_path / f"ckpt{i}"
         model = make_checkpoint(ckpt, tiny_backbone, "sbmoe", **settings)
         export.export(ckpt, tmp_path / f"st{i}", **LENGTHS)

@@ -96,7 +96,7 @@ def test_runner_trains_evaluates_reports_and_skips_finished_runs(tiny_backbone, 
     experiment.main(list(map(str, args)))
     assert capsys.readouterr().out.count("done earlier") == 6  # 2 untrained runs + 2 checkpoints x 2 seeds
     (root / "report.md").unlink()
-    experiment.main(list(map(str, [tmp_path / "tiny.toml", "--results", tmp_path / "res", "--report"])))
+    experiment.main(list(map(str, ["--report", *args])))  # the same command with --report: nothing runs
     assert (root / "report.md").read_text() == md  # rebuilt from the results alone
 
 
@@ -391,5 +391,5 @@ def test_transfer_evaluates_every_checkpoint_bm25_and_zeroshot_on_other_datasets
     experiment.main(list(map(str, [tmp_path / "t.toml", *args])))
     assert capsys.readouterr().out.count("done earlier") == 6  # nothing trained or evaluated twice
     (tmp_path / "res" / "tiny-transfer" / "report.md").unlink()
-    experiment.main(list(map(str, [tmp_path / "t.toml", "--results", tmp_path / "res", "--report"])))
+    experiment.main(list(map(str, ["--report", tmp_path / "t.toml", *args])))
     assert (tmp_path / "res" / "tiny-transfer" / "report.md").read_text() == md

@@ -300,7 +300,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--search", default="auto", choices=["auto", "faiss", "torch"],
                    help="exact search: faiss IndexFlatIP, or torch matmul + top-k (auto: torch only where torch "
                         "sees a GPU and faiss does not)")  # fmt: skip
-    p.add_argument("--inference_mode", choices=["top1", "all"], help="SB-MoE routing at inference: top1, or all (every expert, at the gate's softmax weight; at 1/E for random routing)")
+    p.add_argument("--inference_mode", choices=["top1", "all"], help="SB-MoE routing at inference: top1, or all (every expert, at the gate's softmax weight; "
+                        "at 1/E for random routing)")  # fmt: skip
     p.add_argument("--ignore_identical_ids", action="store_true", help="drop docs whose id equals the query id")
     p.add_argument("--verify", action="store_true", help="re-score the written .trec with pytrec_eval and compare")
     p.add_argument("--tag", default=None, help="name of the row and the run file (default: the model name)")

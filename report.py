@@ -230,11 +230,15 @@ def tests_text(stage: dict, subsets: dict) -> list[str]:
 # Figures
 
 
-def save_figure(fig, path: Path) -> None:
-    """The figure as PNG, written whole (temp file, then rename)."""
+def save_figure(fig, path: Path, caption: str) -> dict:
+    """The figure as PNG, written whole (temp file, then rename), and closed; its entry in the report."""
+    import matplotlib.pyplot as plt
+
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+    return {"file": path.name, "caption": caption}
 
 
 def figures(exp: Experiment, layout: Layout, stages: list[dict[str, Run]]) -> list[dict]:
@@ -271,9 +275,7 @@ def figures(exp: Experiment, layout: Layout, stages: list[dict[str, Run]]) -> li
                 ax.legend(fontsize=6)
         fig.suptitle(f"{exp.name}: mean over seeds; band = min..max")
         fig.tight_layout()
-        save_figure(fig, layout.root / "fig_training.png")
-        plt.close(fig)
-        drawn.append({"file": "fig_training.png", "caption": "training loss and dev NDCG@10 per epoch"})
+        drawn.append(save_figure(fig, layout.root / "fig_training.png", "training loss and dev NDCG@10 per epoch"))
     shares, seen = {}, set()
     for run in runs:  # one panel per checkpoint with more than one expert
         per_seed = [an.expert_shares(h) for h in histories.get(run.name, [])]
@@ -297,7 +299,5 @@ def figures(exp: Experiment, layout: Layout, stages: list[dict[str, Run]]) -> li
             ax.set(title=f"{name}: share per expert (training)", xlabel="expert", ylabel="share of routed inputs")
             ax.legend(fontsize=6)
         fig.tight_layout()
-        save_figure(fig, layout.root / "fig_experts.png")
-        plt.close(fig)
-        drawn.append({"file": "fig_experts.png", "caption": "share of routed inputs per expert in training"})
+        drawn.append(save_figure(fig, layout.root / "fig_experts.png", "share of routed inputs per expert in training"))
     return drawn

@@ -127,7 +127,8 @@ def render(result: dict) -> str:
         if i == 1:
             lines += ["", "## Stage 2: the combination chosen on dev", "",
                       f"Chosen on dev: `{' '.join(result.get('chosen') or []) or '(no option beat the reference)'}`"]
-        lines += ["", *table(stage, cols), "", *tests_text(stage, subsets), *cost_text(stage)]
+        lines += ["", *differences_table(stage, subsets), *table(stage, cols), "", *tests_text(stage, subsets),
+                  *cost_text(stage)]  # fmt: skip
     if result.get("chosen") is not None and len(result["stages"]) == 1:
         lines += ["", f"Chosen on dev for stage 2: `{' '.join(result['chosen']) or '(none)'}` (not trained yet)."]
     for name, stage in result.get("transfer", {}).items():
@@ -160,6 +161,32 @@ def table(stage: dict, cols: list[str]) -> list[str]:
         cells += [cell(row.get(c), spread) for c in cols]
         lines.append(f"| {row['label']}{mark} | " + " | ".join(cells) + " |")
     return lines
+
+
+def differences_table(stage: dict, subsets: dict) -> list[str]:
+    """Every paired test in one table, the query subsets (unseen documents first) before all queries: the
+    seed-averaged difference, † where both tests call it significant, and each seed's own in brackets."""
+    if not stage["tests"]:
+        return []
+    rows = stage["rows"]
+
+    def diff(t: dict | None, per_seed: list[dict]) -> str:
+        if t is None:
+            return "-"
+        text = f"{t['mean_diff']:+.4f}" + (" †" if an.significant(t) else "")
+        each = ", ".join(f"{r['mean_diff']:+.4f}" for r in per_seed)
+        return text + (f" ({each})" if len(per_seed) > 1 else "")
+
+    heads = [*(f"{k} ({len(q)})" for k, q in subsets.items()), "all queries"]
+    lines = [f"Differences in {PRIMARY_METRIC} from each reference, paired over queries (seed-averaged; † significant "
+             "at 0.05 in both tests; in brackets each seed's own difference, in the order of the seeds column):", "",
+             "| run | against | seeds | " + " | ".join(heads) + " |", "|---" * (len(heads) + 3) + "|"]  # fmt: skip
+    for t in stage["tests"]:
+        cells = [diff(t.get(k), (t.get(k) or {}).get("per_seed", [])) for k in subsets] + [diff(t, t["per_seed"])]
+        seeds = ", ".join(str(s) for s in t["seeds"] if s is not None) or "-"
+        lines.append(f"| {rows[t['run']]['label']} | {rows[t['reference']]['label']} | {seeds} | "
+                     + " | ".join(cells) + " |")  # fmt: skip
+    return [*lines, ""]
 
 
 def cost_text(stage: dict) -> list[str]:

@@ -92,6 +92,11 @@ def test_runner_trains_evaluates_reports_and_skips_finished_runs(tiny_backbone, 
         per_seed, [an.read_per_query(root / "baseline" / f"seed{s}" / "test", "baseline") for s in (42, 43)])]  # fmt: skip
     assert ("Per seed, unseen-document queries: " + ", ".join(
         f"seed {s} {d:+.4f}" for s, d in zip((42, 43), per_seed_unseen))) in md  # fmt: skip
+    t = tests["sbmoe"]  # the differences table: unseen-document queries first, each seed's own in brackets
+    unseen_cell = f"{t['unseen']['mean_diff']:+.4f}" + (" †" if an.significant(t["unseen"]) else "")
+    unseen_cell += " (" + ", ".join(f"{d:+.4f}" for d in per_seed_unseen) + ")"
+    row = next(line for line in md.splitlines() if line.startswith("| sbmoe | baseline | 42, 43 | "))
+    assert row.split(" | ")[3] == unseen_cell and md.index("| run | against |") < md.index("| run | change |")
     capsys.readouterr()
     experiment.main(list(map(str, args)))
     assert capsys.readouterr().out.count("done earlier") == 6  # 2 untrained runs + 2 checkpoints x 2 seeds

@@ -170,19 +170,19 @@ def differences_table(stage: dict, subsets: dict) -> list[str]:
         return []
     rows = stage["rows"]
 
-    def diff(t: dict | None, per_seed: list[dict]) -> str:
+    def diff(t: dict | None) -> str:  # a test, or a subset's, with its own per-seed tests
         if t is None:
             return "-"
         text = f"{t['mean_diff']:+.4f}" + (" †" if an.significant(t) else "")
-        each = ", ".join(f"{r['mean_diff']:+.4f}" for r in per_seed)
-        return text + (f" ({each})" if len(per_seed) > 1 else "")
+        each = ", ".join(f"{r['mean_diff']:+.4f}" for r in t.get("per_seed", []))
+        return text + (f" ({each})" if len(t.get("per_seed", [])) > 1 else "")
 
     heads = [*(f"{k} ({len(q)})" for k, q in subsets.items()), "all queries"]
     lines = [f"Differences in {PRIMARY_METRIC} from each reference, paired over queries (seed-averaged; † significant "
              "at 0.05 in both tests; in brackets each seed's own difference, in the order of the seeds column):", "",
              "| run | against | seeds | " + " | ".join(heads) + " |", "|---" * (len(heads) + 3) + "|"]  # fmt: skip
     for t in stage["tests"]:
-        cells = [diff(t.get(k), (t.get(k) or {}).get("per_seed", [])) for k in subsets] + [diff(t, t["per_seed"])]
+        cells = [diff(t.get(k)) for k in subsets] + [diff(t)]
         seeds = ", ".join(str(s) for s in t["seeds"] if s is not None) or "-"
         lines.append(f"| {rows[t['run']]['label']} | {rows[t['reference']]['label']} | {seeds} | "
                      + " | ".join(cells) + " |")  # fmt: skip

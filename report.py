@@ -174,8 +174,9 @@ def differences_table(stage: dict, subsets: dict) -> list[str]:
         if t is None:
             return "-"
         text = f"{t['mean_diff']:+.4f}" + (" †" if an.significant(t) else "")
-        each = ", ".join(f"{r['mean_diff']:+.4f}" for r in t.get("per_seed", []))
-        return text + (f" ({each})" if len(t.get("per_seed", [])) > 1 else "")
+        per_seed = t.get("per_seed", [])
+        each = ", ".join(f"{r['mean_diff']:+.4f}" for r in per_seed)
+        return text + (f" ({each})" if len(per_seed) > 1 else "")
 
     heads = [*(f"{k} ({len(q)})" for k, q in subsets.items()), "all queries"]
     lines = [f"Differences in {PRIMARY_METRIC} from each reference, paired over queries (seed-averaged; † significant "

@@ -4,10 +4,10 @@ cached features. Decisions are compared, never float bits."""
 
 import pytest
 import torch
+from conftest import WORDS
 from transformers import AutoTokenizer
 
 import frozen
-from conftest import WORDS
 from model import VARIANTS, key_scores, sequence_keys, token_keys
 
 E = 4

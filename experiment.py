@@ -643,6 +643,7 @@ def recheck(exp: Experiment, args, runner: Runner) -> dict:
     if not runner.layout.evaluated(run, seed):
         fail(f"--recheck {args.recheck}: no committed results in {committed}")
     recorded = prov.read(committed) or {"inputs": {}, "made_by": {}}
+    store_subsets(exp, runner.layout, runner.folder)  # the subsets to compare on, kept with the results as they are
     if field := prov.differing_field(recorded, runner.inputs(run, seed)):
         fail(f"--recheck {args.recheck}: {committed} was made with another {field}: nothing to recheck it against")
     scratch = Path(args.ckpt_root) / "recheck" / exp.name / f"{run.name}-{seed}-{time.strftime('%Y%m%d-%H%M%S')}"

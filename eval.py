@@ -221,27 +221,21 @@ class DocIds:
 class Corpus:
     """A BEIR corpus by record number: every id held (packed), texts streamed from the file a chunk at a time.
 
-    A corpus with repeated ids is loaded whole instead, as `load_corpus` reads it (first position, last text).
+    Ids are unique (a repeated one is `load_corpus`'s DataError naming its line: the dense run would keep one
+    record, BM25 both).
     """
 
     def __init__(self, data_dir: Path):
         self.data_dir = data_dir
         self.ids = DocIds(iter_corpus_ids(data_dir))
-        self.loaded = None
-        repeated = self.ids.repeated()
-        if repeated:
-            print(f"{corpus_path(data_dir)}: {repeated} repeated document ids; "
-                  "the corpus is held in memory as load_corpus reads it")  # fmt: skip
-            self.loaded = load_corpus(data_dir)
-            self.ids = DocIds(self.loaded)
+        if self.ids.repeated():
+            load_corpus(data_dir)  # the one check of unique ids: raises naming the file and both lines
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def reader(self):
         """texts(start, stop) for increasing, non-overlapping ranges: one forward pass over the file."""
-        if self.loaded is not None:
-            return lambda a, b: [doc_text(self.loaded[d]) for d in self.ids[a:b]]
         state = {"it": None, "pos": 0}
 
         def texts(a: int, b: int) -> list[str]:
@@ -522,7 +516,7 @@ def main(argv=None) -> dict:
 
 def bm25_runs(data_dir: Path, corpus: Corpus, splits: dict, top_k: int) -> dict[str, dict]:
     """BM25's run of every split's queries (one index for all of them)."""
-    docs = corpus.loaded if corpus.loaded is not None else load_corpus(data_dir)
+    docs = load_corpus(data_dir)
     run = BM25().search(docs, {q: t for queries, _ in splits.values() for q, t in queries.items()}, top_k)
     return {split: {q: run[q] for q in queries} for split, (queries, _) in splits.items()}
 

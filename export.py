@@ -43,6 +43,7 @@ from utils import (
     check_output,
     entry_point,
     fail,
+    follow_umask,
     make_temp_dir,
     remove_stale_temps,
     temp_prefix,
@@ -531,7 +532,7 @@ def export(checkpoint: Path, out: Path, onnx: bool = False, int8: bool = False, 
            metrics: Path | None = None, query_max_length: int = 64, doc_max_length: int = 256) -> dict:  # fmt: skip
     """Build the whole folder beside `out`, check it, then rename it into place."""
     extra = len(temp_prefix(out)) - len(out.name) + 8  # the temporary sibling's longer name (mkdtemp adds 8)
-    check_output(out, "OUT_DIR", inputs=[checkpoint, metrics], extra_name=extra)
+    check_output(out, "OUT_DIR", inputs=[checkpoint, metrics], file=out.is_file(), extra_name=extra)  # a file: --overwrite
     if out.exists() and not overwrite:
         raise DataError(f"{out} exists (pass --overwrite to replace it)")
     model = load_checkpoint(checkpoint)
@@ -561,6 +562,7 @@ def export(checkpoint: Path, out: Path, onnx: bool = False, int8: bool = False, 
             report["onnx"] = graphs
         card = model_card(model, training_recipe(checkpoint), facts, query_max_length, doc_max_length, graphs)
         (tmp / "README.md").write_text(card, encoding="utf-8")
+        follow_umask(tmp)
         old = None
         if out.exists() or out.is_symlink():  # --overwrite: the old one leaves only once the new one is complete
             old = out.parent / f".{out.name}.old-{os.getpid()}"

@@ -593,6 +593,14 @@ def make_temp_dir(path: Path) -> Path:
     return tmp
 
 
+def follow_umask(folder: Path) -> None:
+    """Give a staged folder's files and folders the user's usual modes (libraries such as safetensors write
+    0600 through a temporary file) before it is renamed into place."""
+    for p in [folder, *folder.rglob("*")]:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~_UMASK)
+
+
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -526,3 +526,162 @@ def test_runner_prints_each_jobs_start_end_and_progress(tiny_beir, tiny_backbone
                      str(tmp_path / "res"), "--ckpt_root", str(tmp_path / "ck"), "--in_process"])  # fmt: skip
     out = capsys.readouterr().out
     assert "[1/1] start bm25" in out and "[1/1 done] bm25: " in out
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 32: ids, lengths, exports, transfer data, references, interrupts (one test per class)
+
+
+def _dup_doc(folder: Path) -> str:
+    with open(folder / "corpus.jsonl", "a") as fh:
+        fh.write(json.dumps({"_id": "d3", "title": "", "text": "protein again"}) + "\n")
+    return "corpus.jsonl:61: document id 'd3' repeats line 4"
+
+
+def _dup_query(folder: Path) -> str:
+    with open(folder / "queries.jsonl", "a") as fh:
+        fh.write(json.dumps({"_id": "q2", "text": "gene"}) + "\n")
+    return "queries.jsonl:25: query id 'q2' repeats line 3"
+
+
+def _space_in_doc_id(folder: Path) -> str:
+    path = folder / "corpus.jsonl"
+    path.write_text(path.read_text().replace('"_id": "d5"', '"_id": "d 5"'))
+    return "corpus.jsonl:6: document id 'd 5' contains ' '"
+
+
+def _tab_in_doc_id(folder: Path) -> str:  # once reported as a qrels document missing from the corpus
+    path = folder / "corpus.jsonl"
+    path.write_text(path.read_text().replace('"_id": "d7"', '"_id": "d\\t7"'))
+    return "corpus.jsonl:8: document id 'd\\t7' contains '\\t'"
+
+
+def _control_in_query_id(folder: Path) -> str:
+    path = folder / "queries.jsonl"
+    path.write_text(path.read_text().replace('"_id": "q1"', '"_id": "q\\u00071"'))
+    return "queries.jsonl:2: query id 'q\\x071' contains '\\x07'"
+
+
+def _space_in_qrels_id(folder: Path) -> str:
+    path = folder / "qrels" / "test.tsv"
+    rows = path.read_text().splitlines()
+    qid, did, score = rows[1].split("\t")
+    path.write_text("\n".join([rows[0], f"{qid}\t{did} x\t{score}", *rows[2:]]) + "\n")
+    return f"test.tsv:2: document id '{did} x' contains ' '"
+
+
+def _empty_doc_id(folder: Path) -> str:
+    with open(folder / "corpus.jsonl", "a") as fh:
+        fh.write(json.dumps({"_id": "", "text": "sleep"}) + "\n")
+    return "corpus.jsonl:61: document id '' is empty"
+
+
+@pytest.mark.parametrize("break_it", [_dup_doc, _dup_query, _space_in_doc_id, _tab_in_doc_id, _control_in_query_id,
+                                      _space_in_qrels_id, _empty_doc_id], ids=lambda f: f.__name__.strip("_"))  # fmt: skip
+def test_ids_that_repeat_or_cannot_be_a_trec_column_are_one_line(break_it, tiny_backbone, tmp_path, capsys):
+    data = write_tiny_beir(tmp_path / "tiny")
+    expected = break_it(data)
+    out = tmp_path / "out"
+    assert exits(evaluation.main, eval_zeroshot(tiny_backbone, data, out, "--hybrid", "bm25", "--hybrid_weight", 0.5)) == 2
+    one_line_error(capsys, expected)
+    assert not out.exists()
+    with pytest.raises(DataError, match="id"):  # the library's loaders (BM25, the runner, training) say the same
+        load_beir(data, "test")
+
+
+def test_an_empty_query_is_scored_with_a_warning(tiny_backbone, tmp_path, capsys):
+    data = write_tiny_beir(tmp_path / "tiny")
+    path = data / "queries.jsonl"
+    lines = path.read_text().splitlines()
+    lines[20] = json.dumps({"_id": "q20", "text": "  "})
+    path.write_text("\n".join(lines) + "\n")
+    evaluation.main(eval_zeroshot(tiny_backbone, data, tmp_path / "out"))
+    assert "warning: " + str(path) + ":21: 1 empty query" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_a_length_beyond_the_backbones_positions_is_one_line(backend, tiny_backbone, tiny_beir, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = eval_zeroshot(tiny_backbone, tiny_beir, out, "--backend", backend)
+    assert exits(evaluation.main, [*argv, "--doc_max_length", "65"]) == 2  # the tiny backbone has 64 positions
+    one_line_error(capsys, "--doc_max_length 65: the backbone has 64 positions")
+    assert not out.exists()
+    settings = evaluation.main(argv)["settings"]["zeroshot"]  # the default (256) is cut to the positions, recorded
+    assert settings["doc_max_length"] == 64 and settings["query_max_length"] == 64
+    assert settings["backend"] == backend and settings["precision"] == "fp32"
+
+
+@pytest.fixture
+def export_mod():
+    import export
+
+    return export
+
+
+def test_output_that_is_an_input_or_unusable_fails_before_any_work(checkpoints, tiny_backbone, tiny_beir, tmp_path,
+                                                                   monkeypatch, export_mod, capsys):  # fmt: skip
+    import bench
+
+    ckpt = _copy(checkpoints / "baseline", tmp_path / "ck")
+    before = sorted(p.name for p in ckpt.iterdir())
+    monkeypatch.setattr(export_mod, "load_checkpoint", lambda *a: pytest.fail("loaded before checking the output"))
+    (tmp_path / "file").write_text("x")
+    for out, needle in ((ckpt, "is the input"), (ckpt / "st", "is inside the input"), (tmp_path, "holds the input"),
+                        (tmp_path / "file" / "st", "is a file, not a folder"),
+                        (tmp_path / ("n" * 250), "bytes; the file system takes")):  # fmt: skip
+        assert exits(export_mod.main, [str(ckpt), str(out), "--overwrite"]) == 2
+        one_line_error(capsys, "OUT_DIR", needle)
+    assert sorted(p.name for p in ckpt.iterdir()) == before  # the checkpoint is untouched
+    monkeypatch.setattr(evaluation, "encode_texts", lambda *a, **k: pytest.fail("encoded before checking"))
+    argv = ["--model", "baseline", "--checkpoint", str(ckpt), "--data_dir", str(tiny_beir), "--output_dir"]
+    assert exits(evaluation.main, [*argv, str(ckpt / "eval")]) == 2
+    one_line_error(capsys, "--output_dir", "is inside the input")
+    monkeypatch.setattr(bench, "bench_models", lambda args: pytest.fail("measured before checking --output"))
+    for out, needle in ((tmp_path, "is a folder, not a file"), (tmp_path / "file" / "b.json", "is a file, not a folder")):
+        assert exits(bench.main, ["models", "--model_name_or_path", str(tiny_backbone), "--output", str(out)]) == 2
+        one_line_error(capsys, "--output", needle)
+    assert exits(bench.main, ["models", "--model_name_or_path", str(tmp_path / "nomodel"), "--output",
+                              str(tmp_path / "b.json")]) == 2  # fmt: skip
+    one_line_error(capsys, "nomodel: no such model folder")
+    (tmp_path / "x.toml").write_text(BASE + RUNS)
+    monkeypatch.setenv("BEIR_DATA_DIR", str(tiny_beir.parent))
+    assert exits(experiment.main, [str(tmp_path / "x.toml"), "--model_name_or_path", str(tiny_backbone), "--results",
+                                   str(tiny_beir / "res"), "--in_process"]) == 2  # fmt: skip
+    one_line_error(capsys, "--results", "is inside the input")
+    assert not (tiny_beir / "res").exists()
+
+
+def test_export_leaves_nothing_behind_and_follows_the_umask(checkpoints, tmp_path, export_mod):
+    ckpt = checkpoints / "baseline"
+    out = tmp_path / "st"
+    stale = [tmp_path / ".st.tmp-999999999-abcdefgh", tmp_path / ".st.old-999999999"]  # a SIGKILLed export's
+    stale[0].mkdir()
+    (stale[0] / "model.safetensors").write_text("half")
+    stale[1].write_text("old")
+    (tmp_path / "other").write_text("x")
+    out.write_text("a file in the way")
+    export_mod.export(ckpt, out, overwrite=True, query_max_length=8, doc_max_length=64)  # --overwrite onto a file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "st"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    modes = {p: p.stat().st_mode & 0o777 for p in [out, *out.rglob("*")]}
+    assert {p.name: oct(m) for p, m in modes.items() if m != (0o777 if p.is_dir() else 0o666) & ~umask} == {}
+
+
+def test_sigterm_or_sigint_during_an_export_cleans_up_in_one_line(checkpoints, tmp_path):
+    ckpt = checkpoints / "baseline"
+    for sig, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+        out = tmp_path / f"st{code}"
+        cmd = [sys.executable, "export.py", str(ckpt), str(out), "--onnx", "--query_max_length", "8",
+               "--doc_max_length", "64"]  # fmt: skip
+        proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        for _ in range(600):  # until the temporary folder exists: the export is under way
+            if list(tmp_path.glob(f".{out.name}.tmp-*")) or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        err = proc.communicate(timeout=120)[1]
+        assert proc.returncode == code, err
+        lines = [x for x in err.splitlines() if x.startswith("error:")]
+        assert "Traceback" not in err and len(lines) == 1 and sig.name in lines[0], err
+        assert not out.exists() and not list(tmp_path.glob(f".{out.name}*"))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -40,12 +41,15 @@ from utils import (
     PRIMARY_METRIC,
     DataError,
     atomic_write_text,
-    check_writable,
+    check_output,
+    corpus_path,
+    entry_point,
     fail,
     load_corpus,
     load_qrels,
     load_queries,
     load_split,
+    read_lines,
     read_trec,
     resolve_data_dir,
 )
@@ -219,6 +223,9 @@ class Runner:
                     entry()
             except SystemExit as exc:
                 return exc.code in (0, None)
+            except DataError as exc:  # raised past a script's own handling: logged as the script would say it
+                fh.write(f"error: {exc}\n")
+                return False
         return True
 
     def trec_depth_flags(self) -> list[str]:
@@ -385,7 +392,10 @@ class Runner:
             (_, seed), group = item
             names = ", ".join(r.name for r in group) + ("" if seed is None else f" seed {seed}")
             print(f"[{i}/{total}] start {names}", flush=True)
-            message = self.job(group, seed, runs)
+            try:
+                message = self.job(group, seed, runs)
+            except DataError as exc:  # bad data met by the runner itself (BM25, a hybrid's run files)
+                message = f"{names}: FAILED: {exc}"
             with lock:
                 done[0] += 1
                 print(f"[{done[0]}/{total} done] {message}", flush=True)
@@ -475,16 +485,37 @@ def chosen_runs(exp: Experiment, flags: list[str]) -> dict[str, Run]:
 # Transfer: every checkpoint, BM25 and the zero-shot backbone on other BEIR datasets (BEIR's zero-shot protocol)
 
 
-def resolve_transfer(exp: Experiment, download: bool = True) -> dict[str, Path]:
-    """Each transfer dataset's folder, checked to have a test split, before anything trains."""
-    folders = {}
+def dataset_digest(folder: Path) -> str:
+    """A BEIR folder's identity by content: its corpus and queries records (plain or gzip, line endings aside)."""
+    h = hashlib.sha1()
+    for path in (corpus_path(folder), next(p for p in (folder / "queries.jsonl", folder / "queries.jsonl.gz")
+                                           if p.is_file())):  # fmt: skip
+        for _, line in read_lines(path):
+            if line.strip():
+                h.update(line.rstrip("\r\n").encode("utf-8") + b"\n")
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def resolve_transfer(exp: Experiment, training: Path, download: bool = True) -> dict[str, Path]:
+    """Each transfer dataset's folder, checked to have a test split and to be neither the training dataset nor
+    another entry's (by content: a copy under another name is the same data), before anything trains."""
+    folders, seen = {}, {dataset_digest(training): "the training dataset"}
     for entry in exp.transfer:
         is_folder = "/" in entry or os.sep in entry or entry.startswith(".")
+        if is_folder and not Path(entry).is_dir():
+            raise DataError(f"transfer dataset {entry}: no such folder (experiment {exp.name})")
         folder = resolve_data_dir(None, entry) if is_folder else resolve_data_dir(entry, None, download=download)
         if not (folder / "qrels" / "test.tsv").is_file():
             raise DataError(f"transfer dataset {entry}: {folder / 'qrels' / 'test.tsv'} does not exist")
+        digest = dataset_digest(folder)
+        if digest in seen:
+            raise DataError(f"transfer dataset {entry}: the same corpus and queries as {seen[digest]} (a transfer "
+                            "dataset is one the models were not trained on)")  # fmt: skip
+        seen[digest] = f"transfer dataset {transfer_name(entry)}"
         folders[transfer_name(entry)] = folder
     return folders
+
 
 
 def transfer_stages(exp: Experiment, stages: list[dict[str, Run]]) -> list[dict[str, Run]]:
@@ -552,6 +583,7 @@ def check_backbone(name: str | None) -> None:
             raise DataError(str(exc)) from None
 
 
+@entry_point
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("experiment", help="an experiment file (experiments/*.toml)")
@@ -589,8 +621,10 @@ def main(argv=None) -> dict:
                 raise DataError(f"--seeds {' '.join(map(str, args.seeds))}: none of {args.experiment}'s seeds")
         if not args.report:  # the backbone and the data are found (or said not to be) before anything runs
             check_backbone(args.model_name_or_path or exp.model)
+            data = args.data_dir or exp.data_dir or Path(os.environ.get("BEIR_DATA_DIR", "data")) / str(
+                args.dataset or exp.dataset)  # fmt: skip
             for flag in ("results", "ckpt_root"):
-                check_writable(getattr(args, flag), f"--{flag}")
+                check_output(getattr(args, flag), f"--{flag}", [data])
         unknown = [r for r in args.rerun if r not in exp.runs]
         if unknown:
             raise DataError(f"--rerun {unknown[0]}: not a run of {args.experiment} ({', '.join(exp.runs)})")
@@ -603,7 +637,7 @@ def main(argv=None) -> dict:
         if args.smoke:  # plumbing: every stage once, on a slice, with the first seed
             folder = smoke_slice(folder, Path(args.results) / exp.name / "smoke-data" / folder.name)
             exp = exp if args.seeds else restrict_seeds(exp, exp.seeds[:1])
-        transfer = resolve_transfer(exp)  # a missing one fails before anything trains
+        transfer = resolve_transfer(exp, folder)  # a missing one fails before anything trains
     except DataError as exc:
         fail(str(exc))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

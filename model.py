@@ -922,6 +922,19 @@ def load_model(path: str | Path) -> BiEncoder:
     return VARIANTS[config.kind].from_pretrained(path, config=config)
 
 
+def checkpoint_digest(path: str | Path) -> str:
+    """A checkpoint's identity by content: sha1 of its config.json and model.safetensors (a copy or a move
+    keeps it, retraining into the same folder changes it). What metrics.json and export.json record."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for name in ("config.json", "model.safetensors"):
+        with open(Path(path) / name, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
 def describe(config: RetrieverConfig) -> str:
     """The settings that shape a variant's weights, for messages."""
     if config.kind == "baseline":

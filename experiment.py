@@ -33,6 +33,7 @@ import numpy as np
 
 import analysis as an
 import provenance as prov
+from model import RANDOM_ROUTING
 from report import build_report, figures, render, store_subsets, stored_subsets, summarise
 from retrievers import BM25, DEV_FRACTION, SELECT_METRIC, choose_weight, dev_qrels, fuse
 from spec import HYBRID, UNTRAINED, Experiment, Run, load_experiment, restrict_seeds, transfer_name
@@ -166,6 +167,8 @@ class Runner:
             return {**out, "train": [], "eval": []}
         out.update(backbone=self.identities["backbone"], precision=prov.precision(self.dtype),
                    train=self.train_flags(run) if run.trained else [], eval=self.eval_flags(run))  # fmt: skip
+        if random_routing(out["train"]):  # the evaluation routing function shapes the numbers of a random control
+            out["random_routing"] = RANDOM_ROUTING
         if run.trained and self.folder != self.train_folder:
             out["train_dataset"] = self.identities["train_dataset"]
         return out
@@ -177,7 +180,7 @@ class Runner:
         for (_, seed), group in groups.items():
             for run in group:
                 folder = self.layout.run_dir(run, seed)
-                if run.name in self.rerun or not folder.is_dir():
+                if not folder.is_dir():
                     continue
                 recorded = prov.read(folder)
                 if recorded is None:
@@ -185,6 +188,8 @@ class Runner:
                         others[("no record", "no record")] = others.get(("no record", "no record"), 0) + 1
                     continue
                 if field := prov.differing_field(recorded, self.inputs(run, seed)):
+                    if run.name in self.rerun:
+                        continue  # made again (forget)
                     at = f"run {run.name}" + ("" if seed is None else f", seed {seed}")
                     errors.append(f"{at}: {folder} was made with another {field}; write elsewhere with another "
                                   f"--results, or redo it with --rerun {run.name}")  # fmt: skip
@@ -196,12 +201,20 @@ class Runner:
         prov.write(self.layout.run_dir(run, seed), self.inputs(run, seed))
 
     def forget(self, runs: list[Run], seed: int | None) -> None:
-        """--rerun: a run's results and its checkpoint removed, so that they are made again."""
+        """--rerun: a run's cell made with other inputs than now (or with no record of them) is removed with its
+        checkpoint, so that it is made again; a cell that already matches is kept (a resumed --rerun goes on)."""
         for run in runs:
-            if run.name in self.rerun and self.layout.run_dir(run, seed).is_dir():
-                shutil.rmtree(self.layout.run_dir(run, seed))
-                if run.trained and self.may_train:
-                    shutil.rmtree(self.layout.checkpoint(run, list(self.exp.runs.values()), seed), ignore_errors=True)
+            folder = self.layout.run_dir(run, seed)
+            if run.name not in self.rerun or not folder.is_dir():
+                continue
+            recorded = prov.read(folder)
+            inputs = self.inputs(run, seed)
+            if recorded is None or prov.differing_field(recorded, inputs):
+                shutil.rmtree(folder)
+                ckpt = self.layout.checkpoint(run, list(self.exp.runs.values()), seed) if run.trained else None
+                made = prov.read(ckpt) if ckpt and self.may_train else None
+                if ckpt and (made is None or prov.differing_field(made, checkpoint_inputs(inputs))):
+                    shutil.rmtree(ckpt, ignore_errors=True)  # else only its evaluation changed: the weights stay
 
     def execute(self, script: str, argv: list[str], log: Path, launch: list[str]) -> bool:
         """One training or evaluation step, logged; in this process (--in_process) or a fresh one."""
@@ -352,7 +365,7 @@ class Runner:
             log = self.layout.run_dir(lead, seed) / "train.log"
             if not (ckpt / "log_history.json").is_file() and not self.may_train:
                 return f"{names}: transfer evaluation FAILED: no trained checkpoint in {ckpt}"
-            made = {k: v for k, v in self.inputs(lead, seed).items() if k != "eval"}  # what shapes the checkpoint
+            made = checkpoint_inputs(self.inputs(lead, seed))
             if self.may_train and (recorded := prov.read(ckpt)) and (field := prov.differing_field(recorded, made)):
                 return (f"{names}: checkpoint {ckpt} FAILED its check: made with another {field}; remove it or "
                         f"use another --ckpt_root")  # fmt: skip
@@ -407,6 +420,17 @@ class Runner:
             messages = list(pool.map(work, range(1, len(groups) + 1), groups.items()))
         messages += [work(len(groups) + i, item) for i, item in enumerate(hybrids.items(), 1)]  # after what they fuse
         return [m for m in messages if "FAILED" in m]
+
+
+def random_routing(train_flags: list[str]) -> bool:
+    """Whether a run's training flags make it a random-routing control (the last --routing wins)."""
+    at = [i for i, f in enumerate(train_flags[:-1]) if f == "--routing"]
+    return bool(at) and train_flags[at[-1] + 1] == "random"
+
+
+def checkpoint_inputs(inputs: dict) -> dict:
+    """The inputs that shape a checkpoint: not the evaluation flags, nor the evaluation's random routing."""
+    return {k: v for k, v in inputs.items() if k not in ("eval", "random_routing")}
 
 
 def keep_training_record(ckpt: Path, out: Path) -> None:

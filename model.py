@@ -117,6 +117,7 @@ def route_fixed(n: int, num_experts: int, top_k: int, device, random: bool, scor
 # hidden states: a last-bit difference (another CPU's kernels, another batch's padding, bf16, ONNX) cannot send
 # an input to other experts. Integer arithmetic modulo a prime below 2**31 keeps every product inside int64.
 _PRIME = 2_147_483_647  # 2**31 - 1
+RANDOM_ROUTING = "integer keys of token ids and positions"  # what a result records (provenance.py); before: float hash
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,7 @@ from utils import resolve_data_dir  # noqa: E402
 LOCATION_FLAGS = {"--model_name_or_path", "--data_dir", "--dataset", "--seed", "--output_dir", "--kind"}
 DTYPE_FLAGS = {"--fp16", "--bf16"}
 # A backbone that a log names by a name that is not a folder here, and what the results' documents say it was
+FLOAT_HASH = "float hash of the hidden state"  # the random routing at evaluation before model.RANDOM_ROUTING
 KNOWN_NAMES = {"minilm": "../shared/models/all-minilm-l6-v2"}  # the sweep's GPU machine (RESULTS.md, SciFact test)
 
 
@@ -133,6 +134,8 @@ def backfill(path: str, backbone_log: str | None) -> int:
                     notes.append("training flags: the log's, not the experiment file's")
             elif run.trained:
                 notes.append("training flags: the experiment file's (the log has no command line)")
+            if "random_routing" in inputs:  # every cell before the integer keys was evaluated with the float hash
+                inputs["random_routing"] = FLOAT_HASH
             maker = {"commit": prov.UNKNOWN, "dirty": prov.UNKNOWN, "machine": machine_of(root),
                      "versions": prov.UNKNOWN, "date": prov.UNKNOWN,
                      "committed_in": committed_in(cell / exp.splits[0] / "metrics.json"),

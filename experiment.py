@@ -33,7 +33,7 @@ import numpy as np
 
 import analysis as an
 import provenance as prov
-from model import RANDOM_ROUTING
+from model import VARIANTS
 from report import build_report, figures, render, store_subsets, stored_subsets, summarise
 from retrievers import BM25, DEV_FRACTION, SELECT_METRIC, choose_weight, dev_qrels, fuse
 from spec import HYBRID, UNTRAINED, Experiment, Run, load_experiment, restrict_seeds, transfer_name
@@ -168,7 +168,7 @@ class Runner:
         out.update(backbone=self.identities["backbone"], precision=prov.precision(self.dtype),
                    train=self.train_flags(run) if run.trained else [], eval=self.eval_flags(run))  # fmt: skip
         if random_routing(out["train"]):  # the evaluation routing function shapes the numbers of a random control
-            out["random_routing"] = RANDOM_ROUTING
+            out["random_routing"] = VARIANTS[run.kind].random_routing
         if run.trained and self.folder != self.train_folder:
             out["train_dataset"] = self.identities["train_dataset"]
         return out

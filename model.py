@@ -141,11 +141,13 @@ def sequence_keys(keys: torch.Tensor) -> torch.Tensor:
     return _mix(keys.sum(-1) % _PRIME)
 
 
-def key_scores(keys: torch.Tensor, num_experts: int) -> torch.Tensor:
+def key_scores(keys: torch.Tensor, num_experts: int, salt: int = 0) -> torch.Tensor:
     """(N, E) float32 pseudo-uniform scores from (N,) integer keys, distinct within a row and exact in float32
-    (integers below 2**24), so the k smallest are the same experts on every machine and in ONNX."""
+    (integers below 2**24), so the k smallest are the same experts on every machine and in ONNX. `salt` makes
+    another, independent function (one per MoE layer: each layer draws its own experts, as in training)."""
     e = torch.arange(num_experts, device=keys.device)
-    s = _mix((keys.reshape(-1, 1) + _mix(e + 1)) % _PRIME)  # (N, E)
+    keys = _mix((keys.reshape(-1, 1) + salt) % _PRIME) if salt else keys.reshape(-1, 1)
+    s = _mix((keys + _mix(e + 1)) % _PRIME)  # (N, E)
     return ((s % (2**24 // num_experts)) * num_experts + e).float()
 
 
@@ -395,10 +397,11 @@ class SparseMoEFeedForward(nn.Module):
     `record_outputs` on `router`, so no routing state is kept on the module.
     """
 
-    def __init__(self, hidden: int, inner: int, num_experts: int, top_k: int, routing: str = "learned"):
+    def __init__(self, hidden: int, inner: int, num_experts: int, top_k: int, routing: str = "learned", layer: int = 0):
         super().__init__()
         self.top_k, self.routing_mode = top_k, routing
-        self.router = Router(hidden, num_experts, bias=False) if routing == "learned" else RandomRouter(num_experts)
+        self.router = Router(hidden, num_experts, bias=False) if routing == "learned" else RandomRouter(num_experts,
+                                                                                                       salt=layer + 1)
         self.experts = nn.ModuleList(Expert(hidden, inner) for _ in range(num_experts))
 
     def decide(self, router_out: torch.Tensor) -> Routing:
@@ -422,16 +425,17 @@ class SparseMoEFeedForward(nn.Module):
 class RandomRouter(nn.Module):
     """The token-level MoE's random-routing control: no parameters; (N, E) scores whose top-k pick the experts,
     fresh uniform draws in training and at evaluation a fixed function of each token's id and position (the
-    routing keys of the batch being encoded, `routing_keys`)."""
+    routing keys of the batch being encoded, `routing_keys`), salted by its layer so that layers draw
+    independently."""
 
-    def __init__(self, num_experts: int):
+    def __init__(self, num_experts: int, salt: int = 1):
         super().__init__()
-        self.num_experts = num_experts
+        self.num_experts, self.salt = num_experts, salt
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             return torch.rand(x.shape[0], self.num_experts, device=x.device)
-        return key_scores(current_routing_keys(), self.num_experts)
+        return key_scores(current_routing_keys(), self.num_experts, self.salt)
 
 
 # --------------------------------------------------------------------------------------------
@@ -748,6 +752,8 @@ class BiEncoder(PreTrainedModel):
 class MoEBiEncoder(BiEncoder):
     """What the MoE variants share: their experts, top-k, routing and balance loss (no `kind`: not a variant)."""
 
+    random_routing = RANDOM_ROUTING  # the evaluation routing of its random control, as results record it
+
     settings = {
         "num_experts": Setting(int, 8, "experts per MoE block", **AT_LEAST_ONE),
         "top_k": Setting(int, 1, "experts per input (default: the variant's)"),
@@ -829,6 +835,7 @@ class TinyBERTMoERegular(MoEBiEncoder):
 
     kind = "moe"
     default_top_k = 2
+    random_routing = RANDOM_ROUTING + ", salted per layer"
     settings = {
         "routing": replace(MoEBiEncoder.settings["routing"], choices=MOE_ROUTINGS),  # its dense control is the baseline
         "moe_layers": Setting(list[int], None, "MoE layers (default every other layer)", strict=True,
@@ -843,7 +850,7 @@ class TinyBERTMoERegular(MoEBiEncoder):
         for i in self.moe_layers:
             layer = self.encoder.encoder.layer[i]
             layer.intermediate = SparseMoEFeedForward(
-                bc["hidden_size"], bc["intermediate_size"], config.num_experts, config.top_k, config.routing
+                bc["hidden_size"], bc["intermediate_size"], config.num_experts, config.top_k, config.routing, layer=i
             )
             layer.output.dense = nn.Identity()
 

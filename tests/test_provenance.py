@@ -128,7 +128,7 @@ def test_random_routing_made_by_the_old_hash_is_refused_and_rerun_reevaluates_it
     args, root = made
     cell = root / "sbmoe" / "seed42"
     rec = prov.read(cell)
-    assert rec["inputs"]["random_routing"] == experiment.RANDOM_ROUTING
+    assert rec["inputs"]["random_routing"] == experiment.VARIANTS["sbmoe"].random_routing
     assert "random_routing" not in prov.read(root / "baseline" / "seed42")["inputs"]
     prov.write(cell, {**rec["inputs"], "random_routing": "float hash of the hidden state"}, rec["made_by"])
     err = exits_with_one_line(capsys, [*args, "--extra", *TINY])
@@ -137,7 +137,7 @@ def test_random_routing_made_by_the_old_hash_is_refused_and_rerun_reevaluates_it
     stamp = weights.stat().st_mtime_ns
     capsys.readouterr()
     experiment.main([*args, "--rerun", "sbmoe", "--extra", *TINY])
-    assert prov.read(cell)["inputs"]["random_routing"] == experiment.RANDOM_ROUTING
+    assert prov.read(cell)["inputs"]["random_routing"] == experiment.VARIANTS["sbmoe"].random_routing
     assert weights.stat().st_mtime_ns == stamp  # not trained again
     capsys.readouterr()
     experiment.main([*args, "--rerun", "sbmoe", "--extra", *TINY])

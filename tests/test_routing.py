@@ -98,3 +98,15 @@ def test_frozen_heads_route_cached_features_as_the_model_routes_tokens(tiny_back
     mask = x[1] if model.head_on_tokens() else torch.ones(len(rows), 1, dtype=torch.long)
     got = dict(zip(TEXTS, per_text(emb, mask)))
     assert got == choices(model, tokenizer, TEXTS, 5)
+
+
+def test_token_level_random_routing_draws_each_layer_independently(tiny_backbone):
+    """In training every MoE layer draws its own experts; at evaluation each layer's keys are salted by its layer,
+    so the same token goes to other experts in another layer (not one fixed path through every layer)."""
+    model = build(tiny_backbone, "moe", routing="random", top_k=1, moe_layers=[0, 1])
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_backbone))
+    batch = tokenizer(TEXTS, padding=True, truncation=True, max_length=48, return_tensors="pt")
+    with torch.no_grad():
+        first, second = (r.indices for r in model.embed(batch["input_ids"], batch["attention_mask"]).routings)
+    agree = (first == second).float().mean().item()
+    assert abs(agree - 1 / E) < 0.1, agree  # independent layers agree about 1/E of the time

@@ -122,6 +122,20 @@ def eval_seconds(folder: Path | str) -> float | None:
     return sum(seconds.values()) if isinstance(seconds, dict) else seconds  # per model evaluated in the one call
 
 
+def dev_dataset_key(dataset: str, metric: str) -> str:
+    """One training dataset's dev score in the log history (after the `eval_` prefix), when several train a model."""
+    return f"{dataset}/{metric}"
+
+
+def dev_by_dataset(history: list[dict]) -> dict[str, float]:
+    """Each training dataset's dev NDCG@10 at the best (mean) dev evaluation; {} for one dataset."""
+    evals = [h for h in history if DEV_KEY in h]
+    if not evals:
+        return {}
+    best, suffix = max(evals, key=lambda h: h[DEV_KEY]), "/" + DEV_METRIC
+    return {k[len("eval_") : -len(suffix)]: v for k, v in best.items() if k.startswith("eval_") and k.endswith(suffix)}
+
+
 def expert_share_key(block: int, expert: int) -> str:
     return f"{SHARE_PREFIX}b{block}/e{expert}"
 

@@ -94,6 +94,7 @@ class RetrieveOptions:
     show_progress: bool = True
     encode_chunk: int = ENCODE_CHUNK  # documents encoded, held and searched at a time
     backend: str = "auto"  # search backend: auto | faiss | torch
+    domain: int | None = None  # the dataset index queries and documents are routed to (SB-MoE --routing domain)
 
 
 def retrieve_topk(
@@ -116,7 +117,8 @@ def retrieve_topk(
     for key in ("encode", "index", "search", "gather"):
         timings.setdefault(key, 0.0)
     o = options
-    kw = dict(batch_size=o.batch_size, bf16=o.bf16, fp16=o.fp16, show_progress=o.show_progress and rank == 0)
+    kw = dict(batch_size=o.batch_size, bf16=o.bf16, fp16=o.fp16, show_progress=o.show_progress and rank == 0,
+              domain=o.domain)  # fmt: skip
     backend = resolve_backend(o.backend)
     dim = model.config.backbone_config["hidden_size"]
     start = time.perf_counter()
@@ -155,15 +157,18 @@ def retrieve_topk(
     return tops
 
 
-def retrieve(model: BiEncoder, tokenizer, corpus: dict, queries: dict, top_k: int = 100, **kwargs) -> dict:
-    """results[qid][doc_id] = score, top-k by exact inner product (the corpus encoded chunk by chunk).
+def retrieve(model: BiEncoder, tokenizer, corpus: dict, queries: dict, top_k: int = 100,
+             cache: EmbeddingCache | None = None, **kwargs) -> dict:  # fmt: skip
+    """results[qid][doc_id] = score, top-k by exact inner product (the corpus encoded chunk by chunk, or read
+    from `cache`).
 
     `kwargs` are `RetrieveOptions`' fields: query_max_length, doc_max_length, batch_size, bf16, fp16,
-    show_progress, encode_chunk, backend.
+    show_progress, encode_chunk, backend, domain.
     """
     doc_ids = list(corpus)
     texts = lambda a, b: [doc_text(corpus[d]) for d in doc_ids[a:b]]  # noqa: E731
-    tops = retrieve_topk(model, tokenizer, len(doc_ids), texts, {"q": queries}, top_k, RetrieveOptions(**kwargs))
+    options = RetrieveOptions(**kwargs)
+    tops = retrieve_topk(model, tokenizer, len(doc_ids), texts, {"q": queries}, top_k, options, cache=cache)
     return to_results(tops["q"], list(queries), doc_ids)
 
 

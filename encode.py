@@ -54,6 +54,28 @@ def _pad(ids: np.ndarray, offsets: np.ndarray, rows: np.ndarray, pad_id: int, le
     return torch.from_numpy(input_ids), torch.from_numpy(mask)
 
 
+def _batches(model: BiEncoder, tokenizer, texts: list[str], max_length: int, batch_size: int, domain: int | None,
+             desc: str, show_progress: bool):  # fmt: skip
+    """(rows, model inputs) of length-sorted batches, on the model's device; the model in eval mode meanwhile."""
+    device = next(model.parameters()).device
+    ids, offsets = _tokenize(tokenizer, texts, max_length)
+    order = np.argsort(-np.diff(offsets), kind="stable")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    left = getattr(tokenizer, "padding_side", "right") == "left"
+    was_training = model.training
+    model.eval()
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not show_progress, leave=False):
+            rows = order[start : start + batch_size]
+            input_ids, mask = _pad(ids, offsets, rows, pad_id, left)
+            args = (input_ids.to(device), mask.to(device))
+            if domain is not None:  # (an exported graph takes no domains: it is never given one)
+                args += (torch.full((len(rows),), domain, dtype=torch.long, device=device),)
+            yield rows, args
+    finally:
+        model.train(was_training)
+
+
 @torch.inference_mode()
 def encode_texts(
     model: BiEncoder,
@@ -70,24 +92,34 @@ def encode_texts(
     """(N, H) float32 embeddings; batches sorted by length so padding stays small. `domain`: the dataset index
     every text is routed to under SB-MoE's `--routing domain` (None: no dataset of the model's)."""
     device = next(model.parameters()).device
-    ids, offsets = _tokenize(tokenizer, texts, max_length)
-    order = np.argsort(-np.diff(offsets), kind="stable")
     out = np.empty((len(texts), model.config.backbone_config["hidden_size"]), dtype=np.float32)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    left = getattr(tokenizer, "padding_side", "right") == "left"
-    was_training = model.training
-    model.eval()
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not show_progress, leave=False):
-        rows = order[start : start + batch_size]
-        input_ids, mask = _pad(ids, offsets, rows, pad_id, left)
+    for rows, args in _batches(model, tokenizer, texts, max_length, batch_size, domain, desc, show_progress):
         with autocast(device, bf16=bf16, fp16=fp16):
-            args = (input_ids.to(device), mask.to(device))
-            if domain is not None:  # (an exported graph takes no domains: it is never given one)
-                args += (torch.full((len(rows),), domain, dtype=torch.long, device=device),)
             reps = model.encode(*args)
         out[rows] = reps.float().cpu().numpy()
-    model.train(was_training)
     return out
+
+
+@torch.inference_mode()
+def routing_counts(model: BiEncoder, tokenizer, texts: list[str], max_length: int, batch_size: int = 128,
+                   bf16: bool = False, fp16: bool = False, domain: int | None = None) -> np.ndarray:  # fmt: skip
+    """(blocks, experts) how many routed units (inputs for a pooled SB-MoE head, non-padding tokens for the
+    per-token designs and the token-level MoE) chose each expert first, as the router decides in top-1 mode
+    (SB-MoE's `all` inference mode would hide the decision: it mixes every expert)."""
+    device = next(model.parameters()).device
+    blocks = model.moe_blocks()
+    counts = np.zeros((len(blocks), max(len(b.experts) for b in blocks)), dtype=np.int64)
+    mode, model.config.inference_mode = model.config.inference_mode, "top1"
+    try:
+        for _, args in _batches(model, tokenizer, texts, max_length, batch_size, domain, "routing", False):
+            with autocast(device, bf16=bf16, fp16=fp16):
+                routings = model.embed(*args).routings
+            for b, routing in enumerate(routings):
+                first = routing.indices[:, 0].cpu().numpy()
+                counts[b] += np.bincount(first, minlength=counts.shape[1])[: counts.shape[1]]
+    finally:
+        model.config.inference_mode = mode
+    return counts
 
 
 # --------------------------------------------------------------------------------------------

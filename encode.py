@@ -113,7 +113,7 @@ def routing_counts(model: BiEncoder, tokenizer, texts: list[str], max_length: in
     try:
         for _, args in _batches(model, tokenizer, texts, max_length, batch_size, domain, "routing", False):
             with autocast(device, bf16=bf16, fp16=fp16):
-                routings = model.embed(*args).routings
+                routings = model.embed_with(*args[:2], args[2] if len(args) > 2 else None).routings
             for b, routing in enumerate(routings):
                 first = routing.indices[:, 0].cpu().numpy()
                 counts[b] += np.bincount(first, minlength=counts.shape[1])[: counts.shape[1]]

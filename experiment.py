@@ -28,7 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import analysis as an
-from report import build_report, figures, render, summarise
+from report import build_report, figures, render, routing_section, summarise
 from retrievers import BM25, DEV_FRACTION, SELECT_METRIC, choose_weight, dev_qrels, fuse
 from spec import HYBRID, UNTRAINED, Experiment, Run, load_experiment, restrict_seeds, transfer_name
 from utils import (
@@ -36,6 +36,7 @@ from utils import (
     PRIMARY_METRIC,
     DataError,
     atomic_write_text,
+    auto_precision,
     check_writable,
     fail,
     load_corpus,
@@ -44,12 +45,14 @@ from utils import (
     load_split,
     read_trec,
     resolve_data_dir,
+    resolve_dataset,
 )
 
 SMOKE_TRAIN = ["--max_steps", "2", "--doc_max_length", "32", "--per_device_train_batch_size", "8", "--eval_strategy",
                "no", "--load_best_model_at_end", "false", "--save_strategy", "no"]  # fmt: skip
 SMOKE_EVAL = ["--doc_max_length", "32"]
-SMOKE_QUERIES, SMOKE_DOCS = 40, 300  # per split, in all: the slice of the dataset a smoke run works on
+SMOKE_QUERIES, SMOKE_DOCS = 40, 300
+ROUTING_DOCS = 1000  # documents per dataset (a seeded sample) whose routing is recorded, with every test query  # per split, in all: the slice of the dataset a smoke run works on
 # A child of the runner dies with it, even under kill -9: Linux sends it SIGTERM when the runner goes
 # (PR_SET_PDEATHSIG, kept across exec; torchrun passes it on to its workers); elsewhere it just runs.
 DIE_WITH_PARENT = """import ctypes, os, signal, sys
@@ -112,7 +115,8 @@ class Layout:
 
     def checkpoint(self, run: Run, runs: list[Run], seed: int) -> Path:
         """Runs that differ only in evaluation flags share one checkpoint, named after the first of them."""
-        first = next(r for r in runs if r.trained and (r.kind, r.train, r.frozen) == (run.kind, run.train, run.frozen))
+        same = lambda r: (r.kind, r.train, r.frozen, r.datasets) == (run.kind, run.train, run.frozen, run.datasets)  # noqa: E731
+        first = next(r for r in runs if r.trained and same(r))
         return self.ckpts / first.name / f"seed{seed}"
 
 
@@ -121,12 +125,13 @@ class Layout:
 
 
 class Runner:
-    def __init__(self, exp: Experiment, args, folder: Path):
+    def __init__(self, exp: Experiment, args, folder: Path, train_folders: dict[str, Path] | None = None):
         self.exp, self.args, self.folder = exp, args, folder
         self.layout = Layout(exp, args.results, args.ckpt_root)
         self.model = args.model_name_or_path or exp.model
-        self.data = ["--data_dir", str(folder)]
-        self.dtype = ["--fp16"] if args.fp16 else ["--bf16"] if args.bf16 else []
+        self.data = ["--data_dir", str(folder)]  # what is evaluated
+        self.train_folders = train_folders  # the file's `datasets`: what is trained on (None: `folder`)
+        self.dtype = {"fp16": ["--fp16"], "bf16": ["--bf16"]}.get(getattr(args, "precision", None), [])
         self.may_train = True  # False for transfer datasets: evaluate the checkpoints, never train on them
 
     def execute(self, script: str, argv: list[str], log: Path, launch: list[str]) -> bool:
@@ -154,8 +159,14 @@ class Runner:
     def trec_depth_flags(self) -> list[str]:
         return [f"{s}={k}" for s, k in self.exp.trec_depth.items() if s in self.exp.splits]
 
+    def train_data(self, run: Run) -> list[str]:
+        """The training data flags: the run's datasets (default every dataset of the file), else the one folder."""
+        if not self.train_folders:
+            return self.data
+        return ["--dataset", *(str(self.train_folders[n]) for n in run.datasets or self.train_folders)]
+
     def train_argv(self, run: Run, seed: int, ckpt: Path) -> list[str]:
-        return ["--kind", run.kind, "--model_name_or_path", self.model, *self.data, "--seed", str(seed),
+        return ["--kind", run.kind, "--model_name_or_path", self.model, *self.train_data(run), "--seed", str(seed),
                 "--output_dir", str(ckpt), *self.exp.recipe, *run.train, *self.dtype,
                 *(SMOKE_TRAIN if self.args.smoke else []), *self.args.extra]  # fmt: skip
 
@@ -192,7 +203,8 @@ class Runner:
         seeds, fraction = self.dev_slice(run, seed)
         return ["--dev_seed", *map(str, seeds), "--dev_fraction", f"{fraction:g}"]
 
-    def evaluate(self, run: Run, seed: int | None, ckpt: Path | None) -> bool:
+    def evaluate(self, run: Run, seed: int | None, ckpt: Path | None, routing: bool = False) -> bool:
+        """eval.py on every split; `routing`: also record the checkpoint's per-domain routing (once per checkpoint)."""
         out = self.layout.run_dir(run, seed)
         dev = self.dev_flags(run, seed)
         splits = [*self.exp.splits, *(["dev"] if dev else [])]
@@ -201,7 +213,8 @@ class Runner:
         argv = ["--model", run.kind, *target, *self.data, "--split", *splits, "--tag", run.tag, "--verify",
                 "--output_dir", str(out if len(splits) > 1 else out / splits[0]),
                 *(["--trec_depth", *depth] if depth else []), *dev, *self.exp.eval, *run.eval,
-                *self.dtype, *(SMOKE_EVAL if self.args.smoke else [])]  # fmt: skip
+                *self.dtype, *(SMOKE_EVAL if self.args.smoke else []),
+                *(["--routing_docs", str(ROUTING_DOCS)] if routing else [])]  # fmt: skip
         return self.execute("eval.py", argv, out / "eval.log", [sys.executable])
 
     def bm25(self, run: Run) -> bool:
@@ -278,8 +291,9 @@ class Runner:
                 return f"{names}: training FAILED, see {log}"
             for run in runs:
                 keep_training_record(ckpt, self.layout.run_dir(run, seed))
+            routed = bool(self.exp.datasets) and is_moe(lead)  # per-domain routing, from the checkpoint's lead run
             for run in pending:
-                if not self.evaluate(run, seed, ckpt):
+                if not self.evaluate(run, seed, ckpt, routing=routed and run is lead):
                     return f"{names}: evaluation FAILED, see {self.layout.run_dir(run, seed) / 'eval.log'}"
         return f"{names}: {time.time() - start:.0f} s"
 
@@ -311,6 +325,13 @@ class Runner:
             messages = list(pool.map(work, range(1, len(groups) + 1), groups.items()))
         messages += [work(len(groups) + i, item) for i, item in enumerate(hybrids.items(), 1)]  # after what they fuse
         return [m for m in messages if "FAILED" in m]
+
+
+def is_moe(run: Run) -> bool:
+    """A run whose checkpoint has MoE blocks (routing to record)."""
+    from model import VARIANTS, MoEBiEncoder
+
+    return run.kind in VARIANTS and issubclass(VARIANTS[run.kind], MoEBiEncoder)
 
 
 def keep_training_record(ckpt: Path, out: Path) -> None:
@@ -393,8 +414,7 @@ def resolve_transfer(exp: Experiment, download: bool = True) -> dict[str, Path]:
     """Each transfer dataset's folder, checked to have a test split, before anything trains."""
     folders = {}
     for entry in exp.transfer:
-        is_folder = "/" in entry or os.sep in entry or entry.startswith(".")
-        folder = resolve_data_dir(None, entry) if is_folder else resolve_data_dir(entry, None, download=download)
+        folder = resolve_dataset(entry, download=download)
         if not (folder / "qrels" / "test.tsv").is_file():
             raise DataError(f"transfer dataset {entry}: {folder / 'qrels' / 'test.tsv'} does not exist")
         folders[transfer_name(entry)] = folder
@@ -413,16 +433,61 @@ def transfer_stages(exp: Experiment, stages: list[dict[str, Run]]) -> list[dict[
     for i, stage in enumerate(stages):
         runs = [*(first if i == 0 else []), *(r for r in stage.values() if r.trained and not r.frozen)]
         base = next((r.name for r in runs if r.kind == "baseline"), None)
-        out.append({r.name: replace(r, references=[base] if base and r.name != base else []) for r in runs})
+        names = {r.name for r in runs}
+
+        def refs(r: Run, names=names, base=base) -> list[str]:  # several training datasets: the file's own tests
+            return [x for x in r.references if x in names] if exp.datasets else [base] if base and r.name != base else []
+
+        out.append({r.name: replace(r, references=refs(r)) for r in runs})
     return out
 
 
-def transfer_layout(exp: Experiment, args, name: str) -> tuple[Experiment, Layout]:
-    """results/<experiment>/transfer/<name>/..., reading the experiment's own checkpoints."""
-    tx = replace(exp, splits=["test"], subsets=[], trec_depth={}, transfer=[])
+def transfer_layout(exp: Experiment, args, name: str, transfer: bool = True) -> tuple[Experiment, Layout]:
+    """results/<experiment>/transfer/<name>/... (test split only), or with several training datasets each one's
+    results/<experiment>/datasets/<name>/... (every split and subset); both read the experiment's checkpoints."""
+    tx = replace(exp, splits=["test"], subsets=[], trec_depth={}, transfer=[]) if transfer else replace(exp, transfer=[])
     layout = Layout(tx, args.results, args.ckpt_root)
-    layout.root = Path(args.results) / exp.name / "transfer" / name
+    layout.root = Path(args.results) / exp.name / ("transfer" if transfer else "datasets") / name
     return tx, layout
+
+
+def resolve_training_sets(exp: Experiment, args) -> dict[str, Path]:
+    """The file's `datasets` by name: each folder, checked to have the evaluated splits (a slice of it in --smoke)."""
+    folders = {}
+    for entry in exp.datasets:
+        name, folder = transfer_name(entry), resolve_dataset(entry, download=not args.report)
+        missing = [s for s in exp.splits if not (folder / "qrels" / f"{s}.tsv").is_file()]
+        if missing:
+            raise DataError(f"{args.experiment}: splits {missing} have no qrels in {folder / 'qrels'}")
+        if args.smoke and not args.report:
+            folder = smoke_slice(folder, Path(args.results) / exp.name / "smoke-data" / name)
+        folders[name] = folder
+    return folders
+
+
+def run_datasets(exp: Experiment, args, folders: dict[str, Path]) -> list[str]:
+    """Every run on each training dataset's splits; the first dataset's pass trains what is missing."""
+    failed = []
+    for name, folder in folders.items():
+        tx, layout = transfer_layout(exp, args, name, transfer=False)
+        runner = Runner(tx, args, folder, folders)
+        runner.layout = layout
+        print(f"dataset: {name}, splits {', '.join(exp.splits)}", flush=True)
+        failed += runner.run_stage(list(exp.runs.values()))
+    return failed
+
+
+def datasets_report(exp: Experiment, args, folders: dict[str, Path], runs: dict[str, Run]) -> dict:
+    """Per training dataset, its report (rows, subsets, paired tests); and the per-domain routing of every
+    MoE checkpoint, read from the routing records its lead run's evaluation wrote on each dataset."""
+    out, layouts = {}, {}
+    for name, folder in folders.items():
+        tx, layouts[name] = transfer_layout(exp, args, name, transfer=False)
+        out[name] = build_report(tx, layouts[name], folder, [runs], None)
+    listed = list(runs.values())
+    first = next(iter(layouts.values()), None)
+    leads = [r for r in listed if is_moe(r) and r.seeds and first.checkpoint(r, listed, r.seeds[0]).parent.name == r.name]
+    return {"datasets": out, "routing": routing_section(exp, layouts, leads)}
 
 
 def run_transfer(exp: Experiment, args, folders: dict[str, Path], stages: list[dict[str, Run]]) -> list[str]:
@@ -452,6 +517,23 @@ def transfer_report(exp: Experiment, args, stages: list[dict[str, Run]]) -> dict
 
 # --------------------------------------------------------------------------------------------
 # Command line
+
+
+def resolve_precision(exp: Experiment, args) -> str:
+    """One precision for every run of the experiment: --fp16/--bf16, else the file's `precision` (auto: bf16 where
+    the device has bf16 units), else fp32. A file that names one records what it resolved to, and a later
+    invocation that would resolve otherwise (another machine) is an error, never a mixed table."""
+    precision = "fp16" if args.fp16 else "bf16" if args.bf16 else exp.precision or "fp32"
+    if precision == "auto":
+        precision = auto_precision()
+    record = Path(args.results) / exp.name / "precision.json"
+    if exp.precision is None or args.report:
+        return precision
+    if record.is_file() and (earlier := json.loads(record.read_text())["precision"]) != precision:
+        raise DataError(f"{args.experiment}: its results were made in {earlier}, this invocation would use "
+                        f"{precision}; pass --{earlier} (fp32: drop the flags) or use another --results")  # fmt: skip
+    atomic_write_text(record, json.dumps({"precision": precision, "from": exp.precision}) + "\n")
+    return precision
 
 
 def check_backbone(name: str | None) -> None:
@@ -499,14 +581,25 @@ def main(argv=None) -> dict:
             check_backbone(args.model_name_or_path or exp.model)
             for flag in ("results", "ckpt_root"):
                 check_writable(getattr(args, flag), f"--{flag}")
-        folder = resolve_data_dir(args.dataset or exp.dataset, args.data_dir or exp.data_dir, download=not args.report)
-        missing = [s for s in exp.splits if not (folder / "qrels" / f"{s}.tsv").is_file()]
-        if missing:
-            raise DataError(f"{args.experiment}: splits {missing} have no qrels in {folder / 'qrels'}")
         if args.smoke and not args.report:  # plumbing: every stage once, on a slice, with the first seed
-            folder = smoke_slice(folder, Path(args.results) / exp.name / "smoke-data" / folder.name)
             exp = exp if args.seeds else restrict_seeds(exp, exp.seeds[:1])
+        if exp.datasets:
+            if args.dataset or args.data_dir:
+                raise DataError(f"{args.experiment}: trains on its `datasets`; --dataset/--data_dir do not apply")
+            folders = resolve_training_sets(exp, args)
+            folder = next(iter(folders.values()))  # (the layout of the whole experiment; each dataset has its own)
+        else:
+            folder = resolve_data_dir(args.dataset or exp.dataset, args.data_dir or exp.data_dir,
+                                      download=not args.report)  # fmt: skip
+            missing = [s for s in exp.splits if not (folder / "qrels" / f"{s}.tsv").is_file()]
+            if missing:
+                raise DataError(f"{args.experiment}: splits {missing} have no qrels in {folder / 'qrels'}")
+            if args.smoke and not args.report:
+                folder = smoke_slice(folder, Path(args.results) / exp.name / "smoke-data" / folder.name)
         transfer = {} if args.report else resolve_transfer(exp)  # a missing one fails before anything trains
+        if args.smoke:
+            transfer = {n: smoke_slice(f, Path(args.results) / exp.name / "smoke-data" / n) for n, f in transfer.items()}
+        args.precision = resolve_precision(exp, args)
     except DataError as exc:
         fail(str(exc))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -515,7 +608,10 @@ def main(argv=None) -> dict:
         fail("no backbone: give --model_name_or_path or `model` in the experiment file")
     layout = runner.layout
     stages = [exp.runs]
-    if not args.report and (failed := runner.run_stage(list(exp.runs.values()))):
+    if exp.datasets:
+        if not args.report and (failed := run_datasets(exp, args, folders)):
+            fail(f"{len(failed)} job(s) failed: {failed[0]}")
+    elif not args.report and (failed := runner.run_stage(list(exp.runs.values()))):
         fail(f"{len(failed)} job(s) failed: {failed[0]}")
     chosen = None
     if exp.select:
@@ -525,11 +621,15 @@ def main(argv=None) -> dict:
             fail(f"{len(failed)} stage 2 job(s) failed: {failed[0]}")
     if transfer and (failed := run_transfer(exp, args, transfer, stages)):
         fail(f"{len(failed)} transfer job(s) failed: {failed[0]}")
-    result = build_report(exp, layout, folder, stages, chosen)
+    if exp.datasets:
+        result = {"experiment": exp.name, "description": exp.description, "splits": exp.splits, "recipe": exp.recipe,
+                  "subsets": {}, "stages": [], **datasets_report(exp, args, folders, exp.runs)}  # fmt: skip
+    else:
+        result = build_report(exp, layout, folder, stages, chosen)
+    result["precision"] = args.precision
     if exp.transfer:
         result["transfer"] = transfer_report(exp, args, stages)
-    if not args.smoke:
-        result["figures"] = figures(exp, layout, stages)
+    result["figures"] = figures(exp, layout, stages, result.get("routing"), smoke=args.smoke)
     text = render(result)
     atomic_write_text(layout.root / "report.json", json.dumps(result, indent=2))
     atomic_write_text(layout.root / "report.md", text)

@@ -660,7 +660,13 @@ class BiEncoder(PreTrainedModel):
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, domains: torch.Tensor | None = None
                ) -> torch.Tensor:  # fmt: skip
-        return self._norm(self.embed(input_ids, attention_mask, domains).reps)
+        return self._norm(self.embed_with(input_ids, attention_mask, domains).reps)
+
+    def embed_with(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, domains: torch.Tensor | None
+                   ) -> Embedding:  # fmt: skip
+        """`embed`, passing domains only when there are some (a variant's `embed` may not take them)."""
+        args = (input_ids, attention_mask) if domains is None else (input_ids, attention_mask, domains)
+        return self.embed(*args)
 
     def aux_losses(self, embeddings: list[Embedding]) -> torch.Tensor | None:
         """The auxiliary losses of the MoE blocks, averaged over the embed calls; None without any."""
@@ -679,11 +685,11 @@ class BiEncoder(PreTrainedModel):
         domains: torch.Tensor | None = None,  # (B,) each query's dataset; its documents share it
         **_: object,
     ) -> RetrieverOutput:
-        q = self.embed(query_input_ids, query_attention_mask, domains)
+        q = self.embed_with(query_input_ids, query_attention_mask, domains)
         if doc_input_ids is None:
             return RetrieverOutput(q_reps=self._norm(q.reps))
         doc_domains = None if domains is None else domains.repeat_interleave(len(doc_input_ids) // len(domains))
-        return self.contrastive(q, self.embed(doc_input_ids, doc_attention_mask, doc_domains), doc_ids, pos_ids)
+        return self.contrastive(q, self.embed_with(doc_input_ids, doc_attention_mask, doc_domains), doc_ids, pos_ids)
 
     def contrastive(self, q: Embedding, d: Embedding, doc_ids=None, pos_ids=None) -> RetrieverOutput:
         """InfoNCE plus the MoE auxiliary losses, from query and document embeddings (forward, frozen.py)."""

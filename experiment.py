@@ -291,7 +291,7 @@ class Runner:
                 return f"{names}: training FAILED, see {log}"
             for run in runs:
                 keep_training_record(ckpt, self.layout.run_dir(run, seed))
-            routed = bool(self.exp.datasets) and is_moe(lead)  # per-domain routing, from the checkpoint's lead run
+            routed = self.train_folders is not None and is_moe(lead)  # per-domain routing, by the checkpoint's lead
             for run in pending:
                 if not self.evaluate(run, seed, ckpt, routing=routed and run is lead):
                     return f"{names}: evaluation FAILED, see {self.layout.run_dir(run, seed) / 'eval.log'}"

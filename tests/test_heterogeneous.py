@@ -197,3 +197,65 @@ def test_bf16_detection_reads_the_cpu_flags(monkeypatch, tmp_path):
         monkeypatch.setattr(utils.Path, "read_text", lambda self, *a, f=flags, **k: f"flags\t: {f}\n")
         assert utils.auto_precision() == expected
     assert RetrieverConfig().domains is None
+
+
+HETERO = """
+name = "tiny-hetero"
+datasets = ["alpha", "beta"]
+transfer = ["gamma"]
+seeds = [42]
+subsets = ["unseen", "seen"]
+precision = "fp32"
+recipe = ["--num_train_epochs", "1", "--per_device_train_batch_size", "4", "--dev_fraction", "0.25"]
+
+[runs.baseline]
+kind = "baseline"
+
+[runs.baseline-alpha]
+kind = "baseline"
+datasets = ["alpha"]
+reference = "baseline"
+
+[runs.domain]
+kind = "sbmoe"
+train = ["--design", "sokli", "--num_experts", "2", "--routing", "domain"]
+reference = "baseline"
+
+[runs.random]
+kind = "sbmoe"
+train = ["--design", "sokli", "--num_experts", "2", "--routing", "random"]
+reference = "baseline"
+"""
+
+
+def test_runner_trains_on_several_datasets_and_reports_each_with_its_routing(tiny_backbone, two_datasets, tmp_path,
+                                                                             monkeypatch, capsys):  # fmt: skip
+    import experiment
+
+    write_tiny_beir(two_datasets[0].parent / "gamma", seed=2)
+    (tmp_path / "h.toml").write_text(HETERO)
+    monkeypatch.setenv("BEIR_DATA_DIR", str(two_datasets[0].parent))
+    args = [tmp_path / "h.toml", "--model_name_or_path", tiny_backbone, "--results", tmp_path / "res",
+            "--ckpt_root", tmp_path / "ck", "--in_process"]  # fmt: skip
+    result = experiment.main(list(map(str, args)))
+    assert set(result["datasets"]) == {"alpha", "beta"} and set(result["transfer"]) == {"gamma"}
+    for name in ("alpha", "beta"):
+        rows = result["datasets"][name]["stages"][0]["rows"]
+        assert set(rows) == {"baseline", "baseline-alpha", "domain", "random"}
+        assert result["datasets"][name]["subsets"]["unseen"] is not None
+    ckpts = tmp_path / "ck" / "tiny-hetero"
+    assert json.loads((ckpts / "baseline-alpha" / "seed42" / "run_info.json").read_text()).get("datasets") is None
+    assert json.loads((ckpts / "domain" / "seed42" / "run_info.json").read_text())["datasets"] == ["alpha", "beta"]
+    routing = {r["run"]: r for r in result["routing"]}
+    assert set(routing) == {"domain", "random"}
+    assert routing["domain"]["blocks"][0]["nmi"][0] == pytest.approx(1.0)
+    assert routing["random"]["blocks"][0]["nmi"][0] < 0.1
+    report = (tmp_path / "res" / "tiny-hetero" / "report.md").read_text()
+    for needle in ("## alpha", "## beta", "## Transfer: gamma", "## Per-domain routing", "fig_routing.png",
+                   "precision fp32"):  # fmt: skip
+        assert needle in report, needle
+    assert (tmp_path / "res" / "tiny-hetero" / "fig_routing.png").stat().st_size > 1000
+    (tmp_path / "h.toml").write_text(HETERO.replace('"fp32"', '"bf16"'))  # one precision for every run
+    with pytest.raises(SystemExit):
+        experiment.main(list(map(str, args)))
+    one_line_error(capsys, "made in fp32")

@@ -173,20 +173,12 @@ def probe_batch(vocab_size: int, batch: int = 3, length: int = 12, seed: int = 0
     return ids.masked_fill(mask == 0, 0), mask
 
 
-def _frac(g, x):
-    """aten::frac for ONNX, which has no Trunc: sign(x) * (|x| - floor(|x|)), the same arithmetic as x - trunc(x)."""
-    a = g.op("Abs", x)
-    return g.op("Mul", g.op("Sign", x), g.op("Sub", a, g.op("Floor", a)))
-
-
 def export_onnx(model: BiEncoder, path: Path, opset: int = 17) -> None:
-    torch.onnx.register_custom_op_symbolic("aten::frac", _frac, 9)  # input_hash (random-routing controls)
     path.parent.mkdir(parents=True, exist_ok=True)
     ids, mask = probe_batch(model.config.backbone_config["vocab_size"], batch=4, length=16)
     axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
             "sentence_embedding": {0: "batch"}}  # fmt: skip
-    with torch.no_grad():
-        model.eval().encode(ids, mask)  # fills the caches a tracer must see as constants (input_hash's projection)
+    model.eval()
     with torch.no_grad(), traceable(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer notes on Python values: the checks after export are what count
         torch.onnx.export(EncoderGraph(model).eval(), (ids, mask), str(path), dynamo=False, opset_version=opset,

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import analysis as an
-from model import BiEncoder, Embedding, RetrieverOutput, load_tokenizer
+from model import BiEncoder, Embedding, RetrieverOutput, load_tokenizer, sequence_keys, token_keys
 from search import search
 from train import (
     ContrastiveDataset,
@@ -78,22 +78,30 @@ class FrozenArguments:
 @dataclass
 class Features:
     """Backbone outputs for a list of texts: pooled (N, H) float32, non-padding token states (M, H) fp16
-    concatenated, and row offsets (N + 1) into them."""
+    concatenated, the tokens' integer routing keys (M,) (model.token_keys), and row offsets (N + 1) into them."""
 
     pooled: np.ndarray
     tokens: np.ndarray
+    keys: np.ndarray
     offsets: np.ndarray
 
-    def hidden(self, rows) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded (B, T, H) float32 token states and their (B, T) mask for some rows."""
+    def hidden(self, rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Padded (B, T, H) float32 token states, their (B, T) mask and (B, T) routing keys for some rows."""
         spans = [(self.offsets[r], self.offsets[r + 1]) for r in rows]
         T = max(b - a for a, b in spans)
         hidden = torch.zeros(len(rows), T, self.tokens.shape[1])
         mask = torch.zeros(len(rows), T, dtype=torch.long)
+        keys = torch.zeros(len(rows), T, dtype=torch.long)
         for i, (a, b) in enumerate(spans):
             hidden[i, : b - a] = torch.from_numpy(np.asarray(self.tokens[a:b], dtype=np.float32))
             mask[i, : b - a] = 1
-        return hidden, mask
+            keys[i, : b - a] = torch.from_numpy(np.asarray(self.keys[a:b]))
+        return hidden, mask, keys
+
+    def sequence_keys(self, rows) -> torch.Tensor:
+        """(B,) the rows' sequence routing keys, as `model.embed` computes them."""
+        sums = np.add.reduceat(np.asarray(self.keys, dtype=np.int64), self.offsets[:-1])[rows]
+        return sequence_keys(torch.from_numpy(np.asarray(sums, dtype=np.int64))[:, None])
 
 
 @torch.inference_mode()
@@ -105,6 +113,7 @@ def encode_features(model: BiEncoder, tokenizer, texts: list[str], max_length: i
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     pooled = np.empty((len(texts), model.config.backbone_config["hidden_size"]), dtype=np.float32)
     tokens = np.empty((offsets[-1], pooled.shape[1]), dtype=np.float16)
+    keys = np.empty(offsets[-1], dtype=np.int64)
     model.eval()
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
@@ -113,7 +122,10 @@ def encode_features(model: BiEncoder, tokenizer, texts: list[str], max_length: i
         pooled[rows] = model.pool(hidden, batch["attention_mask"]).float().numpy()
         for i, r in enumerate(rows):
             tokens[offsets[r] : offsets[r + 1]] = hidden[i, : lengths[r]].to(torch.float16).numpy()
-    return Features(pooled, tokens, offsets)
+        batch_keys = token_keys(batch["input_ids"], batch["attention_mask"])
+        for i, r in enumerate(rows):
+            keys[offsets[r] : offsets[r + 1]] = batch_keys[i, : lengths[r]].numpy()
+    return Features(pooled, tokens, keys, offsets)
 
 
 def digest(texts: list[str]) -> str:
@@ -123,7 +135,7 @@ def digest(texts: list[str]) -> str:
 def cached_features(folder: Path, key: list, compute) -> Features:
     """`compute()` once per key; kept as three .npy files (written to temp names, then renamed), memory-mapped."""
     folder = folder / hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
-    names = ("pooled", "tokens", "offsets")
+    names = ("pooled", "tokens", "keys", "offsets")
     if not all((folder / f"{n}.npy").is_file() for n in names):
         feats = compute()
         folder.mkdir(parents=True, exist_ok=True)
@@ -139,11 +151,11 @@ def cached_features(folder: Path, key: list, compute) -> Features:
 
 
 def features(feats: Features, rows, per_token: bool) -> tuple[torch.Tensor, ...]:
-    """What the head takes for some rows: padded token states (B, T, H) and their mask (B, T) for a head that
-    works per token, else the pooled vectors (B, H)."""
+    """What the head takes for some rows: padded token states (B, T, H), their mask and routing keys (B, T) for a
+    head that works per token, else the pooled vectors (B, H) and their routing keys (B,)."""
     if per_token:
         return feats.hidden(rows)
-    return (torch.from_numpy(np.asarray(feats.pooled[rows], dtype=np.float32)),)
+    return torch.from_numpy(np.asarray(feats.pooled[rows], dtype=np.float32)), feats.sequence_keys(rows)
 
 
 def head(model: BiEncoder, x: tuple[torch.Tensor, ...]) -> Embedding:

@@ -14,8 +14,8 @@ train.py, eval.py, bench.py and the experiment runner derive everything from the
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
-import functools
 import json
 import logging
 import math
@@ -128,17 +128,61 @@ def route_domain(domains: torch.Tensor | None, num_experts: int, n: int, device,
     return Routing(logits, logits.softmax(-1), domains[:, None].long(), torch.ones(n, 1, device=device))
 
 
-def input_hash(x: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """(N, E) pseudo-uniform scores that depend on each row alone: random routing at evaluation gives an
-    input the same experts whatever batch it comes in, on every run."""
-    proj = _hash_projection(int(x.shape[-1]), int(num_experts)).to(x.device)
-    return torch.frac(torch.sin(x.detach().float() @ proj) * 43758.5453).abs()
+# Random routing at evaluation is a fixed function of integers (token ids and positions), never of float
+# hidden states: a last-bit difference (another CPU's kernels, another batch's padding, bf16, ONNX) cannot send
+# an input to other experts. Integer arithmetic modulo a prime below 2**31 keeps every product inside int64.
+_PRIME = 2_147_483_647  # 2**31 - 1
 
 
-@functools.lru_cache(maxsize=None)
-def _hash_projection(dim: int, num_experts: int) -> torch.Tensor:
-    """input_hash's fixed random projection, drawn once per shape (a constant to a tracer, see export.py)."""
-    return torch.randn(dim, num_experts, generator=torch.Generator().manual_seed(0))
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """[0, _PRIME) to itself, int64 in and out: an affine step, a squaring (the non-linear step: without it, sums of
+    keys would not depend on the order of the tokens), another affine step."""
+    x = (x * 48271 + 11) % _PRIME
+    x = (x * x + 7) % _PRIME  # below 2**62
+    return (x * 16807 + 3) % _PRIME
+
+
+def token_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) int64 routing key of each token from its id and its position among the sequence's tokens, 0 on
+    padding: the same whatever the batch, its padding, its order or the precision."""
+    mask = attention_mask.long()
+    positions = mask.cumsum(-1) - 1  # (B, T) the position among real tokens, wherever the padding sits
+    return (_mix((_mix(input_ids.long() + 1) + positions + 1) % _PRIME) + 1) * mask
+
+
+def sequence_keys(keys: torch.Tensor) -> torch.Tensor:
+    """(B,) the routing key of each sequence (a pooled vector's), from its tokens' keys (B, T)."""
+    return _mix(keys.sum(-1) % _PRIME)
+
+
+def key_scores(keys: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(N, E) float32 pseudo-uniform scores from (N,) integer keys, distinct within a row and exact in float32
+    (integers below 2**24), so the k smallest are the same experts on every machine and in ONNX."""
+    e = torch.arange(num_experts, device=keys.device)
+    s = _mix((keys.reshape(-1, 1) + _mix(e + 1)) % _PRIME)  # (N, E)
+    return ((s % (2**24 // num_experts)) * num_experts + e).float()
+
+
+_ROUTING_KEYS: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("routing_keys", default=None)
+
+
+@contextlib.contextmanager
+def routing_keys(keys: torch.Tensor | None):
+    """The (B, T) token keys of the batch being encoded, for routers deep inside the backbone's layers (the
+    token-level MoE's random control), for the length of one forward; nothing stays on a module."""
+    token = _ROUTING_KEYS.set(keys)
+    try:
+        yield
+    finally:
+        _ROUTING_KEYS.reset(token)
+
+
+def current_routing_keys() -> torch.Tensor:
+    keys = _ROUTING_KEYS.get()
+    if keys is None:
+        raise RuntimeError("random routing at evaluation needs the routing keys of the inputs (encode through "
+                           "`embed`, or pass the keys)")  # fmt: skip
+    return keys
 
 
 def dispatch(experts: nn.ModuleList, x: torch.Tensor, routing: Routing) -> torch.Tensor:
@@ -309,7 +353,10 @@ class SingleBlockMoE(nn.Module):
             for _ in range(self.num_experts)
         )
 
-    def choose(self, x: torch.Tensor, mode: str, domains: torch.Tensor | None = None) -> Routing:
+    def choose(self, x: torch.Tensor, mode: str, keys: torch.Tensor | None = None,
+               domains: torch.Tensor | None = None) -> Routing:  # fmt: skip
+        """`keys` (N,): the rows' integer routing keys, which random routing needs at evaluation; `domains` (N,):
+        each row's dataset, which the domain oracle routes by."""
         if self.routing_mode == "domain":  # at evaluation, `all` is the same gateless ensemble as random's
             known = domains if (self.training or mode != "all") else None
             return route_domain(known, self.num_experts, x.shape[0], x.device, self.training)
@@ -317,7 +364,11 @@ class SingleBlockMoE(nn.Module):
             if mode == "all" and not self.training and self.routing_mode == "random":  # the gateless ensemble
                 return route_all(torch.zeros(x.shape[0], self.num_experts, device=x.device))  # each expert at 1/E
             k = 1 if self.routing_mode == "dense" else self.top_k
-            scores = None if self.training else input_hash(x, self.num_experts)
+            scores = None
+            if self.routing_mode == "random" and not self.training:
+                if keys is None:
+                    raise ValueError("random routing at evaluation needs the rows' routing keys")
+                scores = key_scores(keys, self.num_experts)
             return route_fixed(x.shape[0], self.num_experts, k, x.device, self.routing_mode == "random", scores)
         logits = self.router(x)
         if self.noise_std > 0 and self.training:
@@ -327,12 +378,12 @@ class SingleBlockMoE(nn.Module):
         renormalize = self.design["renormalize"]
         return route(logits, self.top_k, self.top_k > 1 if renormalize is None else renormalize, self.temperature)
 
-    def forward(self, x: torch.Tensor, mode: str = "top1", domains: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, Routing]:  # fmt: skip
-        """x: (N, H) rows to transform (pooled vectors, or the non-padding tokens of the seed design);
+    def forward(self, x: torch.Tensor, mode: str = "top1", keys: torch.Tensor | None = None,
+                domains: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:  # fmt: skip
+        """x: (N, H) rows to transform (pooled vectors, or the non-padding tokens of the seed design); keys: (N,);
         domains: (N,) dataset index of each row, for `--routing domain`."""
         z = self.norm(x) if self.norm is not None else x
-        routing = self.choose(z, mode, domains)
+        routing = self.choose(z, mode, keys, domains)
         mixed = dispatch(self.experts, z, routing)  # (N, H)
         if self.design["normalize_mix"]:
             mixed = F.normalize(mixed, dim=-1, eps=1e-6)
@@ -394,7 +445,8 @@ class SparseMoEFeedForward(nn.Module):
 
 class RandomRouter(nn.Module):
     """The token-level MoE's random-routing control: no parameters; (N, E) scores whose top-k pick the experts,
-    fresh uniform draws in training and a fixed pseudo-random function of each token at evaluation."""
+    fresh uniform draws in training and at evaluation a fixed function of each token's id and position (the
+    routing keys of the batch being encoded, `routing_keys`)."""
 
     def __init__(self, num_experts: int):
         super().__init__()
@@ -403,7 +455,7 @@ class RandomRouter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             return torch.rand(x.shape[0], self.num_experts, device=x.device)
-        return input_hash(x, self.num_experts)
+        return key_scores(current_routing_keys(), self.num_experts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -637,21 +689,26 @@ class BiEncoder(PreTrainedModel):
         return hidden[:, 0]
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        with routing_keys(token_keys(input_ids, attention_mask)):  # for random routers inside the layers
+            return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, domains: torch.Tensor | None = None
               ) -> Embedding:  # fmt: skip
         """(B, H) representations and the routing decisions made on the way (none for the baseline).
         domains: (B,) long, each input's training dataset (used only by SB-MoE's `--routing domain`)."""
-        return self.embed_hidden(self.hidden_states(input_ids, attention_mask), attention_mask, domains)
+        hidden = self.hidden_states(input_ids, attention_mask)
+        return self.embed_hidden(hidden, attention_mask, token_keys(input_ids, attention_mask), domains=domains)
 
-    def embed_hidden(self, hidden: torch.Tensor, attention_mask: torch.Tensor, domains: torch.Tensor | None = None
-                     ) -> Embedding:  # fmt: skip
-        """From the backbone's last hidden states (B, T, H) on; the frozen-backbone study starts here."""
-        return self.embed_pooled(self.pool(hidden, attention_mask), domains)
+    def embed_hidden(self, hidden: torch.Tensor, attention_mask: torch.Tensor, keys: torch.Tensor | None = None,
+                     domains: torch.Tensor | None = None) -> Embedding:  # fmt: skip
+        """From the backbone's last hidden states (B, T, H) on; the frozen-backbone study starts here. keys: the
+        (B, T) `token_keys` of the inputs, which random routing needs at evaluation; domains: (B,)."""
+        sequence = None if keys is None else sequence_keys(keys)
+        return self.embed_pooled(self.pool(hidden, attention_mask), sequence, domains=domains)
 
-    def embed_pooled(self, pooled: torch.Tensor, domains: torch.Tensor | None = None) -> Embedding:
-        """From pooled vectors (B, H) on, for models whose head sits after pooling."""
+    def embed_pooled(self, pooled: torch.Tensor, keys: torch.Tensor | None = None,
+                     domains: torch.Tensor | None = None) -> Embedding:  # fmt: skip
+        """From pooled vectors (B, H) on, for models whose head sits after pooling; keys: (B,) `sequence_keys`."""
         return Embedding(pooled, [])
 
     def head_on_tokens(self) -> bool:
@@ -783,21 +840,23 @@ class TinyBERTWithMoE(MoEBiEncoder):
     def head_on_tokens(self) -> bool:
         return self.moe.design["per_token"]
 
-    def embed_hidden(self, hidden: torch.Tensor, attention_mask: torch.Tensor, domains: torch.Tensor | None = None
-                     ) -> Embedding:  # fmt: skip
+    def embed_hidden(self, hidden: torch.Tensor, attention_mask: torch.Tensor, keys: torch.Tensor | None = None,
+                     domains: torch.Tensor | None = None) -> Embedding:  # fmt: skip
         if not self.moe.design["per_token"]:
-            return self.embed_pooled(self.pool(hidden, attention_mask), domains)
+            return super().embed_hidden(hidden, attention_mask, keys, domains=domains)
         keep = attention_mask.reshape(-1).bool()  # route the non-padding tokens, then pool
         flat = hidden.reshape(-1, hidden.shape[-1])
         if domains is not None:  # each token carries its input's dataset
             domains = domains.to(hidden.device)[:, None].expand(attention_mask.shape).reshape(-1)[keep]
-        out, routing = self.moe(flat[keep], mode=self.mode(), domains=domains)
+        out, routing = self.moe(flat[keep], mode=self.mode(), keys=None if keys is None else keys.reshape(-1)[keep],
+                                domains=domains)  # fmt: skip
         hidden = flat.index_put((keep.nonzero().squeeze(1),), out).reshape_as(hidden)
         return Embedding(self.pool(hidden, attention_mask), [routing], self.head_aux(routing))
 
-    def embed_pooled(self, pooled: torch.Tensor, domains: torch.Tensor | None = None) -> Embedding:
-        """The head on pooled vectors (B, H), for the designs that sit after pooling."""
-        reps, routing = self.moe(pooled, mode=self.mode(), domains=domains)
+    def embed_pooled(self, pooled: torch.Tensor, keys: torch.Tensor | None = None,
+                     domains: torch.Tensor | None = None) -> Embedding:  # fmt: skip
+        """The head on pooled vectors (B, H), for the designs that sit after pooling; keys: (B,)."""
+        reps, routing = self.moe(pooled, mode=self.mode(), keys=keys, domains=domains)
         return Embedding(reps, [routing], self.head_aux(routing))
 
     def mode(self) -> str:

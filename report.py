@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 import analysis as an
+import provenance as prov
 from spec import HYBRID, Experiment, Run
 from utils import (
     PRIMARY_METRIC,
@@ -88,16 +89,59 @@ def compare(run: str, reference: str, a: dict, b: dict, subsets: dict[str, list[
     return out
 
 
-def build_report(exp: Experiment, layout: Layout, folder: Path, stages: list[dict[str, Run]],
-                 chosen: list[str] | None) -> dict:
-    """Every stage summarised; each run's row also written as `<run>/summary.json`."""
-    subsets = {}
-    if exp.subsets:
-        train, reported = an.split_qrels(folder, exp.splits[0])
-        subsets = {k: v for k, v in an.query_subsets(train, reported).items() if k in exp.subsets}
+SUBSETS_FILE = "subsets.json"  # what the report takes from the dataset, stored with the results when they are made
+
+
+def store_subsets(exp: Experiment, layout: Layout, folder: Path) -> None:
+    """The query subsets of the reported split, kept beside the results so that a report never reads the data."""
+    if not exp.subsets:
+        return
+    train, reported = an.split_qrels(folder, exp.splits[0])
+    subsets = {k: v for k, v in an.query_subsets(train, reported).items() if k in exp.subsets}
+    text = json.dumps({"split": exp.splits[0], "dataset": prov.dataset_identity(folder), "subsets": subsets}, indent=1)
+    path = layout.root / SUBSETS_FILE
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        atomic_write_text(path, text)
+
+
+def stored_subsets(exp: Experiment, layout: Layout) -> dict[str, list[str]] | None:
+    path = layout.root / SUBSETS_FILE
+    if not exp.subsets or not path.is_file():
+        return None
+    return {k: v for k, v in json.loads(path.read_text(encoding="utf-8"))["subsets"].items() if k in exp.subsets}
+
+
+def provenance_summary(layout: Layout, stages: list[dict[str, Run]]) -> dict:
+    """What made the report's cells: each backbone, dataset, precision, commit and machine with its cell count."""
+    counts: dict[str, dict[str, int]] = {k: {} for k in ("backbone", "dataset", "precision", "commit", "machine")}
+    for runs in stages:
+        for run in runs.values():
+            for seed in run.seeds if run.per_seed else [None]:
+                folder = layout.run_dir(run, seed)
+                if not folder.is_dir():
+                    continue
+                rec = prov.read(folder) or {"inputs": {}, "made_by": {}}
+                commit, machine = prov.maker_note(rec) if rec["made_by"] else ("no record", "no record")
+                values = {"commit": commit, "machine": machine}
+                for key in ("backbone", "dataset", "precision"):
+                    if key in rec["inputs"] and rec["inputs"][key] is not None:
+                        values[key] = prov.short(rec["inputs"][key])
+                    elif not rec["inputs"]:
+                        values[key] = "no record"
+                for key, value in values.items():
+                    counts[key][value] = counts[key].get(value, 0) + 1
+    return {k: dict(sorted(v.items())) for k, v in counts.items()}
+
+
+def build_report(exp: Experiment, layout: Layout, stages: list[dict[str, Run]], chosen: list[str] | None) -> dict:
+    """Every stage summarised from the files alone; each run's row also written as `<run>/summary.json`."""
+    subsets = stored_subsets(exp, layout) or {}
     result = {"experiment": exp.name, "description": exp.description, "splits": exp.splits,
               "recipe": exp.recipe, "subsets": subsets,
-              "stages": [summarise(exp, layout, runs, subsets) for runs in stages]}  # fmt: skip
+              "stages": [summarise(exp, layout, runs, subsets) for runs in stages],
+              "provenance": provenance_summary(layout, stages)}  # fmt: skip
+    if exp.subsets and not subsets:
+        result["missing_subsets"] = list(exp.subsets)
     if chosen is not None:
         result["chosen"] = chosen
     for stage in result["stages"]:
@@ -134,7 +178,7 @@ def render(result: dict) -> str:
 
 
 def stage_lines(result: dict) -> list[str]:
-    """The notes, tables and tests of every stage of one dataset's report."""
+    """The notes, provenance, tables and tests of every stage of one dataset's report."""
     main, others = result["splits"][0], result["splits"][1:]
     subsets = result["subsets"]
     cols = [*TABLE_COLUMNS, *(f"{k} {PRIMARY_METRIC}" for k in subsets), *(f"{s} {c}" for s in others
@@ -147,7 +191,10 @@ def stage_lines(result: dict) -> list[str]:
     for split in others:
         notes.append(f"Columns *{split} ...*: the same models on the {split} queries"
                      + (" (the paper's leaky protocol)." if split == "train" else "."))  # fmt: skip
-    lines = [" ".join(notes)]
+    if result.get("missing_subsets"):
+        notes.append(f"The query subsets ({', '.join(result['missing_subsets'])}) are not stored with these results "
+                     f"({SUBSETS_FILE}): run the experiment once with its data to add them.")  # fmt: skip
+    lines = [" ".join(notes), *provenance_text(result.get("provenance"))]
     for i, stage in enumerate(result["stages"]):
         if i == 1:
             lines += ["", "## Stage 2: the combination chosen on dev", "",
@@ -195,6 +242,19 @@ def routing_text(routing: list[dict]) -> list[str]:
             shares = "; ".join(f"{n}: " + " ".join(f"{x:.2f}" for x in v) for n, v in block["shares"].items())
             lines.append(f"| {r['label']} | {', '.join(r['trained_on'])} | {', '.join(map(str, r['seeds']))} | {b} | "
                          f"{cell(block['nmi'], len(r['seeds']) > 1)} | {shares} |")  # fmt: skip
+    return lines
+
+
+def provenance_text(summary: dict | None) -> list[str]:
+    """What made the cells, one line per field: each value with the number of cells it made."""
+    if not summary:
+        return []
+    names = {"backbone": "Backbone", "dataset": "Dataset", "precision": "Precision", "commit": "Commit",
+             "machine": "Machine"}  # fmt: skip
+    lines = ["", "What made these cells (provenance.json in each cell; *no record*: made before cells recorded it):", ""]
+    for key, label in names.items():
+        if summary.get(key):
+            lines.append(f"- {label}: " + "; ".join(f"{v} ({n} cell{'s' if n > 1 else ''})" for v, n in summary[key].items()))
     return lines
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import VARIANTS, NoisyMLPRouter, Router
+from model import VARIANTS, NoisyMLPRouter, Router, routing_keys
 
 H, E = 32, 4
 
@@ -138,13 +138,16 @@ def test_random_routing_is_uniform_with_a_fixed_weight_and_reproducible_at_infer
     counts = torch.bincount(routing.indices[:, 0], minlength=E).float()
     assert torch.all((counts / 4000 - 1 / E).abs() < 0.03)  # uniform
     assert torch.all(routing.weights == 1.0)
-    model.eval()  # evaluation: a function of each input alone, whatever batch it comes in, and still uniform
-    fixed = model.moe.choose(x, "top1").indices
-    assert torch.equal(fixed, model.moe.choose(x, "top1").indices)
-    assert torch.equal(fixed[100:200], model.moe.choose(x[100:200], "top1").indices)
+    model.eval()  # evaluation: a function of each input's integer key alone, whatever batch it comes in; uniform
+    keys = torch.arange(4000) * 7919
+    with pytest.raises(ValueError, match="routing keys"):
+        model.moe.choose(x, "top1")
+    fixed = model.moe.choose(x, "top1", keys).indices
+    assert torch.equal(fixed, model.moe.choose(torch.randn_like(x), "top1", keys).indices)  # not the float input
+    assert torch.equal(fixed[100:200], model.moe.choose(x[100:200], "top1", keys[100:200]).indices)
     counts = torch.bincount(fixed[:, 0], minlength=E).float()
     assert torch.all((counts / 4000 - 1 / E).abs() < 0.03)
-    two = build(tiny_backbone, design="seed", routing="random").moe.choose(x, "top1")
+    two = build(tiny_backbone, design="seed", routing="random").moe.choose(x, "top1", keys)
     assert torch.all(two.weights == 0.5) and torch.all(two.indices[:, 0] != two.indices[:, 1])  # k distinct
 
 
@@ -225,9 +228,14 @@ def test_token_moe_random_routing_is_uniform_fixed_weight_and_reproducible_at_in
     counts = torch.bincount(routing.indices.reshape(-1), minlength=E).float()
     assert torch.all((counts / 8000 - 1 / E).abs() < 0.03)  # uniform
     block.eval()
-    fixed = block.decide(block.router(x)).indices
-    assert torch.equal(fixed, block.decide(block.router(x)).indices)
-    assert torch.equal(fixed[100:200], block.decide(block.router(x[100:200])).indices)
+    keys = torch.arange(4000) * 7919
+    with routing_keys(keys):
+        fixed = block.decide(block.router(x)).indices
+        assert torch.equal(fixed, block.decide(block.router(torch.randn_like(x))).indices)  # not the float input
+    with routing_keys(keys[100:200]):
+        assert torch.equal(fixed[100:200], block.decide(block.router(x[100:200])).indices)
+    counts = torch.bincount(fixed.reshape(-1), minlength=E).float()
+    assert torch.all((counts / 8000 - 1 / E).abs() < 0.03)  # still uniform
     ids, mask = batch()
     assert torch.allclose(model.encode(ids, mask), base.encode(ids, mask), atol=1e-5)  # copies of the FFN, 1/k each
     for m in model.moe_blocks():  # experts that differ: a document's embedding must not depend on its batch

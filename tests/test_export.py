@@ -73,7 +73,8 @@ def test_exported_folder_encodes_like_eval(kind, checkpoints, tmp_path):
 def test_sbmoe_designs_and_controls_export_exactly(tiny_backbone, tmp_path):
     from sentence_transformers import SentenceTransformer
 
-    for i, settings in enumerate([dict(design="seed", top_k=2), dict(design="sokli"), dict(routing="random"),
+    every = [dict(design=d, routing=r) for d in ("residual-zero", "sokli", "seed") for r in ("learned", "dense", "random")]
+    for i, settings in enumerate([*every, dict(design="seed", top_k=2), dict(design="sokli", inference_mode="all"),
                                   dict(design="sokli", routing="random", inference_mode="all")]):  # fmt: skip
         ckpt = tmp_path / f"ckpt{i}"
         model = make_checkpoint(ckpt, tiny_backbone, "sbmoe", **settings)
@@ -128,6 +129,18 @@ def test_onnx_graph_and_int8_agree_with_the_model(checkpoints, tmp_path):
     assert report["onnx"]["int8"]["fp32_matmuls"] == len(first) + 2 + len(routers)  # + layer 0's attention scores
     card = (out / "README.md").read_text()  # the card says which MatMuls stayed fp32
     assert f"fp32_nodes `/encoder/layer.0/`, `/router/`; fp32_matmuls {len(first) + 2 + len(routers)}" in card
+
+@pytest.mark.parametrize("kind,design", [("sbmoe", "seed"), ("sbmoe", "sokli"), ("moe", None)])
+def test_random_routing_controls_trace_to_onnx_exactly(kind, design, tiny_backbone, tmp_path):
+    """The routing keys are integer arithmetic on input_ids inside the graph: ONNX picks the same experts."""
+    settings = dict(routing="random", **({"design": design} if design else {}))
+    model = make_checkpoint(tmp_path / "ckpt", tiny_backbone, kind, **settings)
+    report = export.export(tmp_path / "ckpt", tmp_path / "st", onnx=True, **LENGTHS)
+    assert report["onnx"]["fp32_max_abs_diff_vs_torch"] < export.ONNX_TOLERANCE
+    tok = AutoTokenizer.from_pretrained(tmp_path / "ckpt")
+    got = ev.encode_texts(export.load_onnx_retriever(tmp_path / "st", "onnx"), tok, TEXTS, 64, 3, show_progress=False)
+    assert np.abs(got - project_embeddings(model, tmp_path / "ckpt", 64)).max() < export.ONNX_TOLERANCE
+
 
 def test_eval_backends_give_the_same_metrics(checkpoints, tmp_path):
     beir = write_tiny_beir(tmp_path / "beir")

@@ -364,6 +364,8 @@ class Runner:
             if not (ckpt / "log_history.json").is_file() and not self.may_train:
                 return f"{names}: transfer evaluation FAILED: no trained checkpoint in {ckpt}"
             made = {k: v for k, v in self.inputs(lead, seed).items() if k != "eval"}  # what shapes the checkpoint
+            if self.train_folders:  # its training datasets, whichever dataset evaluates it
+                made["dataset"] = made.pop("train_dataset")
             if self.may_train and (recorded := prov.read(ckpt)) and (field := prov.differing_field(recorded, made)):
                 return (f"{names}: checkpoint {ckpt} FAILED its check: made with another {field}; remove it or "
                         f"use another --ckpt_root")  # fmt: skip

@@ -34,9 +34,21 @@ from transformers import AutoTokenizer
 import export
 from encode import encode_texts
 from eval import retrieve
-from model import VARIANTS, BiEncoder, backbone_flops
+from model import VARIANTS, BiEncoder, backbone_flops, check_source
 from search import search
-from utils import DataError, atomic_write_text, autocast, doc_text, evaluate_run, fail, load_beir, resolve_data_dir
+from utils import (
+    DataError,
+    atomic_write_text,
+    autocast,
+    check_output,
+    doc_text,
+    entry_point,
+    evaluate_run,
+    fail,
+    load_beir,
+    resolve_data_dir,
+    temp_prefix,
+)
 
 
 def machine() -> str:
@@ -750,6 +762,7 @@ def bench_scale(args) -> dict:
     return report
 
 
+@entry_point
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["encode", "models", "latency", "pipeline", "params", "scale"])
@@ -803,6 +816,16 @@ def main(argv=None) -> None:
             p.error(f"--anchor_python: only for encode, not {args.what}")
         if not shutil.which(args.anchor_python):
             p.error(f"--anchor_python {args.anchor_python}: no such executable")
+    out = Path(args.output or f"results/bench/{args.what}.json")
+    try:  # before the benchmark runs: where it writes, and the backbone it measures
+        check_output(out, "--output", [args.model_name_or_path, args.data_dir], file=True,
+                     extra_name=len(temp_prefix(out)) - len(out.name) + 8)
+        if args.model_name_or_path:
+            check_source(args.model_name_or_path)
+    except DataError as exc:
+        fail(str(exc))
+    except ValueError as exc:
+        fail(f"--model_name_or_path {str(exc).splitlines()[0]}")
     bench = {"encode": bench_encode, "models": bench_models, "latency": bench_latency, "pipeline": bench_pipeline,
              "params": bench_params, "scale": bench_scale}  # fmt: skip
     try:
@@ -815,7 +838,6 @@ def main(argv=None) -> None:
         fail(f"--model_name_or_path {args.model_name_or_path}: cannot load ({str(exc).splitlines()[0]})")
     report["command"] = "python bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     report["peak_rss_mib_this_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out = Path(args.output or f"results/bench/{args.what}.json")
     atomic_write_text(out, json.dumps(report, indent=2))
     print(f"wrote {out}")
 

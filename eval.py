@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from analysis import write_evaluation, write_metrics, write_routing
 from encode import REUSE_DIR, EmbeddingCache, cache_key, content_key, encode_texts, routing_counts
-from model import VARIANTS, BiEncoder, load_model, load_tokenizer
+from model import VARIANTS, BiEncoder, checkpoint_digest, load_model, load_tokenizer
 from retrievers import BM25, DEV_FRACTION, DEV_SEED, FUSIONS, SELECT_METRIC, choose_weight, dev_qrels, fuse
 from search import (  # noqa: F401  (search: re-exported for frozen.py)
     ENCODE_CHUNK,
@@ -62,10 +62,10 @@ from utils import (
     METRICS,
     TABLE_COLUMNS,
     DataError,
-    check_writable,
-    corpus_path,
+    check_output,
     dataset_name,
     doc_text,
+    entry_point,
     evaluate_run,
     fail,
     format_table,
@@ -228,27 +228,21 @@ class DocIds:
 class Corpus:
     """A BEIR corpus by record number: every id held (packed), texts streamed from the file a chunk at a time.
 
-    A corpus with repeated ids is loaded whole instead, as `load_corpus` reads it (first position, last text).
+    Ids are unique (a repeated one is `load_corpus`'s DataError naming its line: the dense run would keep one
+    record, BM25 both).
     """
 
     def __init__(self, data_dir: Path):
         self.data_dir = data_dir
         self.ids = DocIds(iter_corpus_ids(data_dir))
-        self.loaded = None
-        repeated = self.ids.repeated()
-        if repeated:
-            print(f"{corpus_path(data_dir)}: {repeated} repeated document ids; "
-                  "the corpus is held in memory as load_corpus reads it")  # fmt: skip
-            self.loaded = load_corpus(data_dir)
-            self.ids = DocIds(self.loaded)
+        if self.ids.repeated():
+            load_corpus(data_dir)  # the one check of unique ids: raises naming the file and both lines
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def reader(self):
         """texts(start, stop) for increasing, non-overlapping ranges: one forward pass over the file."""
-        if self.loaded is not None:
-            return lambda a, b: [doc_text(self.loaded[d]) for d in self.ids[a:b]]
         state = {"it": None, "pos": 0}
 
         def texts(a: int, b: int) -> list[str]:
@@ -280,6 +274,8 @@ def init_distributed() -> tuple[int, int, bool]:
 # --------------------------------------------------------------------------------------------
 # Command line
 
+DEFAULT_LENGTHS = {"query_max_length": RetrieveOptions.query_max_length, "doc_max_length": RetrieveOptions.doc_max_length}
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -295,8 +291,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top_k", type=int, default=100, help="documents retrieved and scored per query")
     p.add_argument("--trec_depth", nargs="+", default=[], metavar="SPLIT=K",
                    help="write only the top K of SPLIT's run file (e.g. train=10); metrics use --top_k")  # fmt: skip
-    p.add_argument("--query_max_length", type=int, default=64)
-    p.add_argument("--doc_max_length", type=int, default=256)
+    p.add_argument("--query_max_length", type=int, default=None,
+                   help=f"default: an export folder's, else {DEFAULT_LENGTHS['query_max_length']} (at most the "
+                        "backbone's positions)")  # fmt: skip
+    p.add_argument("--doc_max_length", type=int, default=None,
+                   help=f"default: an export folder's, else {DEFAULT_LENGTHS['doc_max_length']} (at most the "
+                        "backbone's positions)")  # fmt: skip
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--encode_chunk", type=int, default=ENCODE_CHUNK,
                    help="documents encoded and searched at a time (memory bound); the same value gives the same "
@@ -338,7 +338,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.top_k < MAX_CUTOFF:
         p.error(f"--top_k must be at least {MAX_CUTOFF}, the deepest metric cutoff")
     for flag in ("encode_chunk", "batch_size", "query_max_length", "doc_max_length"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag} {getattr(args, flag)}: must be at least 1")
     try:
         args.trec_depth = {k: int(v) for k, v in (x.split("=") for x in args.trec_depth)}
@@ -359,8 +359,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def load_for_eval(name: str, checkpoint: str | None, args) -> tuple[BiEncoder, object, str]:
+def resolve_lengths(model: BiEncoder, args, exported: dict | None) -> tuple[dict[str, int], dict]:
+    """The query and document lengths: the flag's, else an export's (what it was exported and checked with),
+    else the default cut to the backbone's positions; a flag beyond the positions is a DataError. Returns them
+    and, for an export, what the flags changed ({flag: {"export": .., "used": ..}})."""
+    limit = model.config.backbone_config.get("max_position_embeddings")
+    lengths, changed = {}, {}
+    for flag, default in DEFAULT_LENGTHS.items():
+        given, saved = getattr(args, flag, None), (exported or {}).get(flag)
+        if given is not None and limit and given > limit:
+            raise DataError(f"--{flag} {given}: the backbone has {limit} positions")
+        lengths[flag] = given if given is not None else saved if saved is not None else min(default, limit or default)
+        if given is not None and saved is not None and given != saved:
+            changed[flag] = {"export": saved, "used": given}
+    return lengths, changed
+
+
+def load_for_eval(name: str, checkpoint: str | None, args) -> tuple[BiEncoder, object, str, dict]:
+    """The model, its tokenizer, where it came from and what shapes its numbers (metrics.json's `settings`)."""
     backend = getattr(args, "backend", "torch")
+    precision = {"onnx": "fp32", "onnx-int8": "int8 weights, fp32 activations"}.get(
+        backend, "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32")  # fmt: skip
     if checkpoint and name != "zeroshot":
         import export
 
@@ -370,7 +389,20 @@ def load_for_eval(name: str, checkpoint: str | None, args) -> tuple[BiEncoder, o
             model = export.load_onnx_retriever(checkpoint, backend)
             if model.config.kind != name:
                 raise DataError(f"{checkpoint}: holds a {model.config.kind} export, not {name}")
-            return model, load_tokenizer(checkpoint), checkpoint
+            mode = model.config.inference_mode
+            if args.inference_mode and args.inference_mode != mode and model.config.kind == "sbmoe":
+                raise DataError(f"--inference_mode {args.inference_mode}: {checkpoint} is a graph traced with "
+                                f"inference mode {mode}; evaluate the checkpoint itself for {args.inference_mode}")  # fmt: skip
+            info = export.read_export_info(checkpoint)
+            lengths, changed = resolve_lengths(model, args, info)
+            try:
+                tokenizer = load_tokenizer(checkpoint)
+            except ValueError as exc:
+                raise DataError(str(exc)) from None
+            facts = {"backend": backend, "precision": precision, **lengths, "inference_mode": mode,
+                     "checkpoint_sha1": info.get("checkpoint_sha1"), "export": str(checkpoint),
+                     **({"changed_from_export": changed} if changed else {})}  # fmt: skip
+            return model, tokenizer, checkpoint, facts
     if name == "zeroshot":
         source = args.model_name_or_path
         try:
@@ -396,15 +428,18 @@ def load_for_eval(name: str, checkpoint: str | None, args) -> tuple[BiEncoder, o
         tokenizer = load_tokenizer(source)
     except ValueError as exc:
         raise DataError(str(exc)) from None
+    lengths, _ = resolve_lengths(model, args, None)
+    facts = {"backend": backend, "precision": precision, **lengths, "inference_mode": model.config.inference_mode,
+             "checkpoint_sha1": None if name == "zeroshot" else checkpoint_digest(source)}  # fmt: skip
     if backend != "torch":
         import export
 
         try:
-            return export.onnx_retriever(model.eval(), backend), tokenizer, source
+            return export.onnx_retriever(model.eval(), backend), tokenizer, source, facts
         except RuntimeError as exc:
             raise DataError(f"{source}: ONNX export failed ({str(exc).splitlines()[0]})") from None
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return model.to(device).eval(), tokenizer, source
+    return model.to(device).eval(), tokenizer, source, facts
 
 
 def load_data(args, rank: int, world: int):
@@ -436,30 +471,41 @@ def load_dev(data_dir: Path, args, doc_ids, queries: dict) -> tuple[dict, dict, 
     """Split dev: qrels/dev.tsv, else training's seeded slice of the train queries; and which it is."""
     if (data_dir / "qrels" / "dev.tsv").is_file():
         return (*load_split(data_dir, "dev", doc_ids, queries), "split dev")
+    why = ("--split dev" if "dev" in args.split else
+           f"--hybrid {args.hybrid} chooses --hybrid_weight on dev (give --hybrid_weight W to fix it instead)")  # fmt: skip
+    if not (data_dir / "qrels" / "train.tsv").is_file():
+        raise DataError(f"{data_dir / 'qrels'}: neither dev.tsv nor train.tsv to slice a dev split from; {why}")
     train_queries, _ = load_split(data_dir, "train", doc_ids, queries)  # checked as any split is
     qrels, source = dev_qrels(data_dir, args.dev_seed, args.dev_fraction)
+    if not qrels:
+        raise DataError(f"{data_dir / 'qrels' / 'train.tsv'}: the dev {source} has no queries "
+                        f"({len(train_queries)} train queries; raise --dev_fraction); {why}")  # fmt: skip
     return {q: train_queries[q] for q in qrels}, qrels, source
 
 
+@entry_point
 def main(argv=None) -> dict:
     args = parse_args(argv)
     rank, world, created = init_distributed()
+    inputs = [args.data_dir or Path(os.environ.get("BEIR_DATA_DIR", "data")) / args.dataset, *(args.checkpoint or [])]
     try:
         for split in args.split:  # before any encoding: a folder that cannot be written is found now
-            check_writable(split_dir(args, split))
+            check_output(split_dir(args, split), "--output_dir", inputs)
         if args.embedding_cache:
-            check_writable(args.embedding_cache, "--embedding_cache")
+            check_output(args.embedding_cache, "--embedding_cache", inputs)
         data_dir, corpus, splits, dev_source = load_data(args, rank, world)
     except DataError as exc:
         fail(str(exc))
     dataset = args.dataset or str(data_dir)
     dtype = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     rows = {split: {} for split in args.split}  # dev may be searched only to tune --hybrid: not written then
-    checkpoints, seconds, hybrid, bm25 = {}, {}, {}, None
+    checkpoints, settings, seconds, hybrid, bm25 = {}, {}, {}, {}, None
 
     def meta(split: str) -> dict:
-        # retrieval_seconds: encoding the corpus and the queries of every split, search and metrics
-        out = {"split": split, "dataset": dataset, "checkpoints": checkpoints, "dtype": dtype, "backend": args.backend}
+        # retrieval_seconds: encoding the corpus and the queries of every split, search and metrics;
+        # settings: per run, everything that shapes its numbers (lengths, precision, inference mode, checkpoint digest)
+        out = {"split": split, "dataset": dataset, "checkpoints": checkpoints, "settings": settings, "dtype": dtype,
+               "backend": args.backend}  # fmt: skip
         return {**out, "retrieval_seconds": seconds, **({"hybrid": hybrid} if hybrid else {})}
 
     def write(split: str, tag: str, results: dict) -> None:
@@ -476,19 +522,21 @@ def main(argv=None) -> dict:
                                                 verify=verify if args.verify else None)  # fmt: skip
         except OSError as exc:
             fail(f"{out_dir}: cannot write the results ({exc.strerror or exc})")
+        except DataError as exc:  # --verify: the run file does not read back
+            fail(str(exc))
 
     for i, name in enumerate(args.model):
         try:
-            model, tokenizer, source = load_for_eval(name, args.checkpoint[i] if args.checkpoint else None, args)
+            model, tokenizer, source, facts = load_for_eval(name, args.checkpoint[i] if args.checkpoint else None, args)
         except DataError as exc:
             fail(str(exc))
         tag = args.tag if args.tag and len(args.model) == 1 else name
-        checkpoints[tag] = str(source)
+        checkpoints[tag], settings[tag] = str(source), facts
         start = time.perf_counter()
         domain = model_domain(model, data_dir)
         cache = None
         if args.embedding_cache:
-            key = cache_key(str(source), model, data_dir, len(corpus), args.doc_max_length,
+            key = cache_key(str(source), model, data_dir, len(corpus), facts["doc_max_length"],
                             dtype if args.backend == "torch" else args.backend, args.batch_size)  # fmt: skip
             cache = EmbeddingCache(args.embedding_cache, key)
         elif args.backend == "torch" and (Path(source) / REUSE_DIR).is_dir():  # the checkpoint's last dev pass
@@ -498,7 +546,7 @@ def main(argv=None) -> dict:
         timings: dict[str, float] = {}
         tops = retrieve_topk(
             model, tokenizer, len(corpus), corpus.reader(), {split: q for split, (q, _) in splits.items()},
-            args.top_k, RetrieveOptions(query_max_length=args.query_max_length, doc_max_length=args.doc_max_length,
+            args.top_k, RetrieveOptions(query_max_length=facts["query_max_length"], doc_max_length=facts["doc_max_length"],
                                         batch_size=args.batch_size, bf16=args.bf16, fp16=args.fp16,
                                         encode_chunk=args.encode_chunk, backend=args.search, domain=domain),
             rank=rank, world=world, cache=cache, timings=timings,
@@ -579,7 +627,7 @@ def record_routing(model: BiEncoder, tokenizer, args, data_dir: Path, corpus: Co
 
 def bm25_runs(data_dir: Path, corpus: Corpus, splits: dict, top_k: int) -> dict[str, dict]:
     """BM25's run of every split's queries (one index for all of them)."""
-    docs = corpus.loaded if corpus.loaded is not None else load_corpus(data_dir)
+    docs = load_corpus(data_dir)
     run = BM25().search(docs, {q: t for queries, _ in splits.values() for q, t in queries.items()}, top_k)
     return {split: {q: run[q] for q in queries} for split, (queries, _) in splits.items()}
 

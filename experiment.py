@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -32,6 +33,7 @@ import numpy as np
 
 import analysis as an
 import provenance as prov
+from model import RANDOM_ROUTING
 from report import build_report, figures, render, routing_section, store_subsets, stored_subsets, summarise
 from retrievers import BM25, DEV_FRACTION, SELECT_METRIC, choose_weight, dev_qrels, fuse
 from spec import HYBRID, UNTRAINED, Experiment, Run, load_experiment, restrict_seeds, transfer_name
@@ -41,12 +43,16 @@ from utils import (
     DataError,
     atomic_write_text,
     auto_precision,
-    check_writable,
+    check_output,
+    corpus_path,
+    entry_point,
     fail,
+    is_dataset_folder,
     load_corpus,
     load_qrels,
     load_queries,
     load_split,
+    read_lines,
     read_trec,
     resolve_data_dir,
     resolve_dataset,
@@ -170,6 +176,8 @@ class Runner:
             return {**out, "train": [], "eval": []}
         out.update(backbone=self.identities["backbone"], precision=prov.precision(self.dtype),
                    train=self.train_flags(run) if run.trained else [], eval=self.eval_flags(run))  # fmt: skip
+        if random_routing(out["train"]):  # the evaluation routing function shapes the numbers of a random control
+            out["random_routing"] = RANDOM_ROUTING
         if run.trained and self.train_folders:
             out["train_dataset"] = [self.identities["train_datasets"][n] for n in run.datasets or self.train_folders]
         elif run.trained and self.folder != self.train_folder:
@@ -183,7 +191,7 @@ class Runner:
         for (_, seed), group in groups.items():
             for run in group:
                 folder = self.layout.run_dir(run, seed)
-                if run.name in self.rerun or not folder.is_dir():
+                if not folder.is_dir():
                     continue
                 recorded = prov.read(folder)
                 if recorded is None:
@@ -191,6 +199,8 @@ class Runner:
                         others[("no record", "no record")] = others.get(("no record", "no record"), 0) + 1
                     continue
                 if field := prov.differing_field(recorded, self.inputs(run, seed)):
+                    if run.name in self.rerun:
+                        continue  # made again (forget)
                     at = f"run {run.name}" + ("" if seed is None else f", seed {seed}")
                     errors.append(f"{at}: {folder} was made with another {field}; write elsewhere with another "
                                   f"--results, or redo it with --rerun {run.name}")  # fmt: skip
@@ -202,12 +212,20 @@ class Runner:
         prov.write(self.layout.run_dir(run, seed), self.inputs(run, seed))
 
     def forget(self, runs: list[Run], seed: int | None) -> None:
-        """--rerun: a run's results and its checkpoint removed, so that they are made again."""
+        """--rerun: a run's cell made with other inputs than now (or with no record of them) is removed with its
+        checkpoint, so that it is made again; a cell that already matches is kept (a resumed --rerun goes on)."""
         for run in runs:
-            if run.name in self.rerun and self.layout.run_dir(run, seed).is_dir():
-                shutil.rmtree(self.layout.run_dir(run, seed))
-                if run.trained and self.may_train:
-                    shutil.rmtree(self.layout.checkpoint(run, list(self.exp.runs.values()), seed), ignore_errors=True)
+            folder = self.layout.run_dir(run, seed)
+            if run.name not in self.rerun or not folder.is_dir():
+                continue
+            recorded = prov.read(folder)
+            inputs = self.inputs(run, seed)
+            if recorded is None or prov.differing_field(recorded, inputs):
+                shutil.rmtree(folder)
+                ckpt = self.layout.checkpoint(run, list(self.exp.runs.values()), seed) if run.trained else None
+                made = prov.read(ckpt) if ckpt and self.may_train else None
+                if ckpt and (made is None or prov.differing_field(made, checkpoint_inputs(inputs))):
+                    shutil.rmtree(ckpt, ignore_errors=True)  # else only its evaluation changed: the weights stay
 
     def execute(self, script: str, argv: list[str], log: Path, launch: list[str]) -> bool:
         """One training or evaluation step, logged; in this process (--in_process) or a fresh one."""
@@ -229,6 +247,9 @@ class Runner:
                     entry()
             except SystemExit as exc:
                 return exc.code in (0, None)
+            except DataError as exc:  # raised past a script's own handling: logged as the script would say it
+                fh.write(f"error: {exc}\n")
+                return False
         return True
 
     def trec_depth_flags(self) -> list[str]:
@@ -363,7 +384,7 @@ class Runner:
             log = self.layout.run_dir(lead, seed) / "train.log"
             if not (ckpt / "log_history.json").is_file() and not self.may_train:
                 return f"{names}: transfer evaluation FAILED: no trained checkpoint in {ckpt}"
-            made = {k: v for k, v in self.inputs(lead, seed).items() if k != "eval"}  # what shapes the checkpoint
+            made = checkpoint_inputs(self.inputs(lead, seed))
             if self.train_folders:  # its training datasets, whichever dataset evaluates it
                 made["dataset"] = made.pop("train_dataset")
             if self.may_train and (recorded := prov.read(ckpt)) and (field := prov.differing_field(recorded, made)):
@@ -406,7 +427,10 @@ class Runner:
             (_, seed), group = item
             names = ", ".join(r.name for r in group) + ("" if seed is None else f" seed {seed}")
             print(f"[{i}/{total}] start {names}", flush=True)
-            message = self.job(group, seed, runs)
+            try:
+                message = self.job(group, seed, runs)
+            except DataError as exc:  # bad data met by the runner itself (BM25, a hybrid's run files)
+                message = f"{names}: FAILED: {exc}"
             with lock:
                 done[0] += 1
                 print(f"[{done[0]}/{total} done] {message}", flush=True)
@@ -425,6 +449,17 @@ def is_moe(run: Run) -> bool:
     from model import VARIANTS, MoEBiEncoder
 
     return run.kind in VARIANTS and issubclass(VARIANTS[run.kind], MoEBiEncoder)
+
+
+def random_routing(train_flags: list[str]) -> bool:
+    """Whether a run's training flags make it a random-routing control (the last --routing wins)."""
+    at = [i for i, f in enumerate(train_flags[:-1]) if f == "--routing"]
+    return bool(at) and train_flags[at[-1] + 1] == "random"
+
+
+def checkpoint_inputs(inputs: dict) -> dict:
+    """The inputs that shape a checkpoint: not the evaluation flags, nor the evaluation's random routing."""
+    return {k: v for k, v in inputs.items() if k not in ("eval", "random_routing")}
 
 
 def keep_training_record(ckpt: Path, out: Path) -> None:
@@ -503,15 +538,36 @@ def chosen_runs(exp: Experiment, flags: list[str]) -> dict[str, Run]:
 # Transfer: every checkpoint, BM25 and the zero-shot backbone on other BEIR datasets (BEIR's zero-shot protocol)
 
 
-def resolve_transfer(exp: Experiment, download: bool = True) -> dict[str, Path]:
-    """Each transfer dataset's folder, checked to have a test split, before anything trains."""
-    folders = {}
+def dataset_digest(folder: Path) -> str:
+    """A BEIR folder's identity by content: its corpus and queries records (plain or gzip, line endings aside)."""
+    h = hashlib.sha1()
+    for path in (corpus_path(folder), next(p for p in (folder / "queries.jsonl", folder / "queries.jsonl.gz")
+                                           if p.is_file())):  # fmt: skip
+        for _, line in read_lines(path):
+            if line.strip():
+                h.update(line.rstrip("\r\n").encode("utf-8") + b"\n")
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def resolve_transfer(exp: Experiment, training: list[Path], download: bool = True) -> dict[str, Path]:
+    """Each transfer dataset's folder, checked to have a test split and to be neither a training dataset nor
+    another entry's (by content: a copy under another name is the same data), before anything trains."""
+    folders, seen = {}, {dataset_digest(t): "a training dataset" for t in training}
     for entry in exp.transfer:
+        if is_dataset_folder(entry) and not Path(entry).is_dir():
+            raise DataError(f"transfer dataset {entry}: no such folder (experiment {exp.name})")
         folder = resolve_dataset(entry, download=download)
         if not (folder / "qrels" / "test.tsv").is_file():
             raise DataError(f"transfer dataset {entry}: {folder / 'qrels' / 'test.tsv'} does not exist")
+        digest = dataset_digest(folder)
+        if digest in seen:
+            raise DataError(f"transfer dataset {entry}: the same corpus and queries as {seen[digest]} (a transfer "
+                            "dataset is one the models were not trained on)")  # fmt: skip
+        seen[digest] = f"transfer dataset {transfer_name(entry)}"
         folders[transfer_name(entry)] = folder
     return folders
+
 
 
 def transfer_stages(exp: Experiment, stages: list[dict[str, Run]]) -> list[dict[str, Run]]:
@@ -634,6 +690,7 @@ def check_backbone(name: str | None) -> None:
             raise DataError(str(exc)) from None
 
 
+@entry_point
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("experiment", help="an experiment file (experiments/*.toml)")
@@ -671,8 +728,11 @@ def main(argv=None) -> dict:
                 raise DataError(f"--seeds {' '.join(map(str, args.seeds))}: none of {args.experiment}'s seeds")
         if not args.report:  # the backbone and the data are found (or said not to be) before anything runs
             check_backbone(args.model_name_or_path or exp.model)
+            root = Path(os.environ.get("BEIR_DATA_DIR", "data"))
+            data = [args.data_dir or exp.data_dir or root / str(args.dataset or exp.dataset)] if not exp.datasets else [
+                Path(d) if is_dataset_folder(d) else root / d for d in exp.datasets]  # fmt: skip
             for flag in ("results", "ckpt_root"):
-                check_writable(getattr(args, flag), f"--{flag}")
+                check_output(getattr(args, flag), f"--{flag}", data)
         unknown = [r for r in args.rerun if r not in exp.runs]
         if unknown:
             raise DataError(f"--rerun {unknown[0]}: not a run of {args.experiment} ({', '.join(exp.runs)})")
@@ -694,7 +754,7 @@ def main(argv=None) -> dict:
                 raise DataError(f"{args.experiment}: splits {missing} have no qrels in {folder / 'qrels'}")
             if args.smoke:
                 folder = smoke_slice(folder, Path(args.results) / exp.name / "smoke-data" / folder.name)
-        transfer = resolve_transfer(exp)  # a missing one fails before anything trains
+        transfer = resolve_transfer(exp, list(folders.values()) or [folder])  # a missing one fails before training
         if args.smoke:
             transfer = {n: smoke_slice(f, Path(args.results) / exp.name / "smoke-data" / n) for n, f in transfer.items()}
     except DataError as exc:

@@ -36,8 +36,18 @@ import torch
 import torch.nn as nn
 from transformers import AutoTokenizer
 
-from model import BiEncoder, RetrieverConfig, load_model, traceable
-from utils import DataError, atomic_write_text, fail
+from model import BiEncoder, RetrieverConfig, checkpoint_digest, load_model, traceable
+from utils import (
+    DataError,
+    atomic_write_text,
+    check_output,
+    entry_point,
+    fail,
+    follow_umask,
+    make_temp_dir,
+    remove_stale_temps,
+    temp_prefix,
+)
 
 HERE = Path(__file__).resolve().parent
 ONNX_FP32, ONNX_INT8, ONNX_INFO = "onnx/encoder.onnx", "onnx/encoder_int8.onnx", "onnx/export.json"
@@ -263,12 +273,13 @@ def check_onnx(path: Path, model: BiEncoder) -> float:
 
 
 def export_graphs(model: BiEncoder, folder: Path, int8: bool, texts: list[str] | None = None, tokenizer=None,
-                  length: int = 256) -> dict:
-    """onnx/encoder.onnx (+ encoder_int8.onnx) under `folder`, checked; returns what onnx/export.json records."""
+                  length: int = 256, settings: dict | None = None) -> dict:
+    """onnx/encoder.onnx (+ encoder_int8.onnx) under `folder`, checked; returns what onnx/export.json records,
+    `settings` (what eval.py evaluates the folder with: lengths, the checkpoint's identity) among it."""
     fp32 = folder / ONNX_FP32
     export_onnx(model, fp32)
     info = {"config": model.config.to_dict(), "inputs": ["input_ids", "attention_mask"], "output": "sentence_embedding",
-            "fp32_max_abs_diff_vs_torch": check_onnx(fp32, model)}  # fmt: skip
+            **(settings or {}), "fp32_max_abs_diff_vs_torch": check_onnx(fp32, model)}  # fmt: skip
     if info["fp32_max_abs_diff_vs_torch"] > ONNX_TOLERANCE:
         raise RuntimeError(f"ONNX graph differs from the model by {info['fp32_max_abs_diff_vs_torch']:.1e}")
     if int8:
@@ -288,24 +299,50 @@ def export_graphs(model: BiEncoder, folder: Path, int8: bool, texts: list[str] |
 
 
 def is_export(folder: str | Path) -> bool:
-    return (Path(folder) / ONNX_INFO).is_file()
+    """export.py's folder (a sentence-transformers folder, with or without onnx/), not a checkpoint."""
+    return (Path(folder) / "modules.json").is_file() or (Path(folder) / ONNX_INFO).is_file()
+
+
+def read_export_info(folder: str | Path) -> dict:
+    """onnx/export.json of an export folder, or a one-line DataError naming what is missing or broken."""
+    folder = Path(folder)
+    path = folder / ONNX_INFO
+    if not path.is_file():
+        raise DataError(f"{folder}: an export without {ONNX_INFO} (export it with export.py --onnx to evaluate it)")
+    info = _read_json(path)
+    if not isinstance(info, dict) or not isinstance(info.get("config"), dict):
+        raise DataError(f"{path}: not export.py's export.json (unreadable JSON or no config)")
+    try:
+        RetrieverConfig(**info["config"])
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{path}: its config does not build a model ({str(exc).splitlines()[0]})") from None
+    return info
 
 
 def load_onnx_retriever(folder: str | Path, backend: str) -> OnnxRetriever:
     """The graph of an export folder for `eval.py --backend onnx | onnx-int8`."""
     folder = Path(folder)
+    info = read_export_info(folder)
     path = folder / FILES[backend]
     if not path.is_file():
         raise DataError(f"{folder}: no {FILES[backend]} (export it with export.py {'--int8' if 'int8' in backend else '--onnx'})")
-    info = json.loads((folder / ONNX_INFO).read_text(encoding="utf-8"))
-    return OnnxRetriever(path, RetrieverConfig(**info["config"]))
+    try:
+        return OnnxRetriever(path, RetrieverConfig(**info["config"]))
+    except Exception as exc:  # onnxruntime raises its own types for a corrupt or truncated graph
+        raise DataError(f"{path}: not a loadable ONNX graph ({str(exc).splitlines()[0][:200]})") from None
 
 
 def onnx_retriever(model: BiEncoder, backend: str) -> OnnxRetriever:
-    """Export `model` on the fly (a temporary folder, gone once the session holds the graph)."""
-    with tempfile.TemporaryDirectory(prefix="onnx-export-") as tmp:
-        export_graphs(model, Path(tmp), int8=backend == "onnx-int8")
-        return OnnxRetriever(Path(tmp) / FILES[backend], model.config)
+    """Export `model` on the fly (a temporary folder, gone once the session holds the graph; one left by a
+    process killed with SIGKILL is removed by the next)."""
+    anchor = Path(tempfile.gettempdir()) / "moe-retrieval-onnx"
+    remove_stale_temps(anchor)
+    tmp = make_temp_dir(anchor)
+    try:
+        export_graphs(model, tmp, int8=backend == "onnx-int8")
+        return OnnxRetriever(tmp / FILES[backend], model.config)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,20 +386,26 @@ def training_recipe(checkpoint: Path) -> dict:
 
 
 def checkpoint_metrics(path: Path, checkpoint: Path) -> dict:
-    """The row of `path` (eval.py's metrics.json) for this checkpoint, plus its unseen-document NDCG@10/Recall@100
-    from the per-query file beside it when the dataset's qrels are at hand."""
+    """The row of `path` (eval.py's metrics.json) measured on this very checkpoint (by the content digest eval.py
+    records, never by name or by being the only row), plus its unseen-document NDCG@10/Recall@100 from the
+    per-query file beside it when the dataset's qrels are at hand."""
+    if not path.is_file():
+        raise DataError(f"--metrics {path}: no such file")
     data = _read_json(path)
     if not isinstance(data, dict):
-        raise DataError(f"--metrics {path}: not eval.py's metrics.json")
+        raise DataError(f"--metrics {path}: not eval.py's metrics.json (not a JSON object)")
     rows = {k: v for k, v in data.items() if isinstance(v, dict) and "NDCG@10" in v}
     if not rows:
         raise DataError(f"--metrics {path}: no model rows")
-    sources = data.get("checkpoints", {})
-    tag = next((t for t, s in sources.items() if Path(s).resolve() == checkpoint.resolve()), None)
-    if tag is None:
-        if len(rows) != 1:
-            raise DataError(f"--metrics {path}: {len(rows)} rows and none from {checkpoint}")
-        tag = next(iter(rows))
+    digest = checkpoint_digest(checkpoint)
+    settings = data.get("settings") if isinstance(data.get("settings"), dict) else {}
+    tags = [t for t in rows if isinstance(settings.get(t), dict) and settings[t].get("checkpoint_sha1") == digest]
+    if not tags:
+        known = sorted(t for t in rows if isinstance(settings.get(t), dict) and settings[t].get("checkpoint_sha1"))
+        why = (f"its rows {known} were measured on other checkpoints" if known else
+               "it records no checkpoint identity (re-evaluate the checkpoint with eval.py)")  # fmt: skip
+        raise DataError(f"--metrics {path}: no row of {checkpoint}: {why}")
+    tag = tags[0]
     # the dataset's name, never the folder it was read from (a path of the machine that evaluated it)
     out = {"tag": tag, "split": data.get("split"), "dataset": Path(str(data.get("dataset"))).name, "all": rows[tag]}
     try:
@@ -480,6 +523,8 @@ SAMPLE_TEXTS = [
 def export(checkpoint: Path, out: Path, onnx: bool = False, int8: bool = False, overwrite: bool = False,
            metrics: Path | None = None, query_max_length: int = 64, doc_max_length: int = 256) -> dict:  # fmt: skip
     """Build the whole folder beside `out`, check it, then rename it into place."""
+    extra = len(temp_prefix(out)) - len(out.name) + 8  # the temporary sibling's longer name (mkdtemp adds 8)
+    check_output(out, "OUT_DIR", inputs=[checkpoint, metrics], file=out.is_file(), extra_name=extra)  # a file: --overwrite
     if out.exists() and not overwrite:
         raise DataError(f"{out} exists (pass --overwrite to replace it)")
     model = load_checkpoint(checkpoint)
@@ -489,8 +534,11 @@ def export(checkpoint: Path, out: Path, onnx: bool = False, int8: bool = False, 
             raise DataError(f"--{flag} {value}: the backbone has {limit} positions")
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     facts = checkpoint_metrics(metrics, checkpoint) if metrics else None
+    settings = {"query_max_length": query_max_length, "doc_max_length": doc_max_length,
+                "checkpoint_sha1": checkpoint_digest(checkpoint)}  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale_temps(out)  # what an export killed with SIGKILL left
+    tmp = make_temp_dir(out)
     try:
         with tempfile.TemporaryDirectory() as work:
             st = build_sentence_transformer(model, tokenizer, query_max_length, doc_max_length, Path(work))
@@ -500,24 +548,30 @@ def export(checkpoint: Path, out: Path, onnx: bool = False, int8: bool = False, 
         if report["sentence_transformers_max_abs_diff"] > TOLERANCE:
             raise RuntimeError(f"the exported folder encodes {report['sentence_transformers_max_abs_diff']:.1e} away "
                                "from eval.py")  # fmt: skip
-        graphs = export_graphs(model, tmp, int8, SAMPLE_TEXTS, tokenizer, doc_max_length) if onnx or int8 else None
+        graphs = export_graphs(model, tmp, int8, SAMPLE_TEXTS, tokenizer, doc_max_length, settings) \
+            if onnx or int8 else None  # fmt: skip
         if graphs:
             report["onnx"] = graphs
         card = model_card(model, training_recipe(checkpoint), facts, query_max_length, doc_max_length, graphs)
         (tmp / "README.md").write_text(card, encoding="utf-8")
+        follow_umask(tmp)
         old = None
-        if out.exists():  # --overwrite: the old folder leaves only once the new one is complete
+        if out.exists() or out.is_symlink():  # --overwrite: the old one leaves only once the new one is complete
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, old)
         os.replace(tmp, out)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return report
 
 
+@entry_point
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a checkpoint folder written by train.py")
@@ -529,6 +583,9 @@ def main(argv=None) -> dict:
     p.add_argument("--query_max_length", type=int, default=64)
     p.add_argument("--doc_max_length", type=int, default=256)
     args = p.parse_args(argv)
+    for flag in ("query_max_length", "doc_max_length"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} {getattr(args, flag)}: must be at least 1")
     try:
         report = export(Path(args.checkpoint), Path(args.out_dir), args.onnx, args.int8, args.overwrite,
                         Path(args.metrics) if args.metrics else None, args.query_max_length, args.doc_max_length)  # fmt: skip
@@ -536,6 +593,8 @@ def main(argv=None) -> dict:
         fail(str(exc))
     except RuntimeError as exc:
         fail(f"export of {args.checkpoint} failed: {str(exc).splitlines()[0]}")
+    except OSError as exc:  # the disk filled up, or the folder went away while writing
+        fail(f"{args.out_dir}: cannot write the export ({exc.strerror or exc})")
     parts = [f"sentence-transformers max |diff| {report['sentence_transformers_max_abs_diff']:.1e}"]
     if "onnx" in report:
         parts.append(f"ONNX fp32 max |diff| {report['onnx']['fp32_max_abs_diff_vs_torch']:.1e}")

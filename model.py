@@ -132,6 +132,7 @@ def route_domain(domains: torch.Tensor | None, num_experts: int, n: int, device,
 # hidden states: a last-bit difference (another CPU's kernels, another batch's padding, bf16, ONNX) cannot send
 # an input to other experts. Integer arithmetic modulo a prime below 2**31 keeps every product inside int64.
 _PRIME = 2_147_483_647  # 2**31 - 1
+RANDOM_ROUTING = "integer keys of token ids and positions"  # what a result records (provenance.py); before: float hash
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:
@@ -963,6 +964,19 @@ def load_model(path: str | Path) -> BiEncoder:
         raise ValueError(f"{weights}: weights do not match its config ({config.kind}, {describe(config)}): "
                          + "; ".join(parts))  # fmt: skip
     return VARIANTS[config.kind].from_pretrained(path, config=config)
+
+
+def checkpoint_digest(path: str | Path) -> str:
+    """A checkpoint's identity by content: sha1 of its config.json and model.safetensors (a copy or a move
+    keeps it, retraining into the same folder changes it). What metrics.json and export.json record."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for name in ("config.json", "model.safetensors"):
+        with open(Path(path) / name, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 def describe(config: RetrieverConfig) -> str:

@@ -27,7 +27,7 @@ from utils import atomic_write_text
 
 FILE = "provenance.json"
 UNKNOWN = "unknown"
-COMPARED = ("backbone", "dataset", "kind", "seed", "precision", "train", "eval")  # in the order they are checked
+COMPARED = ("backbone", "dataset", "train_dataset", "kind", "seed", "precision", "train", "eval", "random_routing")  # in the order they are checked
 # What a backbone is made of: architecture, weights, vocabulary (not the tokenizer's formatting files, which
 # differ between library versions saving the same tokenizer)
 MODEL_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json", "vocab.txt")

@@ -118,7 +118,7 @@ def provenance_summary(layout: Layout, stages: list[dict[str, Run]]) -> dict:
         for run in runs.values():
             for seed in run.seeds if run.per_seed else [None]:
                 folder = layout.run_dir(run, seed)
-                if not folder.is_dir():
+                if not layout.evaluated(run, seed):
                     continue
                 rec = prov.read(folder) or {"inputs": {}, "made_by": {}}
                 commit, machine = prov.maker_note(rec) if rec["made_by"] else ("no record", "no record")

@@ -198,6 +198,8 @@ def load_experiment(path: str | Path) -> Experiment:
     for run in runs.values():
         for ref in run.references:
             check(ref in runs, f"runs.{run.name}.reference {ref!r} is not a run")
+            check(ref != run.name, f"runs.{run.name}.reference names the run itself (a paired test needs another run)")
+        check(len(set(run.references)) == len(run.references), f"runs.{run.name}.reference names a run twice")
     select = raw.get("select")
     if select is not None:
         check(select.get("reference") in runs, "select.reference must name a run")

@@ -8,14 +8,18 @@ Data are plain BEIR-shaped dicts (``corpus[doc_id] = {"title", "text"}``,
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
 import hashlib
 import json
 import os
 import random
+import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import nullcontext, suppress
@@ -78,8 +82,12 @@ def fail(message: str) -> None:
 def resolve_dataset(entry: str, download: bool = True) -> Path:
     """A dataset given as a name (under $BEIR_DATA_DIR, downloaded when missing) or as a folder: an entry with a
     path separator, or starting with `.`, is a folder."""
-    is_folder = "/" in entry or os.sep in entry or entry.startswith(".")
-    return resolve_data_dir(None, entry) if is_folder else resolve_data_dir(entry, None, download=download)
+    return resolve_data_dir(None, entry) if is_dataset_folder(entry) else resolve_data_dir(entry, None, download=download)
+
+
+def is_dataset_folder(entry: str) -> bool:
+    """Whether a dataset entry names a folder (a path separator, or a leading `.`) rather than a dataset name."""
+    return "/" in entry or os.sep in entry or entry.startswith(".")
 
 
 def dataset_name(entry: str | Path) -> str:
@@ -155,17 +163,49 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
             yield lineno, _corpus_record(path, lineno, line)
 
 
+# An id is one TREC column: no whitespace (the run file's separator), no control character, not empty.
+BAD_ID_CHARS = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
+
+
+def check_id(path: Path, lineno: int, kind: str, value: str) -> str:
+    """`value` if it can be a column of a TREC run file, else a DataError naming the file and line."""
+    bad = BAD_ID_CHARS.search(value)
+    if not value or bad:
+        why = "is empty" if not value else f"contains {bad.group()!r} at column {bad.start() + 1}"
+        raise DataError(f"{path}:{lineno}: {kind} id {value!r} {why} (ids are TREC run columns: no whitespace "
+                        "or control characters)")  # fmt: skip
+    return value
+
+
+def _unique_records(path: Path, kind: str) -> Iterator[tuple[int, str, dict]]:
+    """(line, id, record) of a corpus or queries file; a repeated id is a DataError naming both lines."""
+    first: dict[str, int] = {}
+    for lineno, rec in read_jsonl(path):
+        rid = str(rec["_id"])
+        if rid in first:
+            raise DataError(f"{path}:{lineno}: {kind} id {rid!r} repeats line {first[rid]} (ids must be unique)")
+        first[rid] = lineno
+        yield lineno, rid, rec
+
+
 def load_corpus(folder: Path) -> dict[str, dict[str, str]]:
     path = _find(folder, "corpus")
-    corpus = {}
-    for _, rec in read_jsonl(path):
-        corpus[str(rec["_id"])] = {"title": rec.get("title") or "", "text": rec.get("text") or ""}
-    return corpus
+    return {did: {"title": rec.get("title") or "", "text": rec.get("text") or ""}
+            for _, did, rec in _unique_records(path, "document")}  # fmt: skip
 
 
 def load_queries(folder: Path) -> dict[str, str]:
+    """Every query of the folder; an empty one is kept (BEIR scores it) with a warning naming its line."""
     path = _find(folder, "queries")
-    return {str(rec["_id"]): rec.get("text") or "" for _, rec in read_jsonl(path)}
+    queries, empty = {}, []
+    for lineno, qid, rec in _unique_records(path, "query"):
+        queries[qid] = rec.get("text") or ""
+        if not str(queries[qid]).strip():
+            empty.append(lineno)
+    if empty:
+        print(f"warning: {path}:{empty[0]}: {len(empty)} empty quer{'y' if len(empty) == 1 else 'ies'} "
+              "(scored as they are: every document ties)", file=sys.stderr)  # fmt: skip
+    return queries
 
 
 def load_qrels(path: Path) -> dict[str, dict[str, int]]:
@@ -183,6 +223,8 @@ def load_qrels(path: Path) -> dict[str, dict[str, int]]:
         if len(row) != 3:
             raise DataError(f"{path}:{lineno}: expected 3 tab-separated columns, got {len(row)}")
         qid, did, score = (c.strip() for c in row)
+        check_id(path, lineno, "query", qid)
+        check_id(path, lineno, "document", did)
         try:
             value = int(score)
         except ValueError:
@@ -219,6 +261,7 @@ def _corpus_record(path: Path, lineno: int, line: str) -> dict:
         raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
     if not isinstance(record, dict) or "_id" not in record:
         raise DataError(f"{path}:{lineno}: record has no '_id'")
+    check_id(path, lineno, "query" if path.name.startswith("queries") else "document", str(record["_id"]))
     return record
 
 
@@ -524,10 +567,60 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once: mkstemp creates 0600 files, written files get the user's usual mode
 
 
+def temp_prefix(path: Path) -> str:
+    """The name prefix of `path`'s temporary sibling: hidden, with this process' id, so a run killed with
+    SIGKILL leaves a name that `remove_stale_temps` recognises."""
+    return f".{path.name}.tmp-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(path: Path | str) -> list[Path]:
+    """Remove what a killed writer of `path` left beside it (`.NAME.tmp-PID-*`, `.NAME.old-PID`) when that
+    process is gone; returns what was removed."""
+    path = Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(?:tmp-(\d+)-.*|old-(\d+))$")
+    for entry in path.parent.iterdir():
+        m = pattern.match(entry.name)
+        if m and int(m.group(1) or m.group(2)) != os.getpid() and not _alive(int(m.group(1) or m.group(2))):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def make_temp_dir(path: Path) -> Path:
+    """A new temporary folder beside `path` (see `temp_prefix`) with the user's usual mode, not mkdtemp's 0700."""
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path), dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_UMASK)
+    return tmp
+
+
+def follow_umask(folder: Path) -> None:
+    """Give a staged folder's files and folders the user's usual modes (libraries such as safetensors write
+    0600 through a temporary file) before it is renamed into place."""
+    for p in [folder, *folder.rglob("*")]:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~_UMASK)
+
+
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path))
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -553,6 +646,41 @@ def check_writable(folder: Path | str, flag: str = "--output_dir") -> None:
         raise DataError(f"{flag} {folder}: {probe} is not writable")
 
 
+def check_output(path: Path | str, flag: str, inputs: Iterable[Path | str | None] = (), file: bool = False,
+                 extra_name: int = 0) -> None:
+    """An output path checked before any work starts, or a one-line DataError naming `flag`: not an input
+    (nor inside one, nor holding one), every name short enough for the file system (`extra_name` bytes more
+    for a temporary sibling's name), and a folder (`file`: a file's folder) that exists or can be made and is
+    writable. Nothing is created here."""
+    path = Path(path)
+    target = path.resolve()
+    for given in inputs:
+        if given is None:
+            continue
+        src = Path(given).resolve()
+        if target == src or src in target.parents or target in src.parents:
+            how = "is" if target == src else "is inside" if src in target.parents else "holds"
+            raise DataError(f"{flag} {path}: {how} the input {given}; write somewhere else")
+    probe = path
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    try:
+        limit = os.pathconf(probe if probe.is_dir() else probe.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    for i, part in enumerate(path.parts):
+        size = len(os.fsencode(part)) + (extra_name if i == len(path.parts) - 1 else 0)
+        if size > limit:
+            raise DataError(f"{flag} {path}: the name {part[:24]}... is {len(os.fsencode(part))} bytes; the file "
+                            f"system takes {limit - (extra_name if i == len(path.parts) - 1 else 0)} here")  # fmt: skip
+    if file:
+        if path.is_dir():
+            raise DataError(f"{flag} {path}: is a folder, not a file")
+        check_writable(path.parent, flag)
+    else:
+        check_writable(path, flag)
+
+
 class FolderLock:
     """An exclusive `fcntl.flock` on `<folder>/.lock` while a process writes into the folder: a second
     writer (a rerun while an orphan still trains) fails at once; the kernel drops the lock when its holder dies."""
@@ -575,6 +703,38 @@ class FolderLock:
 
     def __exit__(self, *exc) -> None:
         self.fh.close()  # closing releases the lock; the empty lock file stays (removing it would race)
+
+
+_ENTRY_DEPTH = 0
+
+
+def entry_point(main):
+    """A command line's `main`: SIGTERM is raised as KeyboardInterrupt like SIGINT (so every `finally` and
+    `except BaseException` cleanup runs), and either ends in one line and exit 130 (SIGINT) or 143 (SIGTERM).
+    Only the outermost entry point of the main thread does this: an in-process caller sees the interrupt."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        global _ENTRY_DEPTH
+        if _ENTRY_DEPTH or threading.current_thread() is not threading.main_thread():
+            return main(*args, **kwargs)
+
+        def on_term(signum, frame):
+            raise KeyboardInterrupt("SIGTERM")
+
+        previous = signal.signal(signal.SIGTERM, on_term)
+        _ENTRY_DEPTH += 1
+        try:
+            return main(*args, **kwargs)
+        except KeyboardInterrupt as exc:
+            name = "SIGTERM" if str(exc) == "SIGTERM" else "SIGINT"
+            print(f"error: interrupted by {name}; temporary files removed, nothing half-written", file=sys.stderr)
+            raise SystemExit(143 if name == "SIGTERM" else 130) from None
+        finally:
+            _ENTRY_DEPTH -= 1
+            signal.signal(signal.SIGTERM, previous)
+
+    return wrapper
 
 
 def autocast(device: torch.device | str, bf16: bool = False, fp16: bool = False):

@@ -208,6 +208,8 @@ RUNS = '[runs.bm25]\nkind = "bm25"\n[runs.baseline]\nkind = "baseline"\n'
     (RUNS + 'train = "--fp16"\n', "runs.baseline.train must be a list of strings"),
     (RUNS + 'seeds = "43"\n', "runs.baseline.seeds must be a list of integers"),
     (RUNS + "reference = 3\n", "runs.baseline.reference must be a run name"),
+    (RUNS + 'reference = "baseline"\n', "runs.baseline.reference names the run itself"),
+    (RUNS + 'reference = ["bm25", "bm25"]\n', "runs.baseline.reference names a run twice"),
     ('splits = ["test", "dev"]\n' + RUNS, "splits ['dev'] have no qrels"),
     ("[runs]\n", "no [runs.NAME] tables"),
 ])  # fmt: skip
@@ -526,3 +528,302 @@ def test_runner_prints_each_jobs_start_end_and_progress(tiny_beir, tiny_backbone
                      str(tmp_path / "res"), "--ckpt_root", str(tmp_path / "ck"), "--in_process"])  # fmt: skip
     out = capsys.readouterr().out
     assert "[1/1] start bm25" in out and "[1/1 done] bm25: " in out
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 32: ids, lengths, exports, transfer data, references, interrupts (one test per class)
+
+
+def _dup_doc(folder: Path) -> str:
+    with open(folder / "corpus.jsonl", "a") as fh:
+        fh.write(json.dumps({"_id": "d3", "title": "", "text": "protein again"}) + "\n")
+    return "corpus.jsonl:61: document id 'd3' repeats line 4"
+
+
+def _dup_query(folder: Path) -> str:
+    with open(folder / "queries.jsonl", "a") as fh:
+        fh.write(json.dumps({"_id": "q2", "text": "gene"}) + "\n")
+    return "queries.jsonl:25: query id 'q2' repeats line 3"
+
+
+def _space_in_doc_id(folder: Path) -> str:
+    path = folder / "corpus.jsonl"
+    path.write_text(path.read_text().replace('"_id": "d5"', '"_id": "d 5"'))
+    return "corpus.jsonl:6: document id 'd 5' contains ' '"
+
+
+def _tab_in_doc_id(folder: Path) -> str:  # once reported as a qrels document missing from the corpus
+    path = folder / "corpus.jsonl"
+    path.write_text(path.read_text().replace('"_id": "d7"', '"_id": "d\\t7"'))
+    return "corpus.jsonl:8: document id 'd\\t7' contains '\\t'"
+
+
+def _control_in_query_id(folder: Path) -> str:
+    path = folder / "queries.jsonl"
+    path.write_text(path.read_text().replace('"_id": "q1"', '"_id": "q\\u00071"'))
+    return "queries.jsonl:2: query id 'q\\x071' contains '\\x07'"
+
+
+def _space_in_qrels_id(folder: Path) -> str:
+    path = folder / "qrels" / "test.tsv"
+    rows = path.read_text().splitlines()
+    qid, did, score = rows[1].split("\t")
+    path.write_text("\n".join([rows[0], f"{qid}\t{did} x\t{score}", *rows[2:]]) + "\n")
+    return f"test.tsv:2: document id '{did} x' contains ' '"
+
+
+def _empty_doc_id(folder: Path) -> str:
+    with open(folder / "corpus.jsonl", "a") as fh:
+        fh.write(json.dumps({"_id": "", "text": "sleep"}) + "\n")
+    return "corpus.jsonl:61: document id '' is empty"
+
+
+@pytest.mark.parametrize("break_it", [_dup_doc, _dup_query, _space_in_doc_id, _tab_in_doc_id, _control_in_query_id,
+                                      _space_in_qrels_id, _empty_doc_id], ids=lambda f: f.__name__.strip("_"))  # fmt: skip
+def test_ids_that_repeat_or_cannot_be_a_trec_column_are_one_line(break_it, tiny_backbone, tmp_path, capsys):
+    data = write_tiny_beir(tmp_path / "tiny")
+    expected = break_it(data)
+    out = tmp_path / "out"
+    assert exits(evaluation.main, eval_zeroshot(tiny_backbone, data, out, "--hybrid", "bm25", "--hybrid_weight", 0.5)) == 2
+    one_line_error(capsys, expected)
+    assert not out.exists()
+    with pytest.raises(DataError, match="id"):  # the library's loaders (BM25, the runner, training) say the same
+        load_beir(data, "test")
+
+
+def test_an_empty_query_is_scored_with_a_warning(tiny_backbone, tmp_path, capsys):
+    data = write_tiny_beir(tmp_path / "tiny")
+    path = data / "queries.jsonl"
+    lines = path.read_text().splitlines()
+    lines[20] = json.dumps({"_id": "q20", "text": "  "})
+    path.write_text("\n".join(lines) + "\n")
+    evaluation.main(eval_zeroshot(tiny_backbone, data, tmp_path / "out"))
+    assert "warning: " + str(path) + ":21: 1 empty query" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_a_length_beyond_the_backbones_positions_is_one_line(backend, tiny_backbone, tiny_beir, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = eval_zeroshot(tiny_backbone, tiny_beir, out, "--backend", backend)
+    assert exits(evaluation.main, [*argv, "--doc_max_length", "65"]) == 2  # the tiny backbone has 64 positions
+    one_line_error(capsys, "--doc_max_length 65: the backbone has 64 positions")
+    assert not out.exists()
+    settings = evaluation.main(argv)["settings"]["zeroshot"]  # the default (256) is cut to the positions, recorded
+    assert settings["doc_max_length"] == 64 and settings["query_max_length"] == 64
+    assert settings["backend"] == backend and settings["precision"] == "fp32"
+
+
+@pytest.fixture
+def export_mod():
+    import export
+
+    return export
+
+
+def test_output_that_is_an_input_or_unusable_fails_before_any_work(checkpoints, tiny_backbone, tiny_beir, tmp_path,
+                                                                   monkeypatch, export_mod, capsys):  # fmt: skip
+    import bench
+
+    ckpt = _copy(checkpoints / "baseline", tmp_path / "ck")
+    before = sorted(p.name for p in ckpt.iterdir())
+    monkeypatch.setattr(export_mod, "load_checkpoint", lambda *a: pytest.fail("loaded before checking the output"))
+    (tmp_path / "file").write_text("x")
+    for out, needle in ((ckpt, "is the input"), (ckpt / "st", "is inside the input"), (tmp_path, "holds the input"),
+                        (tmp_path / "file" / "st", "is a file, not a folder"),
+                        (tmp_path / ("n" * 250), "bytes; the file system takes")):  # fmt: skip
+        assert exits(export_mod.main, [str(ckpt), str(out), "--overwrite"]) == 2
+        one_line_error(capsys, "OUT_DIR", needle)
+    assert sorted(p.name for p in ckpt.iterdir()) == before  # the checkpoint is untouched
+    monkeypatch.setattr(evaluation, "encode_texts", lambda *a, **k: pytest.fail("encoded before checking"))
+    argv = ["--model", "baseline", "--checkpoint", str(ckpt), "--data_dir", str(tiny_beir), "--output_dir"]
+    assert exits(evaluation.main, [*argv, str(ckpt / "eval")]) == 2
+    one_line_error(capsys, "--output_dir", "is inside the input")
+    monkeypatch.setattr(bench, "bench_models", lambda args: pytest.fail("measured before checking --output"))
+    for out, needle in ((tmp_path, "is a folder, not a file"), (tmp_path / "file" / "b.json", "is a file, not a folder")):
+        assert exits(bench.main, ["models", "--model_name_or_path", str(tiny_backbone), "--output", str(out)]) == 2
+        one_line_error(capsys, "--output", needle)
+    assert exits(bench.main, ["models", "--model_name_or_path", str(tmp_path / "nomodel"), "--output",
+                              str(tmp_path / "b.json")]) == 2  # fmt: skip
+    one_line_error(capsys, "nomodel: no such model folder")
+    (tmp_path / "x.toml").write_text(BASE + RUNS)
+    monkeypatch.setenv("BEIR_DATA_DIR", str(tiny_beir.parent))
+    assert exits(experiment.main, [str(tmp_path / "x.toml"), "--model_name_or_path", str(tiny_backbone), "--results",
+                                   str(tiny_beir / "res"), "--in_process"]) == 2  # fmt: skip
+    one_line_error(capsys, "--results", "is inside the input")
+    assert not (tiny_beir / "res").exists()
+
+
+def test_export_leaves_nothing_behind_and_follows_the_umask(checkpoints, tmp_path, export_mod):
+    ckpt = checkpoints / "baseline"
+    out = tmp_path / "st"
+    stale = [tmp_path / ".st.tmp-999999999-abcdefgh", tmp_path / ".st.old-999999999"]  # a SIGKILLed export's
+    stale[0].mkdir()
+    (stale[0] / "model.safetensors").write_text("half")
+    stale[1].write_text("old")
+    (tmp_path / "other").write_text("x")
+    out.write_text("a file in the way")
+    export_mod.export(ckpt, out, overwrite=True, query_max_length=8, doc_max_length=64)  # --overwrite onto a file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "st"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    modes = {p: p.stat().st_mode & 0o777 for p in [out, *out.rglob("*")]}
+    assert {p.name: oct(m) for p, m in modes.items() if m != (0o777 if p.is_dir() else 0o666) & ~umask} == {}
+
+
+def test_sigterm_or_sigint_during_an_export_cleans_up_in_one_line(checkpoints, tmp_path):
+    ckpt = checkpoints / "baseline"
+    for sig, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+        out = tmp_path / f"st{code}"
+        cmd = [sys.executable, "export.py", str(ckpt), str(out), "--onnx", "--query_max_length", "8",
+               "--doc_max_length", "64"]  # fmt: skip
+        proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        for _ in range(600):  # until the temporary folder exists: the export is under way
+            if list(tmp_path.glob(f".{out.name}.tmp-*")) or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        err = proc.communicate(timeout=120)[1]
+        assert proc.returncode == code, err
+        lines = [x for x in err.splitlines() if x.startswith("error:")]
+        assert "Traceback" not in err and len(lines) == 1 and sig.name in lines[0], err
+        assert not out.exists() and not list(tmp_path.glob(f".{out.name}*"))
+
+
+def test_metrics_of_another_checkpoint_or_no_file_are_refused_by_export(checkpoints, tiny_beir, tmp_path, export_mod,
+                                                                        capsys):  # fmt: skip
+    base = ["--data_dir", str(tiny_beir), "--doc_max_length", "64", "--query_max_length", "8"]
+    row = evaluation.main(["--model", "baseline", "--checkpoint", str(checkpoints / "baseline"), *base,
+                           "--output_dir", str(tmp_path / "ev")])  # fmt: skip
+    from model import checkpoint_digest
+
+    assert row["settings"]["baseline"]["checkpoint_sha1"] == checkpoint_digest(checkpoints / "baseline")
+    metrics = tmp_path / "ev" / "metrics.json"
+    for ckpt, metrics_file, needle in ((checkpoints / "sbmoe", metrics, "were measured on other checkpoints"),
+                                       (checkpoints / "baseline", tmp_path / "none.json", "none.json: no such file")):
+        out = tmp_path / "st"
+        argv = [str(ckpt), str(out), "--metrics", str(metrics_file), "--query_max_length", "8", "--doc_max_length", "64"]
+        assert exits(export_mod.main, argv) == 2
+        one_line_error(capsys, "--metrics", needle)
+        assert not out.exists() and not list(tmp_path.glob(".st*"))
+    moved = _copy(checkpoints / "baseline", tmp_path / "moved")  # the same checkpoint by content, elsewhere: its row
+    export_mod.main([str(moved), str(tmp_path / "st"), "--metrics", str(metrics), "--query_max_length", "8",
+                     "--doc_max_length", "64"])  # fmt: skip
+    assert "model-index:" in (tmp_path / "st" / "README.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def sbmoe_export(checkpoints, tmp_path_factory):
+    import export
+
+    out = tmp_path_factory.mktemp("exports") / "sbmoe"
+    export.export(checkpoints / "sbmoe", out, onnx=True, int8=True, query_max_length=8, doc_max_length=32)
+    return out
+
+
+def test_an_export_is_evaluated_with_its_own_settings_and_a_change_is_recorded(sbmoe_export, checkpoints, tiny_beir,
+                                                                              tmp_path, capsys):  # fmt: skip
+    from model import checkpoint_digest
+
+    argv = ["--model", "sbmoe", "--checkpoint", str(sbmoe_export), "--data_dir", str(tiny_beir), "--output_dir"]
+    got = evaluation.main([*argv, str(tmp_path / "a"), "--backend", "onnx-int8"])["settings"]["sbmoe"]
+    assert (got["doc_max_length"], got["query_max_length"], got["inference_mode"]) == (32, 8, "top1")
+    assert got["precision"].startswith("int8") and got["checkpoint_sha1"] == checkpoint_digest(checkpoints / "sbmoe")
+    assert "changed_from_export" not in got
+    saved = json.loads((tmp_path / "a" / "metrics.json").read_text())["settings"]["sbmoe"]
+    assert saved == got
+    got = evaluation.main([*argv, str(tmp_path / "b"), "--backend", "onnx", "--doc_max_length", "16"])["settings"]
+    assert got["sbmoe"]["changed_from_export"] == {"doc_max_length": {"export": 32, "used": 16}}
+    assert exits(evaluation.main, [*argv, str(tmp_path / "c"), "--backend", "onnx", "--inference_mode", "all"]) == 2
+    one_line_error(capsys, "--inference_mode all", "traced with inference mode top1")
+    assert not (tmp_path / "c").exists()
+
+
+def _no_onnx(folder: Path) -> str:
+    import shutil
+
+    shutil.rmtree(folder / "onnx")
+    return "an export without onnx/export.json"
+
+
+def _corrupt_graph(folder: Path) -> str:
+    path = folder / "onnx" / "encoder.onnx"
+    path.write_bytes(path.read_bytes()[:2000])
+    return "encoder.onnx: not a loadable ONNX graph"
+
+
+def _corrupt_info(folder: Path) -> str:
+    (folder / "onnx" / "export.json").write_text('{"config": ')
+    return "export.json: not export.py's export.json"
+
+
+@pytest.mark.parametrize("break_it", [_no_onnx, _corrupt_graph, _corrupt_info], ids=lambda f: f.__name__.strip("_"))
+def test_a_broken_export_folder_is_one_line(break_it, sbmoe_export, tiny_beir, tmp_path, capsys):
+    folder = _copy(sbmoe_export, tmp_path / "exp")
+    needle = break_it(folder)
+    out = tmp_path / "out"
+    argv = ["--model", "sbmoe", "--checkpoint", str(folder), "--data_dir", str(tiny_beir), "--backend", "onnx",
+            "--output_dir", str(out)]  # fmt: skip
+    assert exits(evaluation.main, argv) == 2
+    one_line_error(capsys, needle)
+    assert not out.exists()
+
+
+def test_hybrid_without_dev_queries_says_why_before_encoding(tiny_backbone, tmp_path, monkeypatch, capsys):
+    data = write_tiny_beir(tmp_path / "tiny")  # 16 train queries: a 1% slice has none
+    monkeypatch.setattr(evaluation, "encode_texts", lambda *a, **k: pytest.fail("encoded before checking"))
+    out = tmp_path / "out"
+    assert exits(evaluation.main, eval_zeroshot(tiny_backbone, data, out, "--hybrid", "bm25", "--dev_fraction", 0.01)) == 2
+    one_line_error(capsys, "train.tsv: the dev slice of train", "has no queries", "--hybrid_weight")
+    (data / "qrels" / "train.tsv").unlink()
+    assert exits(evaluation.main, eval_zeroshot(tiny_backbone, data, out, "--hybrid", "bm25")) == 2
+    one_line_error(capsys, "neither dev.tsv nor train.tsv", "--hybrid_weight")
+    assert not out.exists()
+
+
+def test_transfer_data_that_is_the_training_data_or_missing_is_refused(tiny_backbone, tiny_beir, tmp_path,
+                                                                       monkeypatch, capsys):  # fmt: skip
+    import shutil
+
+    monkeypatch.setenv("BEIR_DATA_DIR", str(tiny_beir.parent))
+    copy = tmp_path / "renamed"
+    shutil.copytree(tiny_beir, copy)
+    (copy / "corpus.jsonl").write_bytes((copy / "corpus.jsonl").read_bytes().replace(b"\n", b"\r\n"))  # same records
+    other = write_tiny_beir(tmp_path / "other", seed=1)
+    twin = shutil.copytree(other, tmp_path / "twin")
+    for transfer, needle in ((f'["{other}", "{copy}"]', "renamed: the same corpus and queries as the training dataset"),
+                             (f'["{other}", "{twin}"]', "twin: the same corpus and queries as transfer dataset other"),
+                             (f'["{tmp_path / "gone"}"]', "gone: no such folder")):  # fmt: skip
+        (tmp_path / "x.toml").write_text(f"{BASE}transfer = {transfer}\n{RUNS}")
+        argv = [str(tmp_path / "x.toml"), "--model_name_or_path", str(tiny_backbone), "--results",
+                str(tmp_path / "res"), "--ckpt_root", str(tmp_path / "ck"), "--in_process"]  # fmt: skip
+        assert exits(experiment.main, argv) == 2
+        one_line_error(capsys, needle)
+        assert not (tmp_path / "res").exists()
+
+
+def test_a_data_error_inside_verify_or_a_runner_job_is_one_line(tiny_backbone, tiny_beir, tmp_path, monkeypatch,
+                                                                 capsys):  # fmt: skip
+    def unreadable(path):
+        raise DataError(f"{path}:1: expected 6 columns in a TREC run, got 7")
+
+    monkeypatch.setattr(evaluation, "read_trec", unreadable)
+    assert exits(evaluation.main, eval_zeroshot(tiny_backbone, tiny_beir, tmp_path / "out", "--verify")) == 2
+    one_line_error(capsys, "zeroshot.trec.gz:1: expected 6 columns")
+    assert not (tmp_path / "out" / "metrics.json").exists()
+    monkeypatch.setenv("BEIR_DATA_DIR", str(tiny_beir.parent))
+    monkeypatch.setattr(experiment.Runner, "bm25", lambda self, run: unreadable("bm25.trec.gz"))
+    (tmp_path / "x.toml").write_text(BASE + '[runs.bm25]\nkind = "bm25"\n')
+    argv = [str(tmp_path / "x.toml"), "--model_name_or_path", str(tiny_backbone), "--results", str(tmp_path / "res"),
+            "--ckpt_root", str(tmp_path / "ck"), "--in_process"]  # fmt: skip
+    assert exits(experiment.main, argv) == 2
+    one_line_error(capsys, "1 job(s) failed: bm25: FAILED: bm25.trec.gz:1: expected 6 columns")
+
+
+def test_ctrl_c_during_evaluation_is_one_line(tiny_backbone, tiny_beir, tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluation, "retrieve_topk", interrupted)
+    assert exits(evaluation.main, eval_zeroshot(tiny_backbone, tiny_beir, tmp_path / "out")) == 130
+    one_line_error(capsys, "interrupted by SIGINT")
+    assert not (tmp_path / "out" / "metrics.json").exists()

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 
 import eval as ev
 import export
-from model import VARIANTS
+from model import VARIANTS, checkpoint_digest
 
 TEXTS = ["protein gene cell", "cancer virus immune brain heart drug trial mouse dose risk blood lung liver " * 3,
          "sleep", "insulin vitamin neuron receptor enzyme tumor therapy"]  # fmt: skip
@@ -89,7 +89,8 @@ def test_model_card_states_the_test_metrics(checkpoints, tmp_path):
     metrics = tmp_path / "eval" / "metrics.json"
     metrics.parent.mkdir()
     metrics.write_text(json.dumps({"sbmoe": {"NDCG@10": 0.61234, "Recall@100": 0.9}, "split": "test",
-                                   "dataset": str(tmp_path / "beir" / "scifact"), "checkpoints": {"sbmoe": str(ckpt)}}))  # fmt: skip
+                                   "dataset": str(tmp_path / "beir" / "scifact"), "checkpoints": {"sbmoe": str(ckpt)},
+                                   "settings": {"sbmoe": {"checkpoint_sha1": checkpoint_digest(ckpt)}}}))  # fmt: skip
     (ckpt / "run_info.json").write_text(json.dumps({"seed": 42, "sampling": "query"}))
     export.main([str(ckpt), str(tmp_path / "st"), "--metrics", str(metrics), "--query_max_length", "8",
                  "--doc_max_length", "64"])  # fmt: skip

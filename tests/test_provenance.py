@@ -119,3 +119,26 @@ def test_recheck_makes_a_cell_again_and_gives_a_verdict(made, capsys):
     an.write_per_query(per_query.parent, "baseline", {q: {**m, "NDCG@10": m["NDCG@10"] / 2} for q, m in scores.items()})
     err = exits_with_one_line(capsys, [*args, "--recheck", "baseline", "--extra", *TINY])
     assert "--recheck baseline: NOT REPRODUCED: largest NDCG@10 difference" in err
+
+
+def test_random_routing_made_by_the_old_hash_is_refused_and_rerun_reevaluates_it_alone(made, tmp_path, capsys):
+    """The evaluation routing of a random control shapes its numbers: a cell evaluated with the old float hash is
+    another input; --rerun evaluates it again on the same checkpoint (training unchanged) and, resumed, redoes
+    nothing that already matches."""
+    args, root = made
+    cell = root / "sbmoe" / "seed42"
+    rec = prov.read(cell)
+    assert rec["inputs"]["random_routing"] == experiment.RANDOM_ROUTING
+    assert "random_routing" not in prov.read(root / "baseline" / "seed42")["inputs"]
+    prov.write(cell, {**rec["inputs"], "random_routing": "float hash of the hidden state"}, rec["made_by"])
+    err = exits_with_one_line(capsys, [*args, "--extra", *TINY])
+    assert "run sbmoe, seed 42:" in err and "another random_routing (float hash" in err
+    weights = tmp_path / "ck" / "tiny-prov" / "sbmoe" / "seed42" / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    capsys.readouterr()
+    experiment.main([*args, "--rerun", "sbmoe", "--extra", *TINY])
+    assert prov.read(cell)["inputs"]["random_routing"] == experiment.RANDOM_ROUTING
+    assert weights.stat().st_mtime_ns == stamp  # not trained again
+    capsys.readouterr()
+    experiment.main([*args, "--rerun", "sbmoe", "--extra", *TINY])
+    assert capsys.readouterr().out.count("done earlier") == 3

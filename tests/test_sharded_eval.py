@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT, write_tiny_beir
 
 from analysis import read_per_query
-from utils import read_trec
+from utils import DataError, read_trec
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
@@ -173,7 +173,7 @@ def test_embedding_cache_is_reused_without_encoding_the_corpus(word_backbone, ti
 
 def test_streamed_corpus_reads_what_load_corpus_reads(tmp_path):
     """eval.py never loads the corpus whole: ids once, texts by record range; the same texts, in the same
-    order, as load_corpus + doc_text (gzip and blank lines included); repeated ids fall back to load_corpus."""
+    order, as load_corpus + doc_text (gzip and blank lines included); a repeated id is an error."""
     import gzip
 
     from eval import Corpus, DocIds
@@ -189,7 +189,7 @@ def test_streamed_corpus_reads_what_load_corpus_reads(tmp_path):
     loaded = load_corpus(folder)
     corpus = Corpus(folder)
     texts = corpus.reader()
-    assert list(corpus.ids) == list(loaded) and corpus.loaded is None and len(corpus) == 30
+    assert list(corpus.ids) == list(loaded) and len(corpus) == 30
     assert "d29" in corpus.ids and "3" in corpus.ids and "d3" not in corpus.ids and corpus.ids[3] == "3"
     want = [doc_text(d) for d in loaded.values()]
     assert texts(0, 10) + texts(12, 30) == want[:10] + want[12:]  # forward, skipping records unparsed
@@ -197,8 +197,7 @@ def test_streamed_corpus_reads_what_load_corpus_reads(tmp_path):
     plain = write_tiny_beir(tmp_path / "dup", n_docs=10)
     with open(plain / "corpus.jsonl", "a") as fh:
         fh.write(json.dumps({"_id": "d2", "title": "", "text": "protein again"}) + "\n")
-    dup = Corpus(plain)
     assert Corpus(folder).ids.repeated() == 0
-    assert DocIds(iter_corpus_ids(plain)).repeated() == 1 and dup.loaded is not None
-    assert list(dup.ids) == list(load_corpus(plain))
-    assert dup.reader()(2, 3) == ["protein again"]
+    assert DocIds(iter_corpus_ids(plain)).repeated() == 1
+    with pytest.raises(DataError, match=r"corpus.jsonl:11: document id 'd2' repeats line 3"):
+        Corpus(plain)  # a repeated id is load_corpus' error, never a silent choice of one record

@@ -263,7 +263,8 @@ def test_bf16_without_a_gpu_trains_on_the_cpu(tiny_backbone, tiny_beir, tmp_path
 @pytest.mark.parametrize("argv,named", [
     (["eval.py", "--model", "zeroshot", "--model_name_or_path", "/no/such/dir"], "/no/such/dir"),
     (["bench.py", "params", "--model_name_or_path", "/no/such/dir"], "/no/such/dir"),
-    (["bench.py", "encode", "--model_name_or_path", "/no/such/dir", "--dataset", "no-such-dataset"], "no-such-dataset"),
+    (["bench.py", "encode", "--model_name_or_path", "/no/such/dir", "--dataset", "no-such-dataset"],
+     "/no/such/dir"),  # the backbone is checked before any benchmark reads data
     (["train.py", "--model_name_or_path", "/no/such/dir", "--kind", "nope"], "--kind 'nope'"),
 ])  # fmt: skip
 def test_bad_paths_are_one_line_errors(tiny_beir, monkeypatch, capsys, argv, named):

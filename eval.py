@@ -540,7 +540,7 @@ def main(argv=None) -> dict:
                             dtype if args.backend == "torch" else args.backend, args.batch_size)  # fmt: skip
             cache = EmbeddingCache(args.embedding_cache, key)
         elif args.backend == "torch" and (Path(source) / REUSE_DIR).is_dir():  # the checkpoint's last dev pass
-            key = content_key(model, data_dir, len(corpus), args.doc_max_length, dtype, args.batch_size,
+            key = content_key(model, data_dir, len(corpus), facts["doc_max_length"], dtype, args.batch_size,
                               args.encode_chunk, domain)  # fmt: skip
             cache = EmbeddingCache(Path(source) / REUSE_DIR, key, readonly=True)
         timings: dict[str, float] = {}

@@ -611,11 +611,8 @@ def record_routing(model: BiEncoder, tokenizer, args, data_dir: Path, corpus: Co
     --routing_docs documents (analysis.routing_summary turns them into shares and mutual information)."""
     n = len(corpus)
     picked = sorted(random.Random(ROUTING_SAMPLE_SEED).sample(range(n), min(args.routing_docs, n)))
-    if corpus.loaded is not None:
-        texts = [doc_text(corpus.loaded[corpus.ids[i]]) for i in picked]
-    else:
-        wanted = set(picked)
-        texts = [t for i, (_, t) in enumerate(iter_corpus(data_dir)) if i in wanted]
+    wanted = set(picked)
+    texts = [t for i, (_, t) in enumerate(iter_corpus(data_dir)) if i in wanted]
     kw = dict(batch_size=args.batch_size, bf16=args.bf16, fp16=args.fp16, domain=domain)
     counts = {"queries": routing_counts(model, tokenizer, list(queries.values()), args.query_max_length, **kw),
               "documents": routing_counts(model, tokenizer, texts, args.doc_max_length, **kw)}  # fmt: skip

@@ -553,7 +553,8 @@ def dataset_digest(folder: Path) -> str:
 def resolve_transfer(exp: Experiment, training: list[Path], download: bool = True) -> dict[str, Path]:
     """Each transfer dataset's folder, checked to have a test split and to be neither a training dataset nor
     another entry's (by content: a copy under another name is the same data), before anything trains."""
-    folders, seen = {}, {dataset_digest(t): "a training dataset" for t in training}
+    one = len(training) == 1
+    folders, seen = {}, {dataset_digest(t): "the training dataset" if one else f"training dataset {t.name}" for t in training}
     for entry in exp.transfer:
         if is_dataset_folder(entry) and not Path(entry).is_dir():
             raise DataError(f"transfer dataset {entry}: no such folder (experiment {exp.name})")

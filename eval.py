@@ -559,7 +559,7 @@ def main(argv=None) -> dict:
         elapsed = seconds[tag] = time.perf_counter() - start
         parts = ", ".join(f"{k} {v:.1f}s" for k, v in timings.items() if k != "gather" or world > 1)
         cached = f", {cache.hits} cached chunk(s) read, {cache.misses} encoded" if cache else ""
-        if cache and cache.readonly:
+        if cache and cache.readonly and cache.hits:
             cached += " (the checkpoint's dev-pass embeddings)"
         print(f"{tag}: {len(corpus)} docs, splits {', '.join(splits)}, retrieval {elapsed:.1f}s "
               f"({parts}{' on rank 0' if world > 1 else ''}{cached}; {world} process(es), chunks of "

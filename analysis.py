@@ -122,6 +122,20 @@ def eval_seconds(folder: Path | str) -> float | None:
     return sum(seconds.values()) if isinstance(seconds, dict) else seconds  # per model evaluated in the one call
 
 
+def dev_dataset_key(dataset: str, metric: str) -> str:
+    """One training dataset's dev score in the log history (after the `eval_` prefix), when several train a model."""
+    return f"{dataset}/{metric}"
+
+
+def dev_by_dataset(history: list[dict]) -> dict[str, float]:
+    """Each training dataset's dev NDCG@10 at the best (mean) dev evaluation; {} for one dataset."""
+    evals = [h for h in history if DEV_KEY in h]
+    if not evals:
+        return {}
+    best, suffix = max(evals, key=lambda h: h[DEV_KEY]), "/" + DEV_METRIC
+    return {k[len("eval_") : -len(suffix)]: v for k, v in best.items() if k.startswith("eval_") and k.endswith(suffix)}
+
+
 def expert_share_key(block: int, expert: int) -> str:
     return f"{SHARE_PREFIX}b{block}/e{expert}"
 
@@ -153,6 +167,72 @@ def expert_shares(history: list[dict]) -> dict[int, list[float]]:
         block, expert = (int(part[1:]) for part in key[len(SHARE_PREFIX) :].split("/"))
         shares.setdefault(block, {})[expert] = float(np.mean([h[key] for h in history if key in h]))
     return {b: [row[e] for e in sorted(row)] for b, row in sorted(shares.items())}
+
+
+# --------------------------------------------------------------------------------------------
+# Per-domain routing
+
+
+def routing_path(folder: Path | str, tag: str) -> Path:
+    return Path(folder) / f"{tag}.routing.json"
+
+
+def write_routing(folder: Path | str, tag: str, record: dict) -> None:
+    """eval.py --routing_docs: first-choice expert counts per block ("queries", "documents": (blocks, experts))."""
+    atomic_write_text(routing_path(folder, tag), json.dumps(record, indent=1))
+
+
+def read_routing(folder: Path | str, tag: str) -> dict | None:
+    path = routing_path(folder, tag)
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def contingency(a, b) -> np.ndarray:
+    """Counts of each (a, b) label pair: rows a's labels, columns b's, in sorted order."""
+    _, ai = np.unique(np.asarray(a), return_inverse=True)
+    _, bi = np.unique(np.asarray(b), return_inverse=True)
+    table = np.zeros((ai.max(initial=-1) + 1, bi.max(initial=-1) + 1), dtype=np.int64)
+    np.add.at(table, (ai, bi), 1)
+    return table
+
+
+def _entropy(p: np.ndarray) -> float:
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+def normalized_mutual_info(table) -> float:
+    """Normalised mutual information of a contingency table (e.g. dataset x expert): I(X; Y) over the
+    arithmetic mean of H(X) and H(Y), as sklearn's normalized_mutual_info_score by default. 0: the columns
+    ignore the rows; 1: each row's units all go to a column of their own. 1 when both sides have one label."""
+    c = np.asarray(table, dtype=float)
+    n = c.sum()
+    if n <= 0:
+        return float("nan")
+    pxy = c / n
+    px, py = pxy.sum(1), pxy.sum(0)
+    hx, hy = _entropy(px), _entropy(py)
+    if hx == 0 and hy == 0:
+        return 1.0
+    nz = pxy > 0
+    mi = float((pxy[nz] * np.log(pxy[nz] / np.outer(px, py)[nz])).sum())
+    return max(0.0, mi) / ((hx + hy) / 2) if mi > 0 else 0.0
+
+
+def routing_summary(records: dict[str, dict]) -> dict:
+    """From each dataset's routing record of one checkpoint: per block, each dataset's share of units per
+    expert (queries and sampled documents together) and the NMI between expert and dataset."""
+    names = list(records)
+    counts = np.stack([np.add(records[n]["queries"], records[n]["documents"]) for n in names])  # (D, blocks, E)
+    blocks = []
+    for b in range(counts.shape[1]):
+        table = counts[:, b, :]
+        shares = table / np.maximum(table.sum(1, keepdims=True), 1)
+        blocks.append({"shares": {n: [round(float(x), 4) for x in row] for n, row in zip(names, shares)},
+                       "nmi": normalized_mutual_info(table)})  # fmt: skip
+    first = records[names[0]]
+    return {"datasets": names, "unit": first.get("unit", "inputs"), "blocks": blocks,
+            "units": {n: int(counts[i].sum() // max(1, counts.shape[1])) for i, n in enumerate(names)}}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import hashlib
 import itertools
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -53,6 +54,28 @@ def _pad(ids: np.ndarray, offsets: np.ndarray, rows: np.ndarray, pad_id: int, le
     return torch.from_numpy(input_ids), torch.from_numpy(mask)
 
 
+def _batches(model: BiEncoder, tokenizer, texts: list[str], max_length: int, batch_size: int, domain: int | None,
+             desc: str, show_progress: bool):  # fmt: skip
+    """(rows, model inputs) of length-sorted batches, on the model's device; the model in eval mode meanwhile."""
+    device = next(model.parameters()).device
+    ids, offsets = _tokenize(tokenizer, texts, max_length)
+    order = np.argsort(-np.diff(offsets), kind="stable")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    left = getattr(tokenizer, "padding_side", "right") == "left"
+    was_training = model.training
+    model.eval()
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not show_progress, leave=False):
+            rows = order[start : start + batch_size]
+            input_ids, mask = _pad(ids, offsets, rows, pad_id, left)
+            args = (input_ids.to(device), mask.to(device))
+            if domain is not None:  # (an exported graph takes no domains: it is never given one)
+                args += (torch.full((len(rows),), domain, dtype=torch.long, device=device),)
+            yield rows, args
+    finally:
+        model.train(was_training)
+
+
 @torch.inference_mode()
 def encode_texts(
     model: BiEncoder,
@@ -64,24 +87,39 @@ def encode_texts(
     fp16: bool = False,
     desc: str = "encode",
     show_progress: bool = True,
+    domain: int | None = None,
 ) -> np.ndarray:
-    """(N, H) float32 embeddings; batches sorted by length so padding stays small."""
+    """(N, H) float32 embeddings; batches sorted by length so padding stays small. `domain`: the dataset index
+    every text is routed to under SB-MoE's `--routing domain` (None: no dataset of the model's)."""
     device = next(model.parameters()).device
-    ids, offsets = _tokenize(tokenizer, texts, max_length)
-    order = np.argsort(-np.diff(offsets), kind="stable")
     out = np.empty((len(texts), model.config.backbone_config["hidden_size"]), dtype=np.float32)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    left = getattr(tokenizer, "padding_side", "right") == "left"
-    was_training = model.training
-    model.eval()
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not show_progress, leave=False):
-        rows = order[start : start + batch_size]
-        input_ids, mask = _pad(ids, offsets, rows, pad_id, left)
+    for rows, args in _batches(model, tokenizer, texts, max_length, batch_size, domain, desc, show_progress):
         with autocast(device, bf16=bf16, fp16=fp16):
-            reps = model.encode(input_ids.to(device), mask.to(device))
+            reps = model.encode(*args)
         out[rows] = reps.float().cpu().numpy()
-    model.train(was_training)
     return out
+
+
+@torch.inference_mode()
+def routing_counts(model: BiEncoder, tokenizer, texts: list[str], max_length: int, batch_size: int = 128,
+                   bf16: bool = False, fp16: bool = False, domain: int | None = None) -> np.ndarray:  # fmt: skip
+    """(blocks, experts) how many routed units (inputs for a pooled SB-MoE head, non-padding tokens for the
+    per-token designs and the token-level MoE) chose each expert first, as the router decides in top-1 mode
+    (SB-MoE's `all` inference mode would hide the decision: it mixes every expert)."""
+    device = next(model.parameters()).device
+    blocks = model.moe_blocks()
+    counts = np.zeros((len(blocks), max(len(b.experts) for b in blocks)), dtype=np.int64)
+    mode, model.config.inference_mode = model.config.inference_mode, "top1"
+    try:
+        for _, args in _batches(model, tokenizer, texts, max_length, batch_size, domain, "routing", False):
+            with autocast(device, bf16=bf16, fp16=fp16):
+                routings = model.embed_with(*args[:2], args[2] if len(args) > 2 else None).routings
+            for b, routing in enumerate(routings):
+                first = routing.indices[:, 0].cpu().numpy()
+                counts[b] += np.bincount(first, minlength=counts.shape[1])[: counts.shape[1]]
+    finally:
+        model.config.inference_mode = mode
+    return counts
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,12 +130,14 @@ class EmbeddingCache:
     """Encoded chunks as `<root>/<hash of key>/chunk-<start>-<stop>.npy`, written atomically and read
     back as memory maps. The key names everything the embeddings depend on (see `cache_key`)."""
 
-    def __init__(self, root: str | Path, key: dict):
+    def __init__(self, root: str | Path, key: dict, readonly: bool = False):
         text = json.dumps(key, sort_keys=True, default=str)
         self.dir = Path(root) / hashlib.sha1(text.encode()).hexdigest()[:16]
-        self.dir.mkdir(parents=True, exist_ok=True)
-        if not (self.dir / "key.json").is_file():
-            atomic_write_text(self.dir / "key.json", json.dumps(key, indent=2, sort_keys=True, default=str))
+        self.readonly = readonly  # reads what is there, writes nothing (eval.py on a checkpoint's dev passes)
+        if not readonly:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if not (self.dir / "key.json").is_file():
+                atomic_write_text(self.dir / "key.json", json.dumps(key, indent=2, sort_keys=True, default=str))
         self.hits = self.misses = 0
 
     def path(self, start: int, stop: int) -> Path:
@@ -117,6 +157,8 @@ class EmbeddingCache:
         return emb
 
     def save(self, start: int, stop: int, emb: np.ndarray) -> None:
+        if self.readonly:
+            return
         fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".chunk-", suffix=".npy")
         try:
             with os.fdopen(fd, "wb") as fh:
@@ -125,6 +167,49 @@ class EmbeddingCache:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+REUSE_DIR = ".embedding-cache"  # inside a checkpoint folder: training's dev-pass corpus embeddings, for eval.py
+ENCODING_CONFIG = ("kind", "pooling", "normalize", "inference_mode", "design", "routing", "num_experts", "top_k",
+                   "gate_temperature", "expert_dim", "moe_layers", "backbone_config")  # fmt: skip
+
+
+def weights_digest(model: BiEncoder) -> str:
+    """A hash of every tensor of the model's state (names, shapes, dtypes, bytes): equal exactly when the
+    weights are, whether they sit in the training process or were read back from the checkpoint."""
+    h = hashlib.sha1()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def content_key(model: BiEncoder, data_dir: Path, n_docs: int, doc_max_length: int, dtype: str, batch_size: int,
+                encode_chunk: int, domain: int | None) -> dict:  # fmt: skip
+    """What a corpus' embeddings depend on, by content: the weights (`weights_digest`), the settings that shape
+    encoding, the corpus file and its size, truncation, autocast dtype, batch size (padding changes the last
+    bits), chunking, the domain routed to and the device type. Training's dev passes and eval.py compute the
+    same key for the same model and data, so the test evaluation reuses the selected checkpoint's dev pass."""
+    config = model.config.to_dict()
+    return {
+        "weights": weights_digest(model), "config": {k: config.get(k) for k in ENCODING_CONFIG},
+        "data_dir": str(Path(data_dir).resolve()), "corpus_file": _stat(corpus_path(data_dir)), "n_docs": n_docs,
+        "doc_max_length": doc_max_length, "dtype": dtype, "batch_size": batch_size, "encode_chunk": encode_chunk,
+        "domain": domain, "device": next(model.parameters()).device.type,
+    }  # fmt: skip
+
+
+def prune_reuse_cache(folder: Path, model: BiEncoder) -> int:
+    """Keep in `<folder>/.embedding-cache` only the entries of the model's final weights; returns how many stay."""
+    root, keep = Path(folder) / REUSE_DIR, weights_digest(model)
+    kept = 0
+    for entry in sorted(root.glob("*/key.json")) if root.is_dir() else []:
+        if json.loads(entry.read_text()).get("weights") == keep:
+            kept += 1
+        else:
+            shutil.rmtree(entry.parent, ignore_errors=True)
+    return kept
 
 
 def _stat(path: Path) -> list:

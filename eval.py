@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import random
 import time
 from array import array
 from collections.abc import Iterable, Iterator
@@ -40,8 +41,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from analysis import write_evaluation, write_metrics
-from encode import EmbeddingCache, cache_key, encode_texts
+from analysis import write_evaluation, write_metrics, write_routing
+from encode import REUSE_DIR, EmbeddingCache, cache_key, content_key, encode_texts, routing_counts
 from model import VARIANTS, BiEncoder, checkpoint_digest, load_model, load_tokenizer
 from retrievers import BM25, DEV_FRACTION, DEV_SEED, FUSIONS, SELECT_METRIC, choose_weight, dev_qrels, fuse
 from search import (  # noqa: F401  (search: re-exported for frozen.py)
@@ -62,6 +63,7 @@ from utils import (
     TABLE_COLUMNS,
     DataError,
     check_output,
+    dataset_name,
     doc_text,
     entry_point,
     evaluate_run,
@@ -94,6 +96,7 @@ class RetrieveOptions:
     show_progress: bool = True
     encode_chunk: int = ENCODE_CHUNK  # documents encoded, held and searched at a time
     backend: str = "auto"  # search backend: auto | faiss | torch
+    domain: int | None = None  # the dataset index queries and documents are routed to (SB-MoE --routing domain)
 
 
 def retrieve_topk(
@@ -116,7 +119,8 @@ def retrieve_topk(
     for key in ("encode", "index", "search", "gather"):
         timings.setdefault(key, 0.0)
     o = options
-    kw = dict(batch_size=o.batch_size, bf16=o.bf16, fp16=o.fp16, show_progress=o.show_progress and rank == 0)
+    kw = dict(batch_size=o.batch_size, bf16=o.bf16, fp16=o.fp16, show_progress=o.show_progress and rank == 0,
+              domain=o.domain)  # fmt: skip
     backend = resolve_backend(o.backend)
     dim = model.config.backbone_config["hidden_size"]
     start = time.perf_counter()
@@ -155,15 +159,18 @@ def retrieve_topk(
     return tops
 
 
-def retrieve(model: BiEncoder, tokenizer, corpus: dict, queries: dict, top_k: int = 100, **kwargs) -> dict:
-    """results[qid][doc_id] = score, top-k by exact inner product (the corpus encoded chunk by chunk).
+def retrieve(model: BiEncoder, tokenizer, corpus: dict, queries: dict, top_k: int = 100,
+             cache: EmbeddingCache | None = None, **kwargs) -> dict:  # fmt: skip
+    """results[qid][doc_id] = score, top-k by exact inner product (the corpus encoded chunk by chunk, or read
+    from `cache`).
 
     `kwargs` are `RetrieveOptions`' fields: query_max_length, doc_max_length, batch_size, bf16, fp16,
-    show_progress, encode_chunk, backend.
+    show_progress, encode_chunk, backend, domain.
     """
     doc_ids = list(corpus)
     texts = lambda a, b: [doc_text(corpus[d]) for d in doc_ids[a:b]]  # noqa: E731
-    tops = retrieve_topk(model, tokenizer, len(doc_ids), texts, {"q": queries}, top_k, RetrieveOptions(**kwargs))
+    options = RetrieveOptions(**kwargs)
+    tops = retrieve_topk(model, tokenizer, len(doc_ids), texts, {"q": queries}, top_k, options, cache=cache)
     return to_results(tops["q"], list(queries), doc_ids)
 
 
@@ -302,6 +309,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "sees a GPU and faiss does not)")  # fmt: skip
     p.add_argument("--inference_mode", choices=["top1", "all"], help="SB-MoE routing at inference: top1, or all (every expert, at the gate's softmax weight; "
                         "at 1/E for random routing)")  # fmt: skip
+    p.add_argument("--routing_docs", type=int, default=0, metavar="N",
+                   help="MoE checkpoints: also record which expert each block chooses first (top-1 mode) for the "
+                        "first split's queries and a seeded sample of N documents (all when fewer): "
+                        "<output>/<tag>.routing.json, read by the experiment report's per-domain routing")  # fmt: skip
     p.add_argument("--ignore_identical_ids", action="store_true", help="drop docs whose id equals the query id")
     p.add_argument("--verify", action="store_true", help="re-score the written .trec with pytrec_eval and compare")
     p.add_argument("--tag", default=None, help="name of the row and the run file (default: the model name)")
@@ -522,17 +533,22 @@ def main(argv=None) -> dict:
         tag = args.tag if args.tag and len(args.model) == 1 else name
         checkpoints[tag], settings[tag] = str(source), facts
         start = time.perf_counter()
+        domain = model_domain(model, data_dir)
         cache = None
         if args.embedding_cache:
             key = cache_key(str(source), model, data_dir, len(corpus), facts["doc_max_length"],
                             dtype if args.backend == "torch" else args.backend, args.batch_size)  # fmt: skip
             cache = EmbeddingCache(args.embedding_cache, key)
+        elif args.backend == "torch" and (Path(source) / REUSE_DIR).is_dir():  # the checkpoint's last dev pass
+            key = content_key(model, data_dir, len(corpus), facts["doc_max_length"], dtype, args.batch_size,
+                              args.encode_chunk, domain)  # fmt: skip
+            cache = EmbeddingCache(Path(source) / REUSE_DIR, key, readonly=True)
         timings: dict[str, float] = {}
         tops = retrieve_topk(
             model, tokenizer, len(corpus), corpus.reader(), {split: q for split, (q, _) in splits.items()},
             args.top_k, RetrieveOptions(query_max_length=facts["query_max_length"], doc_max_length=facts["doc_max_length"],
                                         batch_size=args.batch_size, bf16=args.bf16, fp16=args.fp16,
-                                        encode_chunk=args.encode_chunk, backend=args.search),
+                                        encode_chunk=args.encode_chunk, backend=args.search, domain=domain),
             rank=rank, world=world, cache=cache, timings=timings,
         )  # fmt: skip
         if rank != 0:
@@ -543,9 +559,14 @@ def main(argv=None) -> dict:
         elapsed = seconds[tag] = time.perf_counter() - start
         parts = ", ".join(f"{k} {v:.1f}s" for k, v in timings.items() if k != "gather" or world > 1)
         cached = f", {cache.hits} cached chunk(s) read, {cache.misses} encoded" if cache else ""
+        if cache and cache.readonly and cache.hits:
+            cached += " (the checkpoint's dev-pass embeddings)"
         print(f"{tag}: {len(corpus)} docs, splits {', '.join(splits)}, retrieval {elapsed:.1f}s "
               f"({parts}{' on rank 0' if world > 1 else ''}{cached}; {world} process(es), chunks of "
               f"{args.encode_chunk})", flush=True)  # fmt: skip
+        if args.routing_docs and model.moe_blocks():
+            queries = splits[args.split[0]][0]
+            record_routing(model, tokenizer, args, data_dir, corpus, queries, domain, tag)
         if args.hybrid:
             bm25 = bm25 or bm25_runs(data_dir, corpus, splits, args.top_k)
             fused, hybrid[f"{tag}+bm25"] = fuse_runs(args, tag, runs, bm25, splits, dev_source)
@@ -566,6 +587,39 @@ def main(argv=None) -> dict:
         print(format_table(split_rows, TABLE_COLUMNS))
         summaries[split] = summary
     return summaries[args.split[0]] if len(summaries) == 1 else summaries
+
+
+def model_domain(model: BiEncoder, data_dir: Path) -> int | None:
+    """The index of the dataset being evaluated among the model's training datasets (`config.domains`), or None.
+    Under `--routing domain` that index is the expert its queries and documents go to; a dataset the model was
+    not trained on (zero-shot transfer) has no expert of its own, and gets every expert at 1/E (said here)."""
+    domains = getattr(model.config, "domains", None) or []
+    name = dataset_name(data_dir)
+    if name in domains:
+        return domains.index(name)
+    if getattr(model.config, "routing", None) == "domain":
+        print(f"{name}: not one of the training datasets {domains}; --routing domain gives every expert 1/E")
+    return None
+
+
+ROUTING_SAMPLE_SEED = 0
+
+
+def record_routing(model: BiEncoder, tokenizer, args, data_dir: Path, corpus: Corpus, queries: dict,
+                   domain: int | None, tag: str) -> None:  # fmt: skip
+    """`<tag>.routing.json`: first-choice expert counts per block on the queries and on a seeded sample of
+    --routing_docs documents (analysis.routing_summary turns them into shares and mutual information)."""
+    n = len(corpus)
+    picked = sorted(random.Random(ROUTING_SAMPLE_SEED).sample(range(n), min(args.routing_docs, n)))
+    wanted = set(picked)
+    texts = [t for i, (_, t) in enumerate(iter_corpus(data_dir)) if i in wanted]
+    kw = dict(batch_size=args.batch_size, bf16=args.bf16, fp16=args.fp16, domain=domain)
+    counts = {"queries": routing_counts(model, tokenizer, list(queries.values()), args.query_max_length, **kw),
+              "documents": routing_counts(model, tokenizer, texts, args.doc_max_length, **kw)}  # fmt: skip
+    write_routing(split_dir(args, args.split[0]), tag, {
+        "dataset": dataset_name(data_dir), "domain": domain, "queries": len(queries), "documents": len(texts),
+        "sample_seed": ROUTING_SAMPLE_SEED, "unit": "tokens" if model.head_on_tokens() or model.config.kind == "moe"
+        else "inputs", **{k: v.tolist() for k, v in counts.items()}})  # fmt: skip
 
 
 def bm25_runs(data_dir: Path, corpus: Corpus, splits: dict, top_k: int) -> dict[str, dict]:

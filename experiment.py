@@ -34,7 +34,7 @@ import numpy as np
 import analysis as an
 import provenance as prov
 from model import VARIANTS
-from report import build_report, figures, render, store_subsets, stored_subsets, summarise
+from report import build_report, figures, render, routing_section, store_subsets, stored_subsets, summarise
 from retrievers import BM25, DEV_FRACTION, SELECT_METRIC, choose_weight, dev_qrels, fuse
 from spec import HYBRID, UNTRAINED, Experiment, Run, load_experiment, restrict_seeds, transfer_name
 from utils import (
@@ -42,10 +42,12 @@ from utils import (
     PRIMARY_METRIC,
     DataError,
     atomic_write_text,
+    auto_precision,
     check_output,
     corpus_path,
     entry_point,
     fail,
+    is_dataset_folder,
     load_corpus,
     load_qrels,
     load_queries,
@@ -53,12 +55,14 @@ from utils import (
     read_lines,
     read_trec,
     resolve_data_dir,
+    resolve_dataset,
 )
 
 SMOKE_TRAIN = ["--max_steps", "2", "--doc_max_length", "32", "--per_device_train_batch_size", "8", "--eval_strategy",
                "no", "--load_best_model_at_end", "false", "--save_strategy", "no"]  # fmt: skip
 SMOKE_EVAL = ["--doc_max_length", "32"]
 SMOKE_QUERIES, SMOKE_DOCS = 40, 300  # per split, in all: the slice of the dataset a smoke run works on
+ROUTING_DOCS = 1000  # documents per dataset (a seeded sample) whose routing is recorded, with every test query
 # A child of the runner dies with it, even under kill -9: Linux sends it SIGTERM when the runner goes
 # (PR_SET_PDEATHSIG, kept across exec; torchrun passes it on to its workers); elsewhere it just runs.
 DIE_WITH_PARENT = """import ctypes, os, signal, sys
@@ -121,7 +125,8 @@ class Layout:
 
     def checkpoint(self, run: Run, runs: list[Run], seed: int) -> Path:
         """Runs that differ only in evaluation flags share one checkpoint, named after the first of them."""
-        first = next(r for r in runs if r.trained and (r.kind, r.train, r.frozen) == (run.kind, run.train, run.frozen))
+        same = lambda r: (r.kind, r.train, r.frozen, r.datasets) == (run.kind, run.train, run.frozen, run.datasets)  # noqa: E731
+        first = next(r for r in runs if r.trained and same(r))
         return self.ckpts / first.name / f"seed{seed}"
 
 
@@ -130,12 +135,14 @@ class Layout:
 
 
 class Runner:
-    def __init__(self, exp: Experiment, args, folder: Path):
+    def __init__(self, exp: Experiment, args, folder: Path, train_folders: dict[str, Path] | None = None):
         self.exp, self.args, self.folder = exp, args, folder
         self.layout = Layout(exp, args.results, args.ckpt_root)
         self.model = args.model_name_or_path or exp.model
-        self.data = ["--data_dir", str(folder)]
-        self.dtype = ["--fp16"] if args.fp16 else ["--bf16"] if args.bf16 else []
+        self.data = ["--data_dir", str(folder)]  # what is evaluated
+        self.train_folders = train_folders  # the file's `datasets`: what is trained on (None: `train_folder`)
+        self.routing = False  # record each MoE checkpoint's routing on this dataset (the training datasets)
+        self.dtype = {"fp16": ["--fp16"], "bf16": ["--bf16"]}.get(resolve_precision(exp, args), [])
         self.may_train = True  # False for transfer datasets: evaluate the checkpoints, never train on them
         self.train_folder = folder  # the dataset the checkpoints train on (another than `folder` for a transfer)
         self.rerun = set(getattr(args, "rerun", None) or [])
@@ -145,6 +152,8 @@ class Runner:
     def identities(self) -> dict:
         """The backbone's and the datasets' content hashes, computed once."""
         ids = {"dataset": prov.dataset_identity(self.folder), "train_dataset": prov.dataset_identity(self.train_folder)}
+        if self.train_folders:
+            ids["train_datasets"] = {n: prov.dataset_identity(f) for n, f in self.train_folders.items()}
         return {**ids, "backbone": prov.backbone_identity(self.model) if self.model else prov.UNKNOWN}
 
     def train_flags(self, run: Run) -> list[str]:
@@ -169,7 +178,9 @@ class Runner:
                    train=self.train_flags(run) if run.trained else [], eval=self.eval_flags(run))  # fmt: skip
         if random_routing(out["train"]):  # the evaluation routing function shapes the numbers of a random control
             out["random_routing"] = VARIANTS[run.kind].random_routing
-        if run.trained and self.folder != self.train_folder:
+        if run.trained and self.train_folders:
+            out["train_dataset"] = [self.identities["train_datasets"][n] for n in run.datasets or self.train_folders]
+        elif run.trained and self.folder != self.train_folder:
             out["train_dataset"] = self.identities["train_dataset"]
         return out
 
@@ -244,9 +255,15 @@ class Runner:
     def trec_depth_flags(self) -> list[str]:
         return [f"{s}={k}" for s, k in self.exp.trec_depth.items() if s in self.exp.splits]
 
+    def train_data(self, run: Run) -> list[str]:
+        """The training data flags: the run's datasets (default every dataset of the file), else the one folder."""
+        if not self.train_folders:
+            return self.data
+        return ["--dataset", *(str(self.train_folders[n]) for n in run.datasets or self.train_folders)]
+
     def train_argv(self, run: Run, seed: int, ckpt: Path) -> list[str]:
         flags = [f for f in self.train_flags(run) if f != "--frozen"]
-        return ["--kind", run.kind, "--model_name_or_path", self.model, *self.data, "--seed", str(seed),
+        return ["--kind", run.kind, "--model_name_or_path", self.model, *self.train_data(run), "--seed", str(seed),
                 "--output_dir", str(ckpt), *flags, *self.dtype]  # fmt: skip
 
     def train(self, run: Run, seed: int, ckpt: Path, log: Path) -> bool:
@@ -282,7 +299,8 @@ class Runner:
         seeds, fraction = self.dev_slice(run, seed)
         return ["--dev_seed", *map(str, seeds), "--dev_fraction", f"{fraction:g}"]
 
-    def evaluate(self, run: Run, seed: int | None, ckpt: Path | None) -> bool:
+    def evaluate(self, run: Run, seed: int | None, ckpt: Path | None, routing: bool = False) -> bool:
+        """eval.py on every split; `routing`: also record the checkpoint's per-domain routing (once per checkpoint)."""
         out = self.layout.run_dir(run, seed)
         dev = self.dev_flags(run, seed)
         splits = [*self.exp.splits, *(["dev"] if dev else [])]
@@ -291,7 +309,8 @@ class Runner:
         argv = ["--model", run.kind, *target, *self.data, "--split", *splits, "--tag", run.tag, "--verify",
                 "--output_dir", str(out if len(splits) > 1 else out / splits[0]),
                 *(["--trec_depth", *depth] if depth else []), *dev, *self.exp.eval, *run.eval,
-                *self.dtype, *(SMOKE_EVAL if self.args.smoke else [])]  # fmt: skip
+                *self.dtype, *(SMOKE_EVAL if self.args.smoke else []),
+                *(["--routing_docs", str(ROUTING_DOCS)] if routing else [])]  # fmt: skip
         return self.execute("eval.py", argv, out / "eval.log", [sys.executable])
 
     def bm25(self, run: Run) -> bool:
@@ -366,6 +385,8 @@ class Runner:
             if not (ckpt / "log_history.json").is_file() and not self.may_train:
                 return f"{names}: transfer evaluation FAILED: no trained checkpoint in {ckpt}"
             made = checkpoint_inputs(self.inputs(lead, seed))
+            if self.train_folders:  # its training datasets, whichever dataset evaluates it
+                made["dataset"] = made.pop("train_dataset")
             if self.may_train and (recorded := prov.read(ckpt)) and (field := prov.differing_field(recorded, made)):
                 return (f"{names}: checkpoint {ckpt} FAILED its check: made with another {field}; remove it or "
                         f"use another --ckpt_root")  # fmt: skip
@@ -376,8 +397,9 @@ class Runner:
                     return f"{names}: training FAILED, see {log}"
             for run in runs:
                 keep_training_record(ckpt, self.layout.run_dir(run, seed))
+            routed = self.routing and is_moe(lead)  # per-domain routing, recorded by the checkpoint's lead run
             for run in pending:
-                if not self.evaluate(run, seed, ckpt):
+                if not self.evaluate(run, seed, ckpt, routing=routed and run is lead):
                     return f"{names}: evaluation FAILED, see {self.layout.run_dir(run, seed) / 'eval.log'}"
         for run in pending:
             self.record(run, seed)
@@ -420,6 +442,13 @@ class Runner:
             messages = list(pool.map(work, range(1, len(groups) + 1), groups.items()))
         messages += [work(len(groups) + i, item) for i, item in enumerate(hybrids.items(), 1)]  # after what they fuse
         return [m for m in messages if "FAILED" in m]
+
+
+def is_moe(run: Run) -> bool:
+    """A run whose checkpoint has MoE blocks (routing to record)."""
+    from model import VARIANTS, MoEBiEncoder
+
+    return run.kind in VARIANTS and issubclass(VARIANTS[run.kind], MoEBiEncoder)
 
 
 def random_routing(train_flags: list[str]) -> bool:
@@ -521,15 +550,15 @@ def dataset_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
-def resolve_transfer(exp: Experiment, training: Path, download: bool = True) -> dict[str, Path]:
-    """Each transfer dataset's folder, checked to have a test split and to be neither the training dataset nor
+def resolve_transfer(exp: Experiment, training: list[Path], download: bool = True) -> dict[str, Path]:
+    """Each transfer dataset's folder, checked to have a test split and to be neither a training dataset nor
     another entry's (by content: a copy under another name is the same data), before anything trains."""
-    folders, seen = {}, {dataset_digest(training): "the training dataset"}
+    one = len(training) == 1
+    folders, seen = {}, {dataset_digest(t): "the training dataset" if one else f"training dataset {t.name}" for t in training}
     for entry in exp.transfer:
-        is_folder = "/" in entry or os.sep in entry or entry.startswith(".")
-        if is_folder and not Path(entry).is_dir():
+        if is_dataset_folder(entry) and not Path(entry).is_dir():
             raise DataError(f"transfer dataset {entry}: no such folder (experiment {exp.name})")
-        folder = resolve_data_dir(None, entry) if is_folder else resolve_data_dir(entry, None, download=download)
+        folder = resolve_dataset(entry, download=download)
         if not (folder / "qrels" / "test.tsv").is_file():
             raise DataError(f"transfer dataset {entry}: {folder / 'qrels' / 'test.tsv'} does not exist")
         digest = dataset_digest(folder)
@@ -554,24 +583,79 @@ def transfer_stages(exp: Experiment, stages: list[dict[str, Run]]) -> list[dict[
     for i, stage in enumerate(stages):
         runs = [*(first if i == 0 else []), *(r for r in stage.values() if r.trained and not r.frozen)]
         base = next((r.name for r in runs if r.kind == "baseline"), None)
-        out.append({r.name: replace(r, references=[base] if base and r.name != base else []) for r in runs})
+        names = {r.name for r in runs}
+
+        def refs(r: Run, names=names, base=base) -> list[str]:  # several training datasets: the file's own tests
+            return [x for x in r.references if x in names] if exp.datasets else [base] if base and r.name != base else []
+
+        out.append({r.name: replace(r, references=refs(r)) for r in runs})
     return out
 
 
-def transfer_layout(exp: Experiment, args, name: str) -> tuple[Experiment, Layout]:
-    """results/<experiment>/transfer/<name>/..., reading the experiment's own checkpoints."""
-    tx = replace(exp, splits=["test"], subsets=[], trec_depth={}, transfer=[])
+def transfer_layout(exp: Experiment, args, name: str, transfer: bool = True) -> tuple[Experiment, Layout]:
+    """results/<experiment>/transfer/<name>/... (test split only), or with several training datasets each one's
+    results/<experiment>/datasets/<name>/... (every split and subset); both read the experiment's checkpoints."""
+    tx = replace(exp, splits=["test"], subsets=[], trec_depth={}, transfer=[]) if transfer else replace(exp, transfer=[])
     layout = Layout(tx, args.results, args.ckpt_root)
-    layout.root = Path(args.results) / exp.name / "transfer" / name
+    layout.root = Path(args.results) / exp.name / ("transfer" if transfer else "datasets") / name
     return tx, layout
 
 
+def resolve_training_sets(exp: Experiment, args) -> dict[str, Path]:
+    """The file's `datasets` by name: each folder, checked to have the evaluated splits (a slice of it in --smoke)."""
+    folders = {}
+    for entry in exp.datasets:
+        name, folder = transfer_name(entry), resolve_dataset(entry)
+        missing = [s for s in exp.splits if not (folder / "qrels" / f"{s}.tsv").is_file()]
+        if missing:
+            raise DataError(f"{args.experiment}: splits {missing} have no qrels in {folder / 'qrels'}")
+        folders[name] = smoke_slice(folder, Path(args.results) / exp.name / "smoke-data" / name) if args.smoke else folder
+    return folders
+
+
+def run_datasets(exp: Experiment, args, folders: dict[str, Path]) -> list[str]:
+    """Every run on each training dataset's splits (the first dataset's pass trains what is missing); each
+    dataset's query subsets stored with its results."""
+    failed = []
+    for name, folder in folders.items():
+        tx, layout = transfer_layout(exp, args, name, transfer=False)
+        runner = Runner(tx, args, folder, folders)
+        runner.layout, runner.routing = layout, True
+        print(f"dataset: {name}, splits {', '.join(exp.splits)}", flush=True)
+        failed += runner.run_stage(list(exp.runs.values()))
+        store_subsets(tx, layout, folder)
+    return failed
+
+
+def datasets_report(exp: Experiment, args) -> dict:
+    """Per training dataset, its report (rows, subsets, paired tests), from the files alone; and the per-domain
+    routing of every MoE checkpoint, from the routing records its lead run's evaluation wrote on each dataset."""
+    out, layouts = {}, {}
+    for entry in exp.datasets:
+        name = transfer_name(entry)
+        tx, layouts[name] = transfer_layout(exp, args, name, transfer=False)
+        out[name] = build_report(tx, layouts[name], [exp.runs], None)
+    listed = list(exp.runs.values())
+    first = next(iter(layouts.values()))
+    leads = [r for r in listed if is_moe(r) and r.seeds and first.checkpoint(r, listed, r.seeds[0]).parent.name == r.name]
+    return {"experiment": exp.name, "description": exp.description, "splits": exp.splits, "recipe": exp.recipe,
+            "subsets": {}, "stages": [], "datasets": out, "routing": routing_section(exp, layouts, leads)}  # fmt: skip
+
+
+def resolve_precision(exp: Experiment, args) -> str:
+    """One precision for every run of the experiment: --fp16/--bf16, else the file's `precision` (auto: bf16 where
+    the device has bf16 units), else fp32. Each cell records it (provenance.json); a finished cell made in
+    another is an error before anything runs, never a mixed table."""
+    precision = "fp16" if args.fp16 else "bf16" if args.bf16 else exp.precision or "fp32"
+    return auto_precision() if precision == "auto" else precision
+
+
 def run_transfer(exp: Experiment, args, folders: dict[str, Path], stages: list[dict[str, Run]],
-                 train_folder: Path) -> list[str]:  # fmt: skip
+                 train_folder: Path, train_folders: dict[str, Path] | None = None) -> list[str]:  # fmt: skip
     failed = []
     for name, folder in folders.items():
         tx, layout = transfer_layout(exp, args, name)
-        runner = Runner(tx, args, folder)
+        runner = Runner(tx, args, folder, train_folders)
         runner.layout, runner.may_train, runner.train_folder = layout, False, train_folder
         print(f"transfer: {name} ({folder.name}), test split", flush=True)
         for stage in transfer_stages(exp, stages):
@@ -645,23 +729,35 @@ def main(argv=None) -> dict:
                 raise DataError(f"--seeds {' '.join(map(str, args.seeds))}: none of {args.experiment}'s seeds")
         if not args.report:  # the backbone and the data are found (or said not to be) before anything runs
             check_backbone(args.model_name_or_path or exp.model)
-            data = args.data_dir or exp.data_dir or Path(os.environ.get("BEIR_DATA_DIR", "data")) / str(
-                args.dataset or exp.dataset)  # fmt: skip
+            root = Path(os.environ.get("BEIR_DATA_DIR", "data"))
+            data = [args.data_dir or exp.data_dir or root / str(args.dataset or exp.dataset)] if not exp.datasets else [
+                Path(d) if is_dataset_folder(d) else root / d for d in exp.datasets]  # fmt: skip
             for flag in ("results", "ckpt_root"):
-                check_output(getattr(args, flag), f"--{flag}", [data])
+                check_output(getattr(args, flag), f"--{flag}", data)
         unknown = [r for r in args.rerun if r not in exp.runs]
         if unknown:
             raise DataError(f"--rerun {unknown[0]}: not a run of {args.experiment} ({', '.join(exp.runs)})")
         if args.report:  # from the files alone: no data read
             return report(exp, args, Runner(exp, args, Path(".")).layout)
-        folder = resolve_data_dir(args.dataset or exp.dataset, args.data_dir or exp.data_dir)
-        missing = [s for s in exp.splits if not (folder / "qrels" / f"{s}.tsv").is_file()]
-        if missing:
-            raise DataError(f"{args.experiment}: splits {missing} have no qrels in {folder / 'qrels'}")
         if args.smoke:  # plumbing: every stage once, on a slice, with the first seed
-            folder = smoke_slice(folder, Path(args.results) / exp.name / "smoke-data" / folder.name)
             exp = exp if args.seeds else restrict_seeds(exp, exp.seeds[:1])
-        transfer = resolve_transfer(exp, folder)  # a missing one fails before anything trains
+        folders = {}
+        if exp.datasets:
+            if args.dataset or args.data_dir or args.recheck:
+                raise DataError(f"{args.experiment}: trains on its `datasets`; --dataset, --data_dir and --recheck "
+                                "do not apply")  # fmt: skip
+            folders = resolve_training_sets(exp, args)
+            folder = next(iter(folders.values()))  # (the whole experiment's layout; each dataset has its own)
+        else:
+            folder = resolve_data_dir(args.dataset or exp.dataset, args.data_dir or exp.data_dir)
+            missing = [s for s in exp.splits if not (folder / "qrels" / f"{s}.tsv").is_file()]
+            if missing:
+                raise DataError(f"{args.experiment}: splits {missing} have no qrels in {folder / 'qrels'}")
+            if args.smoke:
+                folder = smoke_slice(folder, Path(args.results) / exp.name / "smoke-data" / folder.name)
+        transfer = resolve_transfer(exp, list(folders.values()) or [folder])  # a missing one fails before training
+        if args.smoke:
+            transfer = {n: smoke_slice(f, Path(args.results) / exp.name / "smoke-data" / n) for n, f in transfer.items()}
     except DataError as exc:
         fail(str(exc))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -670,15 +766,19 @@ def main(argv=None) -> dict:
         fail("no backbone: give --model_name_or_path or `model` in the experiment file")
     if args.recheck:
         return recheck(exp, args, runner)
-    if failed := runner.run_stage(list(exp.runs.values())):
+    if exp.datasets:
+        if failed := run_datasets(exp, args, folders):
+            fail(f"{len(failed)} job(s) failed: {failed[0]}")
+    elif failed := runner.run_stage(list(exp.runs.values())):
         fail(f"{len(failed)} job(s) failed: {failed[0]}")
     if exp.select:
         stage2 = chosen_runs(exp, choose(exp, runner.layout))
         if failed := runner.run_stage(list(stage2.values())):
             fail(f"{len(failed)} stage 2 job(s) failed: {failed[0]}")
-    if transfer and (failed := run_transfer(exp, args, transfer, stages_of(exp, runner.layout)[0], folder)):
+    if transfer and (failed := run_transfer(exp, args, transfer, stages_of(exp, runner.layout)[0], folder, folders or None)):
         fail(f"{len(failed)} transfer job(s) failed: {failed[0]}")
-    store_subsets(exp, runner.layout, folder)
+    if not exp.datasets:
+        store_subsets(exp, runner.layout, folder)
     return report(exp, args, runner.layout)
 
 
@@ -751,11 +851,11 @@ def stages_of(exp: Experiment, layout: Layout) -> tuple[list[dict[str, Run]], li
 def report(exp: Experiment, args, layout: Layout) -> dict:
     """report.md and report.json from the files alone (the same bytes wherever it runs)."""
     stages, chosen = stages_of(exp, layout)
-    result = build_report(exp, layout, stages, chosen)
+    result = datasets_report(exp, args) if exp.datasets else build_report(exp, layout, stages, chosen)
+    result["precision"] = resolve_precision(exp, args)
     if exp.transfer:
         result["transfer"] = transfer_report(exp, args, stages)
-    if not args.smoke:
-        result["figures"] = figures(exp, layout, stages)
+    result["figures"] = figures(exp, layout, stages, result.get("routing"), smoke=args.smoke)
     text = render(result)
     atomic_write_text(layout.root / "report.json", json.dumps(result, indent=2))
     atomic_write_text(layout.root / "report.md", text)

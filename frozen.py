@@ -39,6 +39,7 @@ from train import (
     EpochCallback,
     NonFiniteLossError,
     build_model,
+    data_dirs,
     load_data,
     mine_negatives,
     parse,
@@ -56,7 +57,6 @@ from utils import (
     load_split,
     mean_metrics,
     per_query_metrics,
-    resolve_data_dir,
     set_seed,
 )
 
@@ -347,8 +347,11 @@ def main(argv: list[str] | None = None) -> None:
     except DataError as exc:
         fail(str(exc))
     try:
-        corpus, queries, train_qrels, dev_qrels, cache, dev_info = load_data(dargs, targs.seed)
-        data_dir = resolve_data_dir(dargs.dataset, dargs.data_dir)
+        dirs = data_dirs(dargs)
+        if len(dirs) > 1:
+            raise DataError(f"--dataset {' '.join(dargs.dataset)}: the frozen-backbone study trains on one dataset")
+        data_dir = dirs[0]
+        corpus, queries, train_qrels, dev_qrels, cache, dev_info = load_data(dargs, targs.seed, data_dir)
         splits = {s: load_split(data_dir, s, corpus) for s in fargs.eval_splits}  # the corpus read once
     except DataError as exc:
         fail(str(exc))

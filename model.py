@@ -113,6 +113,21 @@ def route_fixed(n: int, num_experts: int, top_k: int, device, random: bool, scor
     return Routing(logits, logits.softmax(-1), indices, torch.full((n, top_k), 1.0 / top_k, device=device))
 
 
+def route_domain(domains: torch.Tensor | None, num_experts: int, n: int, device, training: bool) -> Routing:
+    """The domain oracle: row i goes to expert `domains[i]` at weight 1. Without domains (evaluation on a dataset
+    no expert was trained for) every expert at weight 1/E, the rule train.py and eval.py document; in
+    training, domains are required."""
+    if domains is None:
+        if training:
+            raise ValueError("--routing domain: training needs each example's dataset (domains), got none")
+        return route_all(torch.zeros(n, num_experts, device=device))
+    domains = domains.reshape(-1).to(device)
+    if domains.shape[0] != n or bool(((domains < 0) | (domains >= num_experts)).any()):
+        raise ValueError(f"--routing domain: {n} rows need {n} dataset indices in 0..{num_experts - 1}")
+    logits = torch.zeros(n, num_experts, device=device)
+    return Routing(logits, logits.softmax(-1), domains[:, None].long(), torch.ones(n, 1, device=device))
+
+
 # Random routing at evaluation is a fixed function of integers (token ids and positions), never of float
 # hidden states: a last-bit difference (another CPU's kernels, another batch's padding, bf16, ONNX) cannot send
 # an input to other experts. Integer arithmetic modulo a prime below 2**31 keeps every product inside int64.
@@ -314,7 +329,8 @@ SBMOE_DESIGNS = {
     "seed": dict(per_token=True, gate="linear", act="gelu", inner=2.0, dropout=0.1, zero_init=False,
                  renormalize=True, normalize_mix=False, aux="gate-mse", top_k=2, gate_temperature=5.0),  # fmt: skip
 }
-ROUTINGS = ("learned", "dense", "random")  # dense: one expert, no gate; random: uniform random experts
+ROUTINGS = ("learned", "dense", "random", "domain")  # dense: one expert, no gate; random: uniform random experts;
+# domain: the oracle control, each input to the expert of its training dataset (as many experts as datasets)
 MOE_ROUTINGS = ("learned", "random")  # the token-level MoE's (its dense control is the baseline itself)
 
 
@@ -340,8 +356,13 @@ class SingleBlockMoE(nn.Module):
             for _ in range(self.num_experts)
         )
 
-    def choose(self, x: torch.Tensor, mode: str, keys: torch.Tensor | None = None) -> Routing:
-        """`keys` (N,): the rows' integer routing keys, which random routing needs at evaluation."""
+    def choose(self, x: torch.Tensor, mode: str, keys: torch.Tensor | None = None,
+               domains: torch.Tensor | None = None) -> Routing:  # fmt: skip
+        """`keys` (N,): the rows' integer routing keys, which random routing needs at evaluation; `domains` (N,):
+        each row's dataset, which the domain oracle routes by."""
+        if self.routing_mode == "domain":  # at evaluation, `all` is the same gateless ensemble as random's
+            known = domains if (self.training or mode != "all") else None
+            return route_domain(known, self.num_experts, x.shape[0], x.device, self.training)
         if self.router is None:
             if mode == "all" and not self.training and self.routing_mode == "random":  # the gateless ensemble
                 return route_all(torch.zeros(x.shape[0], self.num_experts, device=x.device))  # each expert at 1/E
@@ -360,10 +381,12 @@ class SingleBlockMoE(nn.Module):
         renormalize = self.design["renormalize"]
         return route(logits, self.top_k, self.top_k > 1 if renormalize is None else renormalize, self.temperature)
 
-    def forward(self, x: torch.Tensor, mode: str = "top1", keys: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:
-        """x: (N, H) rows to transform (pooled vectors, or the non-padding tokens of the seed design); keys: (N,)."""
+    def forward(self, x: torch.Tensor, mode: str = "top1", keys: torch.Tensor | None = None,
+                domains: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:  # fmt: skip
+        """x: (N, H) rows to transform (pooled vectors, or the non-padding tokens of the seed design); keys: (N,);
+        domains: (N,) dataset index of each row, for `--routing domain`."""
         z = self.norm(x) if self.norm is not None else x
-        routing = self.choose(z, mode, keys)
+        routing = self.choose(z, mode, keys, domains)
         mixed = dispatch(self.experts, z, routing)  # (N, H)
         if self.design["normalize_mix"]:
             mixed = F.normalize(mixed, dim=-1, eps=1e-6)
@@ -377,6 +400,8 @@ class SingleBlockMoE(nn.Module):
         return coef * load_balancing_loss(routing.logits, self.top_k)
 
     def active_experts(self, inference_mode: str) -> int:
+        if self.routing_mode in ("dense", "domain") and inference_mode != "all":
+            return 1
         if self.routing_mode == "dense":
             return 1
         return self.num_experts if inference_mode == "all" else self.top_k
@@ -502,6 +527,7 @@ class RetrieverConfig(PretrainedConfig):
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.0
     inference_mode: str = "top1"  # SB-MoE: top1 | all
+    domains: list[str] | None = None  # the training datasets, in order, when several (expert d of --routing domain)
 
     def resolved_moe_layers(self) -> list[int]:
         n = self.backbone_config["num_hidden_layers"]
@@ -671,18 +697,22 @@ class BiEncoder(PreTrainedModel):
         with routing_keys(token_keys(input_ids, attention_mask)):  # for random routers inside the layers
             return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
 
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Embedding:
-        """(B, H) representations and the routing decisions made on the way (none for the baseline)."""
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, domains: torch.Tensor | None = None
+              ) -> Embedding:  # fmt: skip
+        """(B, H) representations and the routing decisions made on the way (none for the baseline).
+        domains: (B,) long, each input's training dataset (used only by SB-MoE's `--routing domain`)."""
         hidden = self.hidden_states(input_ids, attention_mask)
-        return self.embed_hidden(hidden, attention_mask, token_keys(input_ids, attention_mask))
+        return self.embed_hidden(hidden, attention_mask, token_keys(input_ids, attention_mask), domains=domains)
 
-    def embed_hidden(self, hidden: torch.Tensor, attention_mask: torch.Tensor, keys: torch.Tensor | None = None
-                     ) -> Embedding:  # fmt: skip
+    def embed_hidden(self, hidden: torch.Tensor, attention_mask: torch.Tensor, keys: torch.Tensor | None = None,
+                     domains: torch.Tensor | None = None) -> Embedding:  # fmt: skip
         """From the backbone's last hidden states (B, T, H) on; the frozen-backbone study starts here. keys: the
-        (B, T) `token_keys` of the inputs, which random routing needs at evaluation."""
-        return self.embed_pooled(self.pool(hidden, attention_mask), None if keys is None else sequence_keys(keys))
+        (B, T) `token_keys` of the inputs, which random routing needs at evaluation; domains: (B,)."""
+        sequence = None if keys is None else sequence_keys(keys)
+        return self.embed_pooled(self.pool(hidden, attention_mask), sequence, domains=domains)
 
-    def embed_pooled(self, pooled: torch.Tensor, keys: torch.Tensor | None = None) -> Embedding:
+    def embed_pooled(self, pooled: torch.Tensor, keys: torch.Tensor | None = None,
+                     domains: torch.Tensor | None = None) -> Embedding:  # fmt: skip
         """From pooled vectors (B, H) on, for models whose head sits after pooling; keys: (B,) `sequence_keys`."""
         return Embedding(pooled, [])
 
@@ -690,8 +720,15 @@ class BiEncoder(PreTrainedModel):
         """Whether what follows the backbone needs its token states, not just the pooled vector."""
         return False
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self._norm(self.embed(input_ids, attention_mask).reps)
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, domains: torch.Tensor | None = None
+               ) -> torch.Tensor:  # fmt: skip
+        return self._norm(self.embed_with(input_ids, attention_mask, domains).reps)
+
+    def embed_with(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, domains: torch.Tensor | None
+                   ) -> Embedding:  # fmt: skip
+        """`embed`, passing domains only when there are some (a variant's `embed` may not take them)."""
+        args = (input_ids, attention_mask) if domains is None else (input_ids, attention_mask, domains)
+        return self.embed(*args)
 
     def aux_losses(self, embeddings: list[Embedding]) -> torch.Tensor | None:
         """The auxiliary losses of the MoE blocks, averaged over the embed calls; None without any."""
@@ -707,12 +744,14 @@ class BiEncoder(PreTrainedModel):
         doc_attention_mask: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
         pos_ids: torch.Tensor | None = None,
+        domains: torch.Tensor | None = None,  # (B,) each query's dataset; its documents share it
         **_: object,
     ) -> RetrieverOutput:
-        q = self.embed(query_input_ids, query_attention_mask)
+        q = self.embed_with(query_input_ids, query_attention_mask, domains)
         if doc_input_ids is None:
             return RetrieverOutput(q_reps=self._norm(q.reps))
-        return self.contrastive(q, self.embed(doc_input_ids, doc_attention_mask), doc_ids, pos_ids)
+        doc_domains = None if domains is None else domains.repeat_interleave(len(doc_input_ids) // len(domains))
+        return self.contrastive(q, self.embed_with(doc_input_ids, doc_attention_mask, doc_domains), doc_ids, pos_ids)
 
     def contrastive(self, q: Embedding, d: Embedding, doc_ids=None, pos_ids=None) -> RetrieverOutput:
         """InfoNCE plus the MoE auxiliary losses, from query and document embeddings (forward, frozen.py)."""
@@ -808,19 +847,23 @@ class TinyBERTWithMoE(MoEBiEncoder):
     def head_on_tokens(self) -> bool:
         return self.moe.design["per_token"]
 
-    def embed_hidden(self, hidden: torch.Tensor, attention_mask: torch.Tensor, keys: torch.Tensor | None = None
-                     ) -> Embedding:  # fmt: skip
+    def embed_hidden(self, hidden: torch.Tensor, attention_mask: torch.Tensor, keys: torch.Tensor | None = None,
+                     domains: torch.Tensor | None = None) -> Embedding:  # fmt: skip
         if not self.moe.design["per_token"]:
-            return super().embed_hidden(hidden, attention_mask, keys)
+            return super().embed_hidden(hidden, attention_mask, keys, domains=domains)
         keep = attention_mask.reshape(-1).bool()  # route the non-padding tokens, then pool
         flat = hidden.reshape(-1, hidden.shape[-1])
-        out, routing = self.moe(flat[keep], mode=self.mode(), keys=None if keys is None else keys.reshape(-1)[keep])
+        if domains is not None:  # each token carries its input's dataset
+            domains = domains.to(hidden.device)[:, None].expand(attention_mask.shape).reshape(-1)[keep]
+        out, routing = self.moe(flat[keep], mode=self.mode(), keys=None if keys is None else keys.reshape(-1)[keep],
+                                domains=domains)  # fmt: skip
         hidden = flat.index_put((keep.nonzero().squeeze(1),), out).reshape_as(hidden)
         return Embedding(self.pool(hidden, attention_mask), [routing], self.head_aux(routing))
 
-    def embed_pooled(self, pooled: torch.Tensor, keys: torch.Tensor | None = None) -> Embedding:
+    def embed_pooled(self, pooled: torch.Tensor, keys: torch.Tensor | None = None,
+                     domains: torch.Tensor | None = None) -> Embedding:  # fmt: skip
         """The head on pooled vectors (B, H), for the designs that sit after pooling; keys: (B,)."""
-        reps, routing = self.moe(pooled, mode=self.mode(), keys=keys)
+        reps, routing = self.moe(pooled, mode=self.mode(), keys=keys, domains=domains)
         return Embedding(reps, [routing], self.head_aux(routing))
 
     def mode(self) -> str:
@@ -878,7 +921,7 @@ class TinyBERTMoERegular(MoEBiEncoder):
             block.upcycle(src.intermediate.dense, src.output.dense)
         return model
 
-    def embed(self, input_ids, attention_mask):
+    def embed(self, input_ids, attention_mask, domains=None):  # domains: unused (no domain routing here)
         blocks = self.moe_blocks()
         with record_outputs([b.router for b in blocks]) as logits:
             reps = self.pool(self.hidden_states(input_ids, attention_mask), attention_mask)

@@ -169,7 +169,7 @@ def _same(old, new) -> bool:
 def short(value) -> str:
     if isinstance(value, dict) and "sha256" in value:
         return f"{value.get('name')} (sha256 {str(value['sha256'])[:12]})"
-    return " ".join(value) if isinstance(value, list) else str(value)
+    return " ".join(map(short, value)) if isinstance(value, list) else str(value)  # flags, or several datasets
 
 
 def differing_field(recorded: dict, inputs: dict) -> str | None:

@@ -151,13 +151,38 @@ def build_report(exp: Experiment, layout: Layout, stages: list[dict[str, Run]], 
 
 
 def render(result: dict) -> str:
+    lines = [f"# {result['experiment']}", ""]
+    if result["description"]:
+        lines += [result["description"], ""]
+    lines += [f"Recipe of every trained run: `{' '.join(result['recipe']) or '(defaults)'}`"
+              + (f"; precision {result['precision']} for every run." if result.get("precision") else ".")]  # fmt: skip
+    if result.get("datasets"):
+        lines += ["", "Trained on several datasets: every run (unless its change says `datasets`) on all of "
+                  f"{', '.join(result['datasets'])} together, every batch from one dataset; evaluated on each "
+                  "dataset's own test split below, and on the transfer datasets after them."]  # fmt: skip
+        for name, sub in result["datasets"].items():
+            lines += ["", f"## {name}", "", *stage_lines(sub)]
+    else:
+        lines += ["", *stage_lines(result)]
+    for name, stage in result.get("transfer", {}).items():
+        lines += ["", f"## Transfer: {name}", "",
+                  f"The same checkpoints, BM25 and the zero-shot backbone on the test split of {name}, which no run "
+                  "trained on (BEIR's zero-shot protocol); paired tests against "
+                  + ("each run's references." if result.get("datasets") else "the baseline."), "",
+                  *table(stage, list(TABLE_COLUMNS)), "", *tests_text(stage, {})]  # fmt: skip
+    if result.get("routing"):
+        lines += ["", *routing_text(result["routing"])]
+    if result.get("figures"):
+        lines += ["", "## Figures", "", *(f"![{f['caption']}]({f['file']})" for f in result["figures"])]
+    return "\n".join(lines) + "\n"
+
+
+def stage_lines(result: dict) -> list[str]:
+    """The notes, provenance, tables and tests of every stage of one dataset's report."""
     main, others = result["splits"][0], result["splits"][1:]
     subsets = result["subsets"]
     cols = [*TABLE_COLUMNS, *(f"{k} {PRIMARY_METRIC}" for k in subsets), *(f"{s} {c}" for s in others
                                                                  for c in (PRIMARY_METRIC, "Recall@10"))]  # fmt: skip
-    lines = [f"# {result['experiment']}", ""]
-    if result["description"]:
-        lines += [result["description"], ""]
     notes = [f"Metrics on the {main} split; trained runs: mean ± std over their seeds."]
     for name, qids in subsets.items():
         what = "none of whose relevant documents is a positive of any" if name == "unseen" else (
@@ -169,8 +194,7 @@ def render(result: dict) -> str:
     if result.get("missing_subsets"):
         notes.append(f"The query subsets ({', '.join(result['missing_subsets'])}) are not stored with these results "
                      f"({SUBSETS_FILE}): run the experiment once with its data to add them.")  # fmt: skip
-    lines += [" ".join(notes), "", f"Recipe of every trained run: `{' '.join(result['recipe']) or '(defaults)'}`."]
-    lines += provenance_text(result.get("provenance"))
+    lines = [" ".join(notes), *provenance_text(result.get("provenance"))]
     for i, stage in enumerate(result["stages"]):
         if i == 1:
             lines += ["", "## Stage 2: the combination chosen on dev", "",
@@ -179,14 +203,46 @@ def render(result: dict) -> str:
                   *cost_text(stage)]  # fmt: skip
     if result.get("chosen") is not None and len(result["stages"]) == 1:
         lines += ["", f"Chosen on dev for stage 2: `{' '.join(result['chosen']) or '(none)'}` (not trained yet)."]
-    for name, stage in result.get("transfer", {}).items():
-        lines += ["", f"## Transfer: {name}", "",
-                  f"The same checkpoints, BM25 and the zero-shot backbone on the test split of {name}, which no run "
-                  "trained on (BEIR's zero-shot protocol); paired tests against the baseline.", "",
-                  *table(stage, list(TABLE_COLUMNS)), "", *tests_text(stage, {})]  # fmt: skip
-    if result.get("figures"):
-        lines += ["", "## Figures", "", *(f"![{f['caption']}]({f['file']})" for f in result["figures"])]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def routing_section(exp: Experiment, layouts: dict[str, Layout], runs: list[Run]) -> list[dict]:
+    """Per MoE checkpoint (its lead run) with more than one expert: per block, each dataset's share of routed
+    units per expert (mean over seeds) and the NMI between expert and dataset (mean ± std over seeds), from
+    the routing records eval.py --routing_docs wrote on each training dataset's first split."""
+    out = []
+    for run in runs:
+        per_seed, seeds = [], []
+        for seed in run.seeds:
+            records = {n: an.read_routing(layout.split_dir(run, seed, exp.splits[0]), run.tag)
+                       for n, layout in layouts.items()}  # fmt: skip
+            if all(records.values()):
+                per_seed.append(an.routing_summary(records))
+                seeds.append(seed)
+        if not per_seed or max(len(v) for v in per_seed[0]["blocks"][0]["shares"].values()) < 2:
+            continue
+        blocks = [{"nmi": an.mean_std([s["blocks"][b]["nmi"] for s in per_seed]),
+                   "shares": {n: np.mean([s["blocks"][b]["shares"][n] for s in per_seed], 0).round(4).tolist()
+                              for n in layouts}} for b in range(len(per_seed[0]["blocks"]))]  # fmt: skip
+        out.append({"run": run.name, "label": run.label, "trained_on": run.datasets or list(layouts), "seeds": seeds,
+                    "unit": per_seed[0]["unit"], "units": per_seed[0]["units"], "blocks": blocks})  # fmt: skip
+    return out
+
+
+def routing_text(routing: list[dict]) -> list[str]:
+    lines = ["## Per-domain routing", "",
+             "Which expert each MoE block chooses first (top-1 mode, whatever the run's inference mode) on each "
+             "training dataset's test queries and a seeded sample of its documents; units are inputs for a pooled "
+             "SB-MoE head and non-padding tokens for per-token blocks. NMI: normalised mutual information between "
+             "expert and dataset (arithmetic-mean normalisation; 0: routing ignores the dataset, 1: one expert per "
+             "dataset), mean ± std over seeds; shares: mean over seeds.", "",
+             "| checkpoint | trained on | seeds | block | NMI | share per expert, by dataset |", "|---|---|---|---|---|---|"]
+    for r in routing:
+        for b, block in enumerate(r["blocks"]):
+            shares = "; ".join(f"{n}: " + " ".join(f"{x:.2f}" for x in v) for n, v in block["shares"].items())
+            lines.append(f"| {r['label']} | {', '.join(r['trained_on'])} | {', '.join(map(str, r['seeds']))} | {b} | "
+                         f"{cell(block['nmi'], len(r['seeds']) > 1)} | {shares} |")  # fmt: skip
+    return lines
 
 
 def provenance_text(summary: dict | None) -> list[str]:
@@ -330,18 +386,25 @@ def save_figure(fig, path: Path, caption: str) -> dict:
     return {"file": path.name, "caption": caption}
 
 
-def figures(exp: Experiment, layout: Layout, stages: list[dict[str, Run]]) -> list[dict]:
-    """Draws the experiment's figures from the training histories; returns each one's file and caption."""
+def figures(exp: Experiment, layout: Layout, stages: list[dict[str, Run]], routing: list[dict] | None = None,
+            smoke: bool = False) -> list[dict]:  # fmt: skip
+    """Draws the experiment's figures (a smoke run: only the routing one, its training curves being two steps);
+    returns each one's file and caption."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    drawn = []
+    if "routing" in exp.figures and routing:
+        drawn.append(routing_figure(plt, routing, layout.root / "fig_routing.png"))
+    if smoke:
+        return drawn
+
     runs = [r for stage in stages for r in stage.values() if r.trained]
     histories = {r.name: [an.read_log_history(layout.run_dir(r, s)) for s in r.seeds
                           if (layout.run_dir(r, s) / "log_history.json").is_file()] for r in runs}  # fmt: skip
     histories = {k: v for k, v in histories.items() if v}
-    drawn = []
     if "training" in exp.figures and histories:
         fig, (ax_loss, ax_dev) = plt.subplots(1, 2, figsize=(11, 4))
         for i, (name, hists) in enumerate(histories.items()):
@@ -390,3 +453,30 @@ def figures(exp: Experiment, layout: Layout, stages: list[dict[str, Run]]) -> li
         fig.tight_layout()
         drawn.append(save_figure(fig, layout.root / "fig_experts.png", "share of routed inputs per expert in training"))
     return drawn
+
+
+def routing_figure(plt, routing: list[dict], path: Path) -> dict:
+    """One heatmap per (checkpoint, block): rows the training datasets, columns the experts, cells the share."""
+    panels = [(r, b) for r in routing for b in range(len(r["blocks"]))]
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 1.2 + 0.9 * rows * len(routing[0]["blocks"][0]["shares"])),
+                             squeeze=False)  # fmt: skip
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
+    for ax, (r, b) in zip(axes.flat, panels):
+        block = r["blocks"][b]
+        names = list(block["shares"])
+        grid = np.array([block["shares"][n] for n in names])
+        ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        for (i, j), v in np.ndenumerate(grid):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w" if v < 0.6 else "k")
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.set_xticks(range(grid.shape[1]))
+        ax.tick_params(labelsize=6)
+        title = r["label"] + (f", block {b}" if len(r["blocks"]) > 1 else "")
+        ax.set_title(f"{title}\nNMI {block['nmi'][0]:.2f}", fontsize=7)
+        ax.set_xlabel("expert", fontsize=7)
+    fig.suptitle("share of routed units per expert, by dataset (mean over seeds)", fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, path, "per-domain routing: share of each dataset's units per expert, and NMI")

@@ -14,12 +14,16 @@ from model import VARIANTS
 from retrievers import FUSIONS
 from utils import (
     DataError,
+    dataset_name,
 )
 
 UNTRAINED = ("zeroshot", "bm25")  # evaluated once, seed-independent
 TOP_KEYS = {"name", "description", "dataset", "data_dir", "model", "seeds", "splits", "subsets", "recipe", "eval",
-            "trec_depth", "runs", "select", "figures", "frozen", "transfer"}  # fmt: skip
-RUN_KEYS = {"kind", "train", "eval", "label", "reference", "group", "seeds", "frozen", "fuse", "weight", "fusion"}
+            "trec_depth", "runs", "select", "figures", "frozen", "transfer", "datasets", "precision"}  # fmt: skip
+RUN_KEYS = {"kind", "train", "eval", "label", "reference", "group", "seeds", "frozen", "fuse", "weight", "fusion",
+            "datasets"}  # fmt: skip
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # auto: bf16 where the device has bf16 units, else fp32
+FIGURES = ("training", "experts", "routing")  # routing: per-domain expert shares, with several training datasets
 HYBRID = "hybrid"  # two runs of the file fused (retrievers.fuse), per seed where one of them is trained
 
 
@@ -41,6 +45,7 @@ class Run:
     fuse: list[str] = field(default_factory=list)  # kind hybrid: the two runs fused, the first weighted `weight`
     weight: float | None = None  # kind hybrid: fixed; None: chosen on dev (equal where no dev run files exist)
     fusion: str = "interpolate"  # kind hybrid: interpolate | rrf
+    datasets: list[str] = field(default_factory=list)  # trained on these of the file's `datasets` ([]: all of them)
 
     @property
     def trained(self) -> bool:
@@ -74,6 +79,8 @@ class Experiment:
     select: dict | None
     figures: list[str]
     transfer: list[str] = field(default_factory=list)  # further BEIR datasets, evaluated on test, never trained on
+    datasets: list[str] = field(default_factory=list)  # several training datasets: each run evaluated on each
+    precision: str | None = None  # fp32 | bf16 | fp16 | auto, for every run (None: the runner's flags, else fp32)
 
 
 def restrict_seeds(exp: Experiment, seeds: list[int]) -> Experiment:
@@ -104,6 +111,8 @@ def check_types(raw: dict, check) -> None:
 
     for key in ("name", "description", "dataset", "data_dir", "model"):
         check(key not in raw or isinstance(raw[key], str), f"{key} must be a string, got {raw.get(key)!r}")
+    check("precision" not in raw or raw["precision"] in PRECISIONS,
+          f"precision must be one of {', '.join(PRECISIONS)}, got {raw.get('precision')!r}")  # fmt: skip
     check(bool(str(raw.get("name", "x")).strip()) and "/" not in str(raw.get("name", "")),
           f"name {raw.get('name')!r} must be a non-empty folder name")  # fmt: skip
     if "seeds" in raw:
@@ -112,10 +121,10 @@ def check_types(raw: dict, check) -> None:
         strings("splits", raw["splits"], empty=False)
         check(len(set(raw["splits"])) == len(raw["splits"]) and all(s.strip() for s in raw["splits"]),
               f"splits must be distinct split names, got {raw['splits']!r}")  # fmt: skip
-    for key in ("subsets", "recipe", "eval", "figures"):
+    for key in ("subsets", "recipe", "eval", "figures", "datasets"):
         if key in raw:
             strings(key, raw[key])
-    check(set(raw.get("figures", [])) <= {"training", "experts"}, "figures must be among ['training', 'experts']")
+    check(set(raw.get("figures", [])) <= set(FIGURES), f"figures must be among {list(FIGURES)}")
     check("frozen" not in raw or isinstance(raw["frozen"], bool), f"frozen must be true or false, got {raw.get('frozen')!r}")
     depth = raw.get("trec_depth", {})
     check(isinstance(depth, dict) and all(is_int(k) and k >= 1 for k in depth.values()),
@@ -126,7 +135,7 @@ def check_types(raw: dict, check) -> None:
             continue  # load_experiment says so
         where = f"runs.{name}"
         check("kind" in spec and isinstance(spec["kind"], str), f"{where}.kind must be given as a string")
-        for key in ("train", "eval"):
+        for key in ("train", "eval", "datasets"):
             if key in spec:
                 strings(f"{where}.{key}", spec[key])
         if "seeds" in spec:
@@ -182,6 +191,8 @@ def load_experiment(path: str | Path) -> Experiment:
                          list(spec.get("seeds", seeds)), spec.get("label", name), [refs] if isinstance(refs, str)
                          else list(refs), spec.get("group"),
                          kind in VARIANTS and bool(spec.get("frozen", raw.get("frozen", False))))  # fmt: skip
+        check("datasets" not in spec or kind in VARIANTS, f"runs.{name}: only a trained kind has datasets")
+        runs[name].datasets = list(spec.get("datasets", []))
         if kind == HYBRID:
             runs[name] = hybrid_run(runs[name], spec, raw["runs"], lambda ok, m, n=name: check(ok, f"runs.{n}: {m}"))
     for run in runs.values():
@@ -200,12 +211,22 @@ def load_experiment(path: str | Path) -> Experiment:
           "transfer must be a list of dataset names (under $BEIR_DATA_DIR) or BEIR folders")  # fmt: skip
     names = [transfer_name(t) for t in transfer]
     check(len(set(names)) == len(names), f"transfer names a dataset twice: {names}")
+    datasets = list(raw.get("datasets", []))
+    trained_on = [transfer_name(d) for d in datasets]
+    check(len(set(trained_on)) == len(trained_on), f"datasets names a dataset twice: {trained_on}")
+    check(not set(trained_on) & set(names), "a dataset is both in datasets and in transfer")
+    check(not datasets or not {"dataset", "data_dir", "select"} & set(raw),
+          "datasets replaces dataset and data_dir, and has no [select] stage")  # fmt: skip
+    for run in runs.values():
+        check(not run.datasets or (bool(datasets) and set(run.datasets) <= set(trained_on)),
+              f"runs.{run.name}.datasets must name datasets of the file's `datasets` {trained_on}")  # fmt: skip
     return Experiment(
         name=raw.get("name", path.stem), description=raw.get("description", ""), dataset=raw.get("dataset"),
         data_dir=raw.get("data_dir"), model=raw.get("model"), seeds=seeds, splits=splits,
         subsets=list(raw.get("subsets", [])), recipe=list(raw.get("recipe", [])), eval=list(raw.get("eval", [])),
         trec_depth=dict(raw.get("trec_depth", {})), runs=runs, select=select,
-        figures=list(raw.get("figures", ["training", "experts"])), transfer=list(transfer),
+        figures=list(raw.get("figures", [f for f in FIGURES if f != "routing" or datasets])), transfer=list(transfer),
+        datasets=datasets, precision=raw.get("precision"),
     )  # fmt: skip
 
 
@@ -230,5 +251,5 @@ def hybrid_run(run: Run, spec: dict, specs: dict, check) -> Run:
 
 
 def transfer_name(entry: str) -> str:
-    """A transfer entry's name in the results: the dataset name, or a folder's last component."""
-    return Path(entry.rstrip("/\\")).name
+    """A transfer (or training) entry's name in the results: the dataset name, or a folder's last component."""
+    return dataset_name(entry)

@@ -24,14 +24,17 @@ import sys
 from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, SequentialSampler
 from transformers import HfArgumentParser, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from analysis import DEV_METRIC, expert_share_key, write_log_history
+from analysis import DEV_METRIC, dev_dataset_key, expert_share_key, write_log_history
+from encode import REUSE_DIR, EmbeddingCache, content_key, prune_reuse_cache
 from eval import evaluate_model, retrieve
 from model import VARIANTS, BiEncoder, Setting, load_tokenizer
+from search import ENCODE_CHUNK
 from utils import (
     PRIMARY_METRIC,
     DataError,
@@ -40,6 +43,7 @@ from utils import (
     cached_negatives,
     check_writable,
     corpus_digest,
+    dataset_name,
     default_cache_dir,
     doc_text,
     fail,
@@ -48,6 +52,7 @@ from utils import (
     mine_bm25_negatives,
     negatives_from_run,
     resolve_data_dir,
+    resolve_dataset,
     split_dev,
 )
 
@@ -94,7 +99,13 @@ def model_arguments() -> type[ModelArguments]:
 
 @dataclass
 class DataArguments:
-    dataset: str | None = field(default="scifact", metadata={"help": "BEIR dataset under $BEIR_DATA_DIR"})
+    dataset: list[str] = field(
+        default_factory=lambda: ["scifact"],
+        metadata={"help": "BEIR dataset(s): names under $BEIR_DATA_DIR or folders. Several train one model: every "
+                          "batch from one dataset, batches interleaved in proportion to each dataset's training "
+                          "examples (MixedDataset), negatives mined per corpus, dev selection on the mean of the "
+                          "datasets' dev scores"},
+    )  # fmt: skip
     data_dir: str | None = field(default=None, metadata={"help": "a BEIR folder (overrides --dataset)"})
     train_split: str = field(default="train", metadata={"help": "qrels split to train on"})
     dev_fraction: float = field(default=0.1, metadata={"help": "fraction of train queries held out for selection"})
@@ -193,6 +204,52 @@ class ContrastiveDataset(Dataset):
         return {"qid": qid, "docs": [pos, *negs]}
 
 
+class MixedDataset(Dataset):
+    """Several datasets' training examples in one epoch, every global batch from one dataset (in-batch negatives
+    from another corpus would be trivially easy).
+
+    The sampler, a pure function of (seed, epoch): each dataset's examples are shuffled and cut into blocks of
+    `batch` (the global batch: per-device batch x processes); the leftover of each dataset (fewer than `batch`,
+    different examples each epoch) waits for the next epoch; then all blocks are shuffled together. Each
+    dataset thus has its share of the steps in proportion to its training examples, spread over the epoch.
+    The Trainer reads it in order (`ordered`: no sampler shuffle), and under DDP each process takes its
+    consecutive slice of every block. Example j of dataset d is `parts[d][j]`, with `domain` = d added.
+    """
+
+    ordered = True
+
+    def __init__(self, parts: list[ContrastiveDataset], batch: int, seed: int):
+        self.parts, self.batch, self.seed = parts, batch, seed
+        self.skipped = [q for p in parts for q in p.skipped]
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        rng = random.Random(f"{self.seed}/{self.epoch}/mix")
+        blocks = []
+        for d, part in enumerate(self.parts):
+            part.set_epoch(epoch)
+            order = list(range(len(part)))
+            rng.shuffle(order)
+            blocks += [(d, order[i : i + self.batch]) for i in range(0, len(order) - self.batch + 1, self.batch)]
+        rng.shuffle(blocks)
+        self.index = [(d, j) for d, rows in blocks for j in rows]
+
+    def __len__(self) -> int:
+        return sum(len(p) // self.batch for p in self.parts) * self.batch
+
+    def __getitem__(self, i: int) -> dict:
+        d, j = self.index[i]
+        return {**self.parts[d][j], "domain": d}
+
+
+def namespaced(d: int, corpus: dict, queries: dict, qrels: dict, negatives: dict) -> tuple[dict, dict, dict, dict]:
+    """Dataset d's ids as (d, id) pairs: ids that collide across datasets stay apart in the merged training data."""
+    return ({(d, k): v for k, v in corpus.items()}, {(d, k): v for k, v in queries.items()},
+            {(d, q): {(d, x): r for x, r in docs.items()} for q, docs in qrels.items()},
+            {(d, q): [(d, x) for x in docs] for q, docs in negatives.items()})  # fmt: skip
+
+
 class EpochCallback(TrainerCallback):
     """Set the training set's epoch as each epoch begins (state.epoch is e + the fraction done, also on resume).
 
@@ -237,7 +294,9 @@ class ContrastiveCollator:
             max_length=self.doc_max_length, return_tensors="pt",
         )  # fmt: skip
         pos = positive_ids(self.qrels, [e["qid"] for e in examples], self.doc_index, self.max_pos)
+        domains = {"domains": torch.tensor([e["domain"] for e in examples])} if "domain" in examples[0] else {}
         return {
+            **domains,
             "query_input_ids": q["input_ids"],
             "query_attention_mask": q["attention_mask"],
             "doc_input_ids": d["input_ids"],
@@ -258,9 +317,10 @@ class NonFiniteLossError(RuntimeError):
 class ContrastiveTrainer(Trainer):
     """The model owns the loss; this adds dev evaluation, MoE logging, a second LR, atomic checkpoints."""
 
-    def __init__(self, *args, dev_data=None, eval_kwargs=None, moe_learning_rate=None, **kwargs):
+    def __init__(self, *args, dev_data=None, eval_kwargs=None, moe_learning_rate=None, reuse_dir=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.dev_data, self.eval_kwargs, self.moe_learning_rate = dev_data, eval_kwargs or {}, moe_learning_rate
+        self.reuse_dir = reuse_dir  # where dev passes keep their corpus embeddings (None: nowhere)
         self._sums: dict[str, torch.Tensor] = {}
         self._count = 0
 
@@ -316,15 +376,37 @@ class ContrastiveTrainer(Trainer):
             opt.param_groups[:] = groups  # no step taken yet, so there is no state to move
         return self.optimizer
 
+    def _get_train_sampler(self, train_dataset=None):
+        """A MixedDataset is read in its own order (its batches must not mix datasets); others are shuffled."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if getattr(dataset, "ordered", False):
+            return SequentialSampler(dataset)
+        return super()._get_train_sampler(train_dataset)
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval") -> dict[str, float]:
-        """Dev NDCG@10 etc. by full retrieval over the corpus (every rank computes the same numbers)."""
-        corpus, queries, qrels = self.dev_data
+        """Dev NDCG@10 etc. by full retrieval over each dev set's corpus (every rank computes the same numbers).
+
+        With several datasets, each one's scores are logged as `<prefix>_<dataset>/<metric>` and the selection
+        metrics are their means (each dataset counts once, whatever its number of dev queries)."""
         bf16, fp16 = self.args.bf16, self.args.fp16
-        scores = evaluate_model(
-            self.model, self.processing_class, corpus, queries, qrels, bf16=bf16, fp16=fp16,
-            show_progress=False, **self.eval_kwargs,
-        )  # fmt: skip
+        dtype = "bf16" if bf16 else "fp16" if fp16 else "fp32"
+        per_set = {}
+        for dev in self.dev_data:
+            kwargs = {**self.eval_kwargs, "domain": dev.domain}
+            cache = None
+            if self.reuse_dir is not None:  # the test evaluation of the selected checkpoint reads these
+                key = content_key(self.model, dev.data_dir, len(dev.corpus), kwargs["doc_max_length"], dtype,
+                                  kwargs["batch_size"], ENCODE_CHUNK, dev.domain)  # fmt: skip
+                cache = EmbeddingCache(self.reuse_dir, key)
+            per_set[dev.name] = evaluate_model(
+                self.model, self.processing_class, dev.corpus, dev.queries, dev.qrels, bf16=bf16, fp16=fp16,
+                show_progress=False, cache=cache, **kwargs,
+            )  # fmt: skip
+        scores = {k: float(np.mean([v[k] for v in per_set.values()])) for k in next(iter(per_set.values()))}
         metrics = {f"{metric_key_prefix}_{k.lower()}": v for k, v in scores.items()}
+        if len(per_set) > 1:
+            metrics.update({f"{metric_key_prefix}_{dev_dataset_key(name, k.lower())}": v
+                            for name, values in per_set.items() for k, v in values.items()})  # fmt: skip
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
@@ -405,6 +487,12 @@ def parse(kind: str | None, argv: list[str] | None, extra: tuple = ()):
         targs.ddp_find_unused_parameters = True  # experts that got no input this step have no gradient
     if (error := VARIANTS[kind].settings_error({n: getattr(margs, n) for n in own if own[n].flag})) is not None:
         fail(error)  # the kind's settings, with their defaults in (for checks that span them: --top_k, --num_experts)
+    if getattr(margs, "routing", None) == "domain":
+        n = 1 if dargs.data_dir else len(dargs.dataset)
+        if n < 2:
+            fail("--routing domain: needs several --dataset (each dataset's examples go to its own expert)")
+        if margs.num_experts != n:
+            fail(f"--routing domain: --num_experts {margs.num_experts} must equal the number of datasets ({n})")
     if dargs.negative_source not in ("bm25", "dense"):
         fail(f"--negative_source {dargs.negative_source!r}: expected bm25 or dense")
     if dargs.hard_negatives > dargs.negative_depth:
@@ -468,13 +556,36 @@ def build_model(margs: ModelArguments) -> BiEncoder:
         fail(f"--model_name_or_path {margs.model_name_or_path}: cannot load a backbone ({str(exc).splitlines()[0]})")
 
 
-def load_data(dargs: DataArguments, seed: int):
-    """Corpus, queries (train and dev), train and dev qrels, the negatives cache and where dev came from.
+@dataclass
+class DevSet:
+    """One dataset's dev split, searched over its own corpus at each dev evaluation."""
+
+    name: str
+    data_dir: Path
+    corpus: dict
+    queries: dict
+    qrels: dict
+    domain: int | None = None  # its index among several training datasets (expert d of --routing domain)
+
+
+def data_dirs(dargs: DataArguments) -> list[Path]:
+    """The training datasets' folders: --data_dir, else each --dataset (a name or a folder); names distinct."""
+    dirs = [resolve_data_dir(None, dargs.data_dir)] if dargs.data_dir else [resolve_dataset(d) for d in dargs.dataset]
+    names = [dataset_name(d) for d in dirs]
+    if len(set(names)) < len(names):
+        raise DataError(f"--dataset {' '.join(dargs.dataset)}: two datasets share a name ({', '.join(names)}); "
+                        "each needs its own (it names its dev scores and its expert)")  # fmt: skip
+    return dirs
+
+
+def load_data(dargs: DataArguments, seed: int, data_dir: Path | None = None):
+    """Corpus, queries (train and dev), train and dev qrels, the negatives cache and where dev came from, of
+    `data_dir` (default: the one training dataset).
 
     Dev is the official split (`--dev_split`, by default `dev` when qrels/dev.tsv exists; then every train
     query trains) or else a seeded `--dev_fraction` slice of the train queries (`--dev_split none`).
     """
-    data_dir = resolve_data_dir(dargs.dataset, dargs.data_dir)
+    data_dir = data_dir or data_dirs(dargs)[0]
     corpus, queries, qrels = load_beir(data_dir, dargs.train_split)
     name = dargs.dev_split
     if name is None and dargs.train_split != "dev" and (data_dir / "qrels" / "dev.tsv").is_file():
@@ -551,10 +662,10 @@ def check_lengths(model: BiEncoder, dargs: DataArguments) -> None:
 
 def main(kind: str | None = None, argv: list[str] | None = None) -> None:
     margs, dargs, targs = parse(kind, argv)
-    kind = margs.kind
     try:
         check_writable(targs.output_dir)
-        data = load_data(dargs, targs.seed)
+        dirs = data_dirs(dargs)
+        data = [load_data(dargs, targs.seed, d) for d in dirs]
     except DataError as exc:
         fail(str(exc))
     model = build_model(margs)
@@ -566,33 +677,49 @@ def main(kind: str | None = None, argv: list[str] | None = None) -> None:
     writer = int(os.environ.get("RANK", "0")) == 0  # one lock per folder, held by the saving process
     try:
         with FolderLock(targs.output_dir) if writer else contextlib.nullcontext():
-            run_training(margs, dargs, targs, model, tokenizer, data)
+            run_training(margs, dargs, targs, model, tokenizer, data, dirs)
     except DataError as exc:
         fail(str(exc))
 
 
-def run_training(margs, dargs, targs, model, tokenizer, data: tuple) -> None:
+def training_data(margs, dargs, targs, model, tokenizer, data: list[tuple], dirs: list[Path]):
+    """The training set, its collator and the dev sets. One dataset: as it is. Several: negatives mined per
+    corpus, ids namespaced per dataset, a MixedDataset (every batch from one dataset), one dev set each."""
+    multi = len(data) > 1
+    parts, devs, merged = [], [], ({}, {}, {})
+    for d, (corpus, queries, train_qrels, dev_qrels, cache, _) in enumerate(data):
+        negatives = mine_negatives(model, tokenizer, corpus, queries, train_qrels, cache, margs, dargs, targs)
+        devs.append(DevSet(dataset_name(dirs[d]), dirs[d], corpus, {q: queries[q] for q in dev_qrels}, dev_qrels,
+                           d if multi else None))  # fmt: skip
+        if multi:
+            corpus, queries, train_qrels, negatives = namespaced(d, corpus, queries, train_qrels, negatives)
+        try:
+            parts.append(ContrastiveDataset(queries, train_qrels, negatives, dargs.hard_negatives, targs.seed,
+                                            sampling=dargs.sampling))  # fmt: skip
+        except DataError as exc:
+            fail(f"{dataset_name(dirs[d])}: {exc}" if multi else str(exc))
+        for into, part in zip(merged, (corpus, queries, train_qrels)):
+            into.update(part)
+    batch = targs.per_device_train_batch_size * targs.world_size
+    train_set = MixedDataset(parts, batch, targs.seed) if multi else parts[0]
+    collator = ContrastiveCollator(tokenizer, *merged, dargs.query_max_length, dargs.doc_max_length)
+    return train_set, collator, devs
+
+
+def run_training(margs, dargs, targs, model, tokenizer, data: list[tuple], dirs: list[Path]) -> None:
     """Mine negatives, train, save the final model and its records (inside the output folder's lock)."""
     kind = margs.kind
-    corpus, queries, train_qrels, dev_qrels, cache, dev_info = data
-    negatives = mine_negatives(model, tokenizer, corpus, queries, train_qrels, cache, margs, dargs, targs)
-    try:
-        train_set = ContrastiveDataset(
-            queries, train_qrels, negatives, dargs.hard_negatives, targs.seed, sampling=dargs.sampling
-        )
-    except DataError as exc:
-        fail(str(exc))
+    train_set, collator, devs = training_data(margs, dargs, targs, model, tokenizer, data, dirs)
     if len(train_set) < targs.per_device_train_batch_size * targs.world_size:
         fail(f"{len(train_set)} examples per epoch ({dargs.sampling} sampling) are fewer than one global batch")
-    collator = ContrastiveCollator(
-        tokenizer, corpus, queries, train_qrels, dargs.query_max_length, dargs.doc_max_length
-    )
-    dev_queries = {q: queries[q] for q in dev_qrels}
+    if len(devs) > 1:
+        model.config.domains = [dev.name for dev in devs]
     model.config.pad_token_id = tokenizer.pad_token_id  # as the Trainer would set it, with a notice each run
+    reuse_dir = Path(targs.output_dir) / REUSE_DIR if targs.eval_strategy != "no" else None
     trainer = ContrastiveTrainer(
         model=model, args=targs, train_dataset=train_set, data_collator=collator, processing_class=tokenizer,
-        eval_dataset=sorted(dev_qrels),  # only its presence matters: evaluate() retrieves over the corpus
-        dev_data=(corpus, dev_queries, dev_qrels), moe_learning_rate=margs.moe_learning_rate,
+        eval_dataset=[q for dev in devs for q in sorted(dev.qrels)],  # only its presence matters
+        dev_data=devs, moe_learning_rate=margs.moe_learning_rate, reuse_dir=reuse_dir,
         callbacks=[EpochCallback(train_set)],
         eval_kwargs=dict(
             query_max_length=dargs.query_max_length, doc_max_length=dargs.eval_doc_max_length or dargs.doc_max_length,
@@ -609,11 +736,16 @@ def run_training(margs, dargs, targs, model, tokenizer, data: tuple) -> None:
     if resume and trainer.is_world_process_zero():
         step = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"]
         print(f"{kind}: resuming from {resume} at step {step}", flush=True)
+    train_queries = sum(len(train_qrels) for _, _, train_qrels, *_ in data) - len(train_set.skipped)
+    dev_info = {dev.name: info for dev, (*_, info) in zip(devs, data)}
     if trainer.is_world_process_zero():
+        mixed = (f", {len(devs)} datasets ({MixedDataset.__name__}: every batch from one dataset)"
+                 if len(devs) > 1 else "")  # fmt: skip
+        devs_text = "; ".join(f"{len(dev.qrels)} dev queries ({info['source']})" + (f" of {n}" if len(devs) > 1 else "")
+                              for dev, (n, info) in zip(devs, dev_info.items()))  # fmt: skip
         print(
-            f"{kind}: {dargs.sampling} sampling, {len(train_set)} examples per epoch "
-            f"({len(train_qrels) - len(train_set.skipped)} training queries, {len(train_set.skipped)} without a "
-            f"positive skipped), {len(dev_qrels)} dev queries ({dev_info['source']}), "
+            f"{kind}: {dargs.sampling} sampling{mixed}, {len(train_set)} examples per epoch "
+            f"({train_queries} training queries, {len(train_set.skipped)} without a positive skipped), {devs_text}, "
             f"{dargs.hard_negatives} hard negatives, {sum(p.numel() for p in model.parameters()):,} parameters",
             flush=True,
         )
@@ -628,11 +760,17 @@ def run_training(margs, dargs, targs, model, tokenizer, data: tuple) -> None:
     if trainer.is_world_process_zero():
         history = trainer.state.log_history
         write_log_history(targs.output_dir, history)
+        if reuse_dir is not None:  # only the final weights' dev-pass embeddings can ever be reused
+            prune_reuse_cache(Path(targs.output_dir), unwrap(trainer.model))
         run_info = {
             "sampling": dargs.sampling, "examples_per_epoch": len(train_set), "seed": targs.seed,
-            "train_queries": len(train_qrels) - len(train_set.skipped), "skipped_queries": len(train_set.skipped),
-            "dev": dev_info,
+            "train_queries": train_queries, "skipped_queries": len(train_set.skipped),
+            "dev": dev_info[devs[0].name] if len(devs) == 1 else dev_info,
         }  # fmt: skip
+        if len(devs) > 1:
+            run_info["datasets"] = [dev.name for dev in devs]
+            run_info["sampler"] = ("every global batch from one dataset; per epoch each dataset's examples shuffled and "
+                                   "cut into global batches, all batches shuffled together (seeded by seed and epoch)")
         atomic_write_text(Path(targs.output_dir) / "run_info.json", json.dumps(run_info, indent=1) + "\n")
         best = trainer.state.best_metric
         print(f"{kind}: best dev {PRIMARY_METRIC} {best if best is None else round(best, 4)} -> {targs.output_dir}")

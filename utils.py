@@ -79,6 +79,22 @@ def fail(message: str) -> None:
 # Data loading
 
 
+def resolve_dataset(entry: str, download: bool = True) -> Path:
+    """A dataset given as a name (under $BEIR_DATA_DIR, downloaded when missing) or as a folder: an entry with a
+    path separator, or starting with `.`, is a folder."""
+    return resolve_data_dir(None, entry) if is_dataset_folder(entry) else resolve_data_dir(entry, None, download=download)
+
+
+def is_dataset_folder(entry: str) -> bool:
+    """Whether a dataset entry names a folder (a path separator, or a leading `.`) rather than a dataset name."""
+    return "/" in entry or os.sep in entry or entry.startswith(".")
+
+
+def dataset_name(entry: str | Path) -> str:
+    """A dataset's name in results, logs and a checkpoint's `domains`: the name, or a folder's last component."""
+    return Path(str(entry).rstrip("/\\")).name
+
+
 def resolve_data_dir(dataset: str | None, data_dir: str | None, download: bool = True) -> Path:
     """``--data_dir`` wins; else ``$BEIR_DATA_DIR/<dataset>``, fetched with BEIR's downloader if missing."""
     if data_dir:
@@ -727,6 +743,29 @@ def autocast(device: torch.device | str, bf16: bool = False, fp16: bool = False)
     if bf16 or fp16:
         return torch.autocast(device_type, dtype=torch.bfloat16 if bf16 else torch.float16)
     return nullcontext()
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 units (AVX512-BF16 or AMX-BF16), where bf16 autocast is faster than fp32
+    rather than emulated: torch's own check where it has one, else the kernel's CPU flags."""
+    check = getattr(getattr(torch.backends, "mkldnn", None), "is_bf16_supported", None)
+    if check is not None:
+        try:
+            return bool(check())
+        except Exception:  # an older torch without the probe on this platform
+            pass
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def auto_precision() -> str:
+    """bf16 where the device computes it natively (a CUDA GPU with bf16, or a CPU with bf16 units), else fp32."""
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_bf16() else "fp32"
 
 
 def set_seed(seed: int) -> None:

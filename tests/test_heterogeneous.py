@@ -1,0 +1,261 @@
+"""Training on several datasets: batches never mix datasets, colliding ids stay apart, the domain-oracle control
+routes by dataset, the per-domain routing's mutual information, and the reuse of the dev pass's embeddings."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import one_line_error, write_tiny_beir
+
+import analysis as an
+import eval as eval_cli
+import train
+from encode import REUSE_DIR, routing_counts
+from model import RetrieverConfig, TinyBERTWithMoE, load_model, load_tokenizer
+
+COMMON = ["--per_device_train_batch_size", "4", "--logging_steps", "1", "--use_cpu", "--dev_fraction", "0.25",
+          "--num_train_epochs", "1", "--save_strategy", "no", "--load_best_model_at_end", "false",
+          "--eval_batch_size", "16"]  # fmt: skip
+
+
+@pytest.fixture
+def two_datasets(tmp_path):
+    """Two BEIR folders whose document and query ids collide (d0.., q0..) but whose texts differ."""
+    return [write_tiny_beir(tmp_path / "beir" / name, seed=seed) for name, seed in (("alpha", 0), ("beta", 1))]
+
+
+def record_batches(monkeypatch) -> list:
+    """Every collated batch as (domains, [(query text, positive text)])."""
+    seen = []
+
+    class Recording(train.ContrastiveCollator):
+        def __call__(self, examples):
+            out = super().__call__(examples)
+            pairs = [(self.queries[e["qid"]], self.corpus[e["docs"][0]]["text"]) for e in examples]
+            seen.append((out["domains"].tolist(), [e["qid"] for e in examples], pairs))
+            return out
+
+    monkeypatch.setattr(train, "ContrastiveCollator", Recording)
+    return seen
+
+
+def part(n: int, tag: str, seed: int = 0) -> train.ContrastiveDataset:
+    qrels = {f"{tag}{i}": {f"{tag}d{i}": 1} for i in range(n)}
+    negs = {q: [f"{tag}n{k}" for k in range(5)] for q in qrels}
+    return train.ContrastiveDataset({}, qrels, negs, 1, seed)
+
+
+def test_mixed_batches_come_from_one_dataset_in_proportion_and_are_seeded():
+    parts = [part(30, "a"), part(10, "b")]
+    mixed = train.MixedDataset(parts, batch=4, seed=7)
+    assert len(mixed) == (30 // 4 + 10 // 4) * 4
+    for epoch in (0, 1):
+        mixed.set_epoch(epoch)
+        items = [mixed[i] for i in range(len(mixed))]
+        blocks = [items[i : i + 4] for i in range(0, len(items), 4)]
+        assert all(len({x["domain"] for x in b}) == 1 for b in blocks)  # never mixed
+        assert all(x["qid"].startswith("ab"[x["domain"]]) for x in items)
+        assert [sum(b[0]["domain"] == d for b in blocks) for d in (0, 1)] == [7, 2]  # in proportion
+        assert len({x["qid"] for x in items}) == len(items)  # no example twice in an epoch
+    again = train.MixedDataset([part(30, "a"), part(10, "b")], batch=4, seed=7)
+    again.set_epoch(1)
+    assert [again[i] for i in range(len(again))] == items  # a pure function of (seed, epoch)
+    mixed.set_epoch(0)
+    assert [mixed[i] for i in range(len(mixed))] != items
+
+
+def test_colliding_ids_stay_apart_and_every_training_batch_is_one_dataset(tiny_backbone, two_datasets, tmp_path,
+                                                                          monkeypatch):  # fmt: skip
+    seen = record_batches(monkeypatch)
+    out = tmp_path / "ckpt"
+    train.main("sbmoe", [*map(str, ["--model_name_or_path", tiny_backbone, "--dataset", *two_datasets,
+                                    "--output_dir", out, "--design", "sokli", "--routing", "domain",
+                                    "--num_experts", "2", "--eval_strategy", "epoch"]), *COMMON])  # fmt: skip
+    texts = []
+    for folder in two_datasets:
+        queries = {json.loads(x)["_id"]: json.loads(x)["text"] for x in (folder / "queries.jsonl").read_text().split("\n") if x}
+        docs = {json.loads(x)["_id"]: json.loads(x)["text"] for x in (folder / "corpus.jsonl").read_text().split("\n") if x}
+        texts.append((queries, docs))
+    assert seen and {d for domains, _, _ in seen for d in domains} == {0, 1}
+    assert texts[0][0]["q0"] != texts[1][0]["q0"] and texts[0][1]["d0"] != texts[1][1]["d0"]  # ids collide
+    for domains, qids, pairs in seen:
+        assert len(set(domains)) == 1  # every batch from one dataset
+        for d, (ns, qid), (q_text, d_text) in zip(domains, qids, pairs):
+            assert ns == d and texts[d][0][qid] == q_text  # the query of its own dataset
+            assert d_text in texts[d][1].values()
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["datasets"] == ["alpha", "beta"] and set(info["dev"]) == {"alpha", "beta"}
+    history = json.loads((out / "log_history.json").read_text())
+    dev = next(h for h in history if an.DEV_KEY in h)
+    per = an.dev_by_dataset(history)
+    assert set(per) == {"alpha", "beta"} and dev[an.DEV_KEY] == pytest.approx(np.mean(list(per.values())))
+    assert load_model(out).config.domains == ["alpha", "beta"]
+
+
+def tiny_sbmoe(backbone, routing: str, experts: int = 2) -> TinyBERTWithMoE:
+    torch.manual_seed(0)
+    return TinyBERTWithMoE.from_backbone(str(backbone), design="sokli", routing=routing, num_experts=experts,
+                                         top_k=1).eval()  # fmt: skip
+
+
+def test_domain_control_routes_each_input_to_its_datasets_expert(tiny_backbone):
+    model = tiny_sbmoe(tiny_backbone, "domain")
+    tok = load_tokenizer(tiny_backbone)
+    batch = tok(["protein gene", "virus immune brain", "drug trial"], return_tensors="pt", padding=True)
+    args = (batch["input_ids"], batch["attention_mask"])
+    domains = torch.tensor([1, 0, 1])
+    emb = model.embed(*args, domains)
+    assert emb.routings[0].indices[:, 0].tolist() == [1, 0, 1]
+    pooled = model.pool(model.hidden_states(*args), batch["attention_mask"])
+    for row, d in enumerate(domains.tolist()):  # exactly the pooled vector plus its own expert's output
+        mixed = torch.nn.functional.normalize(model.moe.experts[d](pooled[row : row + 1]), dim=-1, eps=1e-6)
+        assert torch.allclose(emb.reps[row], (pooled[row : row + 1] + mixed)[0], atol=1e-5)
+    unknown = model.embed(*args).routings[0]  # a dataset no expert trained on: every expert at 1/E
+    assert unknown.weights.tolist() == [[0.5, 0.5]] * 3
+    model.train()
+    with pytest.raises(ValueError, match="domains"):
+        model.embed(*args)  # training without the datasets is an error, never a silent mixture
+
+
+def test_domain_routing_needs_several_datasets_and_one_expert_each(tiny_backbone, two_datasets, tmp_path, capsys):
+    base = ["--model_name_or_path", tiny_backbone, "--output_dir", tmp_path / "x", "--routing", "domain"]
+    for extra, needle in (([*two_datasets[:1], "--num_experts", "1"], "several --dataset"),
+                          ([*two_datasets, "--num_experts", "3"], "must equal the number of datasets (2)")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            train.main("sbmoe", list(map(str, [*base, "--dataset", *extra])))
+        one_line_error(capsys, needle)
+
+
+def test_nmi_matches_sklearns_definition():
+    assert an.normalized_mutual_info(an.contingency([0, 0, 1, 1], [0, 0, 1, 2])) == pytest.approx(0.8)
+    assert an.normalized_mutual_info([[5, 0], [0, 7]]) == pytest.approx(1.0)
+    assert an.normalized_mutual_info([[4, 4], [3, 3]]) == pytest.approx(0.0)
+    assert an.normalized_mutual_info([[9]]) == 1.0  # one label on each side (sklearn's convention)
+
+
+@pytest.mark.parametrize("routing", ["domain", "random"])
+def test_routing_nmi_is_one_for_the_oracle_and_near_zero_for_random_routing(tiny_backbone, two_datasets, routing):
+    model = tiny_sbmoe(tiny_backbone, routing)
+    tok = load_tokenizer(tiny_backbone)
+    records = {}
+    for d, folder in enumerate(two_datasets):
+        texts = [json.loads(x)["text"] for x in (folder / "corpus.jsonl").read_text().split("\n") if x]
+        texts = [f"{t} {w}" for t in texts for w in ("cell", "risk", "dose", "sleep", "diet")]  # 300 inputs
+        counts = routing_counts(model, tok, texts, 32, batch_size=64, domain=d)
+        records[folder.name] = {"queries": np.zeros_like(counts).tolist(), "documents": counts.tolist()}
+    summary = an.routing_summary(records)
+    nmi = summary["blocks"][0]["nmi"]
+    if routing == "domain":
+        assert nmi == pytest.approx(1.0) and summary["blocks"][0]["shares"]["alpha"] == [1.0, 0.0]
+    else:
+        assert nmi < 0.02, nmi
+        assert all(0.35 < s[0] < 0.65 for s in summary["blocks"][0]["shares"].values())
+
+
+def test_test_evaluation_reuses_the_dev_pass_only_when_weights_and_lengths_match(tiny_backbone, tiny_beir, tmp_path,
+                                                                                 capsys):  # fmt: skip
+    out = tmp_path / "ckpt"
+    train.main("baseline", list(map(str, ["--model_name_or_path", tiny_backbone, "--data_dir", tiny_beir,
+                                          "--output_dir", out, "--eval_strategy", "epoch", "--doc_max_length", "32",
+                                          "--per_device_train_batch_size", "4", "--use_cpu", "--num_train_epochs", "2",
+                                          "--save_strategy", "no", "--load_best_model_at_end", "false",
+                                          "--eval_batch_size", "16"])))  # fmt: skip
+    assert len(list((out / REUSE_DIR).glob("*/key.json"))) == 1  # the earlier epoch's entry is pruned
+
+    def evaluate(ckpt, length, dest):
+        capsys.readouterr()
+        metrics = eval_cli.main(list(map(str, ["--model", "baseline", "--checkpoint", ckpt, "--data_dir", tiny_beir,
+                                               "--output_dir", tmp_path / dest, "--doc_max_length", length,
+                                               "--batch_size", "16"])))  # fmt: skip
+        return metrics["baseline"], capsys.readouterr().out
+
+    reused, log = evaluate(out, 32, "a")
+    assert "1 cached chunk(s) read, 0 encoded (the checkpoint's dev-pass embeddings)" in log
+    other, log = evaluate(out, 24, "b")  # another truncation: encoded again
+    assert "0 cached chunk(s) read, 1 encoded" in log
+    changed = tmp_path / "changed"
+    shutil.copytree(out, changed)
+    model = load_model(changed)
+    with torch.no_grad():
+        model.encoder.embeddings.word_embeddings.weight[5] += 0.01
+    model.save_pretrained(changed)
+    _, log = evaluate(changed, 32, "c")  # other weights: encoded again
+    assert "0 cached chunk(s) read, 1 encoded" in log
+    shutil.rmtree(out / REUSE_DIR)
+    fresh, log = evaluate(out, 32, "d")
+    assert "cached" not in log and fresh == reused  # what was reused is what encoding gives
+
+
+def test_bf16_detection_reads_the_cpu_flags(monkeypatch, tmp_path):
+    import utils
+
+    monkeypatch.setattr(utils.torch.backends.mkldnn, "is_bf16_supported", None, raising=False)
+    monkeypatch.setattr(utils.torch.cuda, "is_available", lambda: False)
+    for flags, expected in (("fpu avx512f avx512_bf16", "bf16"), ("fpu amx_bf16", "bf16"), ("fpu avx2", "fp32")):
+        monkeypatch.setattr(utils.Path, "read_text", lambda self, *a, f=flags, **k: f"flags\t: {f}\n")
+        assert utils.auto_precision() == expected
+    assert RetrieverConfig().domains is None
+
+
+HETERO = """
+name = "tiny-hetero"
+datasets = ["alpha", "beta"]
+transfer = ["gamma"]
+seeds = [42]
+subsets = ["unseen", "seen"]
+precision = "fp32"
+recipe = ["--num_train_epochs", "1", "--per_device_train_batch_size", "4", "--dev_fraction", "0.25"]
+
+[runs.baseline]
+kind = "baseline"
+
+[runs.baseline-alpha]
+kind = "baseline"
+datasets = ["alpha"]
+reference = "baseline"
+
+[runs.domain]
+kind = "sbmoe"
+train = ["--design", "sokli", "--num_experts", "2", "--routing", "domain"]
+reference = "baseline"
+
+[runs.random]
+kind = "sbmoe"
+train = ["--design", "sokli", "--num_experts", "2", "--routing", "random"]
+reference = "baseline"
+"""
+
+
+def test_runner_trains_on_several_datasets_and_reports_each_with_its_routing(tiny_backbone, two_datasets, tmp_path,
+                                                                             monkeypatch, capsys):  # fmt: skip
+    import experiment
+
+    write_tiny_beir(two_datasets[0].parent / "gamma", seed=2)
+    (tmp_path / "h.toml").write_text(HETERO)
+    monkeypatch.setenv("BEIR_DATA_DIR", str(two_datasets[0].parent))
+    args = [tmp_path / "h.toml", "--model_name_or_path", tiny_backbone, "--results", tmp_path / "res",
+            "--ckpt_root", tmp_path / "ck", "--in_process"]  # fmt: skip
+    result = experiment.main(list(map(str, args)))
+    assert set(result["datasets"]) == {"alpha", "beta"} and set(result["transfer"]) == {"gamma"}
+    for name in ("alpha", "beta"):
+        rows = result["datasets"][name]["stages"][0]["rows"]
+        assert set(rows) == {"baseline", "baseline-alpha", "domain", "random"}
+        assert result["datasets"][name]["subsets"]["unseen"] is not None
+    ckpts = tmp_path / "ck" / "tiny-hetero"
+    assert json.loads((ckpts / "baseline-alpha" / "seed42" / "run_info.json").read_text()).get("datasets") is None
+    assert json.loads((ckpts / "domain" / "seed42" / "run_info.json").read_text())["datasets"] == ["alpha", "beta"]
+    routing = {r["run"]: r for r in result["routing"]}
+    assert set(routing) == {"domain", "random"}
+    assert routing["domain"]["blocks"][0]["nmi"][0] == pytest.approx(1.0)
+    assert routing["random"]["blocks"][0]["nmi"][0] < 0.1
+    report = (tmp_path / "res" / "tiny-hetero" / "report.md").read_text()
+    for needle in ("## alpha", "## beta", "## Transfer: gamma", "## Per-domain routing", "fig_routing.png",
+                   "precision fp32"):  # fmt: skip
+        assert needle in report, needle
+    assert (tmp_path / "res" / "tiny-hetero" / "fig_routing.png").stat().st_size > 1000
+    (tmp_path / "h.toml").write_text(HETERO.replace('"fp32"', '"bf16"'))  # one precision for every run
+    with pytest.raises(SystemExit):
+        experiment.main(list(map(str, args)))
+    one_line_error(capsys, "another precision")

@@ -95,7 +95,7 @@ class Features:
         for i, (a, b) in enumerate(spans):
             hidden[i, : b - a] = torch.from_numpy(np.asarray(self.tokens[a:b], dtype=np.float32))
             mask[i, : b - a] = 1
-            keys[i, : b - a] = torch.from_numpy(np.asarray(self.keys[a:b]))
+            keys[i, : b - a] = torch.from_numpy(np.array(self.keys[a:b], dtype=np.int64))  # a copy: the cache is read-only
         return hidden, mask, keys
 
     def sequence_keys(self, rows) -> torch.Tensor:

@@ -27,248 +27,71 @@ the retrieval loop over both (`retrieve_topk`) and the command line.
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import random
 import time
-from array import array
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
-from analysis import write_evaluation, write_metrics, write_routing
-from encode import REUSE_DIR, EmbeddingCache, cache_key, content_key, encode_texts, routing_counts
 from model import VARIANTS, BiEncoder, checkpoint_digest, load_model, load_tokenizer
-from retrievers import BM25, DEV_FRACTION, DEV_SEED, FUSIONS, SELECT_METRIC, choose_weight, dev_qrels, fuse
-from search import (  # noqa: F401  (search: re-exported for frozen.py)
-    ENCODE_CHUNK,
-    TopK,
-    broadcast_rows,
-    gather_topk,
-    make_searcher,
-    rank_chunks,
-    resolve_backend,
-    search,
-    search_chunk,
-    to_results,
-)
-from utils import (
-    MAX_CUTOFF,
-    METRICS,
-    TABLE_COLUMNS,
+from sbmoe.data import (
+    Corpus,
     DataError,
-    check_output,
     dataset_name,
-    doc_text,
-    entry_point,
-    evaluate_run,
-    fail,
-    format_table,
     iter_corpus,
-    iter_corpus_ids,
     load_corpus,
     load_queries,
     load_split,
-    mean_metrics,
-    per_query_metrics,
-    read_trec,
     resolve_data_dir,
 )
+from sbmoe.device import init_distributed
+from sbmoe.encoding import REUSE_DIR, EmbeddingCache, cache_key, content_key, routing_counts
+from sbmoe.files import read_trec
+from sbmoe.metrics import (
+    MAX_CUTOFF,
+    METRICS,
+    TABLE_COLUMNS,
+    format_table,
+    mean_metrics,
+    per_query_metrics,
+)
+from sbmoe.results import write_evaluation, write_metrics, write_routing
+from sbmoe.retrieval import (
+    BM25,
+    DEV_FRACTION,
+    DEV_SEED,
+    FUSIONS,
+    SELECT_METRIC,
+    RetrieveOptions,
+    choose_weight,
+    dev_qrels,
+    fuse,
+    retrieve_topk,
+)
+from sbmoe.search import (
+    ENCODE_CHUNK,
+    to_results,
+)
+from utils import check_output, entry_point, fail
 
 # --------------------------------------------------------------------------------------------
 # Sharded retrieval: encode (or read cached) chunks, search them, gather the top-k on rank 0
 
 
-@dataclass(frozen=True)
-class RetrieveOptions:
-    """How to encode and search: the keyword arguments of `retrieve` and `evaluate_model`."""
-
-    query_max_length: int = 64
-    doc_max_length: int = 256
-    batch_size: int = 128
-    bf16: bool = False
-    fp16: bool = False
-    show_progress: bool = True
-    encode_chunk: int = ENCODE_CHUNK  # documents encoded, held and searched at a time
-    backend: str = "auto"  # search backend: auto | faiss | torch
-    domain: int | None = None  # the dataset index queries and documents are routed to (SB-MoE --routing domain)
 
 
-def retrieve_topk(
-    model: BiEncoder,
-    tokenizer,
-    n_docs: int,
-    texts,  # texts(start, stop) -> the documents' texts, in corpus order
-    query_sets: dict[str, dict[str, str]],
-    top_k: int,
-    options: RetrieveOptions = RetrieveOptions(),
-    *,
-    rank: int = 0,
-    world: int = 1,
-    cache: EmbeddingCache | None = None,
-    timings: dict[str, float] | None = None,
-) -> dict[str, TopK]:
-    """The corpus encoded once for every query set, chunk by chunk; on rank 0 the global exact top-k of
-    each set, on other ranks their shard's (already sent to rank 0)."""
-    timings = {} if timings is None else timings
-    for key in ("encode", "index", "search", "gather"):
-        timings.setdefault(key, 0.0)
-    o = options
-    kw = dict(batch_size=o.batch_size, bf16=o.bf16, fp16=o.fp16, show_progress=o.show_progress and rank == 0,
-              domain=o.domain)  # fmt: skip
-    backend = resolve_backend(o.backend)
-    dim = model.config.backbone_config["hidden_size"]
-    start = time.perf_counter()
-    q_sets = {}
-    for name, queries in query_sets.items():  # rank 0 encodes the queries, every rank searches with them
-        q_emb = None
-        if rank == 0:
-            q_emb = encode_texts(model, tokenizer, list(queries.values()), o.query_max_length, desc="queries", **kw)
-        q_sets[name] = q_emb if world == 1 else broadcast_rows(q_emb, (len(queries), dim), rank)
-    timings["encode"] += time.perf_counter() - start
-    tops = {name: TopK(len(q), top_k) for name, q in q_sets.items()}
-    gpu = torch.cuda.current_device() if world > 1 and torch.cuda.is_available() else None
-    chunks = rank_chunks(n_docs, o.encode_chunk, rank, world)
-    inner = {**kw, "show_progress": kw["show_progress"] and len(chunks) < 2}  # one bar: batches, or chunks
-    for a, b in tqdm(chunks, desc="corpus chunks", disable=not kw["show_progress"] or len(chunks) < 2, leave=False):
-        t0 = time.perf_counter()
-        emb = cache.load(a, b, dim) if cache else None
-        if emb is None:
-            emb = encode_texts(model, tokenizer, texts(a, b), o.doc_max_length, desc="corpus", **inner)
-            if cache:
-                cache.save(a, b, emb)
-        t1 = time.perf_counter()
-        searcher = make_searcher(emb, backend, verbose=rank == 0, gpu=gpu)
-        t2 = time.perf_counter()
-        search_chunk(searcher, a, b - a, q_sets, tops)
-        del searcher, emb
-        t3 = time.perf_counter()
-        timings["encode"] += t1 - t0
-        timings["index"] += t2 - t1
-        timings["search"] += t3 - t2
-    if world > 1:
-        t0 = time.perf_counter()
-        shard_docs = [sum(b - a for a, b in rank_chunks(n_docs, o.encode_chunk, r, world)) for r in range(world)]
-        gather_topk(tops, shard_docs, rank, world)
-        timings["gather"] += time.perf_counter() - t0
-    return tops
 
 
-def retrieve(model: BiEncoder, tokenizer, corpus: dict, queries: dict, top_k: int = 100,
-             cache: EmbeddingCache | None = None, **kwargs) -> dict:  # fmt: skip
-    """results[qid][doc_id] = score, top-k by exact inner product (the corpus encoded chunk by chunk, or read
-    from `cache`).
-
-    `kwargs` are `RetrieveOptions`' fields: query_max_length, doc_max_length, batch_size, bf16, fp16,
-    show_progress, encode_chunk, backend, domain.
-    """
-    doc_ids = list(corpus)
-    texts = lambda a, b: [doc_text(corpus[d]) for d in doc_ids[a:b]]  # noqa: E731
-    options = RetrieveOptions(**kwargs)
-    tops = retrieve_topk(model, tokenizer, len(doc_ids), texts, {"q": queries}, top_k, options, cache=cache)
-    return to_results(tops["q"], list(queries), doc_ids)
 
 
-def evaluate_model(model, tokenizer, corpus, queries, qrels, **kwargs) -> dict[str, float]:
-    """The one evaluation function: train.py's dev evaluation and eval.py both call it."""
-    return evaluate_run(qrels, retrieve(model, tokenizer, corpus, queries, **kwargs))
 
 
-class DocIds:
-    """Document ids by record number, packed (utf-8 in one buffer, int64 ends: len + 8 bytes an id, not ~60
-    for a Python string in a list), with a hash lookup for `in` and duplicates until `drop_lookup`."""
-
-    def __init__(self, ids: Iterable[str]):
-        buf, ends, hashes = bytearray(), array("q"), array("q")
-        for d in ids:
-            buf += d.encode("utf-8")
-            ends.append(len(buf))
-            hashes.append(hash(d))
-        self._buf, self._ends = bytes(buf), np.array(ends, dtype=np.int64)
-        del buf, ends
-        h = np.array(hashes, dtype=np.int64)
-        del hashes
-        self._order = np.argsort(h, kind="stable")
-        self._sorted = h[self._order]
-
-    def __len__(self) -> int:
-        return len(self._ends)
-
-    def __getitem__(self, j):
-        if isinstance(j, slice):
-            return [self[i] for i in range(*j.indices(len(self)))]
-        j = int(j)
-        return self._buf[self._ends[j - 1] if j else 0 : self._ends[j]].decode("utf-8")
-
-    def __iter__(self) -> Iterator[str]:
-        return (self[j] for j in range(len(self)))
-
-    def _positions(self, d: str) -> list[int]:
-        h = hash(d)
-        a, b = np.searchsorted(self._sorted, h, "left"), np.searchsorted(self._sorted, h, "right")
-        return [int(j) for j in self._order[a:b] if self[j] == d]
-
-    def __contains__(self, d) -> bool:
-        return isinstance(d, str) and bool(self._positions(d))
-
-    def repeated(self) -> int:
-        """How many records repeat an earlier record's id."""
-        same = np.flatnonzero(self._sorted[1:] == self._sorted[:-1])  # equal hashes: compare the ids
-        return len({j for i in same for j in self._positions(self[self._order[i + 1]])[1:]})
-
-    def drop_lookup(self) -> None:
-        self._order = self._sorted = None
 
 
-class Corpus:
-    """A BEIR corpus by record number: every id held (packed), texts streamed from the file a chunk at a time.
-
-    Ids are unique (a repeated one is `load_corpus`'s DataError naming its line: the dense run would keep one
-    record, BM25 both).
-    """
-
-    def __init__(self, data_dir: Path):
-        self.data_dir = data_dir
-        self.ids = DocIds(iter_corpus_ids(data_dir))
-        if self.ids.repeated():
-            load_corpus(data_dir)  # the one check of unique ids: raises naming the file and both lines
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def reader(self):
-        """texts(start, stop) for increasing, non-overlapping ranges: one forward pass over the file."""
-        state = {"it": None, "pos": 0}
-
-        def texts(a: int, b: int) -> list[str]:
-            if state["it"] is None or a != state["pos"]:  # records skipped by line, not parsed
-                state["it"], state["pos"] = iter_corpus(self.data_dir, a), a
-            out = [t for _, t in itertools.islice(state["it"], b - a)]
-            state["pos"] = b
-            return out
-
-        return texts
 
 
-def init_distributed() -> tuple[int, int, bool]:
-    """(rank, world size, created): under torchrun (WORLD_SIZE > 1) a process group, gloo for the CPU
-    tensors this script sends, and one GPU per rank (LOCAL_RANK) when there are GPUs."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), False
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, False
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("cpu:gloo,cuda:nccl")
-    else:
-        dist.init_process_group("gloo")
-    return dist.get_rank(), dist.get_world_size(), True
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,7 +204,7 @@ def load_for_eval(name: str, checkpoint: str | None, args) -> tuple[BiEncoder, o
     precision = {"onnx": "fp32", "onnx-int8": "int8 weights, fp32 activations"}.get(
         backend, "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32")  # fmt: skip
     if checkpoint and name != "zeroshot":
-        import export
+        from lab import export
 
         if export.is_export(checkpoint):  # export.py's folder: its graphs (no PyTorch checkpoint in it)
             if backend == "torch":
@@ -432,7 +255,7 @@ def load_for_eval(name: str, checkpoint: str | None, args) -> tuple[BiEncoder, o
     facts = {"backend": backend, "precision": precision, **lengths, "inference_mode": model.config.inference_mode,
              "checkpoint_sha1": None if name == "zeroshot" else checkpoint_digest(source)}  # fmt: skip
     if backend != "torch":
-        import export
+        from lab import export
 
         try:
             return export.onnx_retriever(model.eval(), backend), tokenizer, source, facts

@@ -23,11 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import provenance as prov  # noqa: E402
-from experiment import Runner, stages_of  # noqa: E402
-from report import store_subsets  # noqa: E402
-from spec import load_experiment  # noqa: E402
-from utils import resolve_data_dir  # noqa: E402
+from lab.experiment import Runner, stages_of  # noqa: E402
+from lab.report import store_subsets  # noqa: E402
+from lab.spec import load_experiment  # noqa: E402
+from sbmoe import provenance as prov  # noqa: E402
+from sbmoe.data import resolve_data_dir  # noqa: E402
 
 LOCATION_FLAGS = {"--model_name_or_path", "--data_dir", "--dataset", "--seed", "--output_dir", "--kind"}
 DTYPE_FLAGS = {"--fp16", "--bf16"}

@@ -20,9 +20,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import analysis as an  # noqa: E402
-from report import stored_subsets  # noqa: E402
-from spec import load_experiment  # noqa: E402
+from lab.report import stored_subsets  # noqa: E402
+from lab.spec import load_experiment  # noqa: E402
+from sbmoe import results as an  # noqa: E402
 
 
 def at_rev(rev: str, path: Path) -> dict:
@@ -38,7 +38,7 @@ def main() -> None:
     args = p.parse_args()
     exp = load_experiment(args.experiment)
     root = Path("results") / exp.name
-    from experiment import Layout  # the runner's layout of a results folder
+    from lab.experiment import Layout
 
     subsets = stored_subsets(exp, Layout(exp, "results", "checkpoints")) or {}
     groups = {**{k: subsets[k] for k in ("unseen", "seen") if k in subsets}, "all": None}

@@ -17,12 +17,15 @@ from types import SimpleNamespace
 import pytest
 from conftest import ROOT, one_line_error, write_tiny_beir
 
-import compare
 import eval as evaluation
-import experiment
+import sbmoe.data
+import sbmoe.retrieval
 import train
+from lab import compare, experiment
 from model import BiEncoder, TinyBERTWithMoE, load_model
-from utils import DataError, FolderLock, atomic_write_text, corpus_digest, default_cache_dir, load_beir, load_corpus
+from sbmoe.data import DataError, load_beir, load_corpus
+from sbmoe.files import FolderLock, atomic_write_text
+from sbmoe.negatives import corpus_digest, default_cache_dir
 
 
 def exits(fn, *args) -> int:
@@ -170,7 +173,7 @@ def test_out_of_range_eval_flag_is_named(flags, needle, tiny_backbone, tiny_beir
     (["--dtypes", "fp32,bf8"], "unknown bf8"), (["--repeats", "0"], "--repeats 0"),
 ])  # fmt: skip
 def test_out_of_range_bench_flag_is_named(flags, needle, tiny_backbone, tmp_path, capsys):
-    import bench
+    from lab import bench
 
     out = tmp_path / "b.json"
     assert exits(bench.main, ["models", "--model_name_or_path", str(tiny_backbone), "--output", str(out), *flags]) == 2
@@ -363,7 +366,6 @@ def test_model_found_neither_locally_nor_online_is_one_line(name, needle, tiny_b
 def test_runner_without_model_or_data_says_so_and_creates_nothing(tmp_path, monkeypatch, capsys):
     import huggingface_hub.constants
 
-    import utils
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
@@ -388,7 +390,7 @@ def test_runner_without_model_or_data_says_so_and_creates_nothing(tmp_path, monk
     assert exits(experiment.main, argv) == 2
     one_line_error(capsys, "a folder without config.json")
     with pytest.raises(DataError, match=r"dataset 'scifact' is not there and BEIR's download failed \(Name or"):
-        utils.resolve_data_dir("scifact", None)
+        sbmoe.data.resolve_data_dir("scifact", None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.toml"]  # no results/, checkpoints/, outside/, data/
 
 
@@ -399,7 +401,7 @@ def test_runner_without_model_or_data_says_so_and_creates_nothing(tmp_path, monk
 def test_eval_output_folder_that_is_a_file_fails_before_encoding(tiny_backbone, tiny_beir, tmp_path, monkeypatch,
                                                                  capsys):  # fmt: skip
     (tmp_path / "file").write_text("x")
-    monkeypatch.setattr(evaluation, "encode_texts", lambda *a, **k: pytest.fail("encoded before checking"))
+    monkeypatch.setattr(sbmoe.retrieval, "encode_texts", lambda *a, **k: pytest.fail("encoded before checking"))
     for out in (tmp_path / "file", tmp_path / "file" / "below"):
         assert exits(evaluation.main, eval_zeroshot(tiny_backbone, tiny_beir, out)) == 2
         one_line_error(capsys, "--output_dir", "is a file, not a folder")
@@ -490,7 +492,7 @@ def test_train_saves_to_checkpoints_kind_without_output_dir(tiny_backbone, tiny_
 
 def test_runner_child_dies_with_the_runner(tmp_path):
     """kill -9 of the runner: its training child gets SIGTERM from the kernel, no orphan keeps training."""
-    script = ("import subprocess, sys, time; import experiment\n"
+    script = ("import subprocess, sys, time; from lab import experiment\n"
               "cmd = experiment.child_command([sys.executable], '-c', ['import time; time.sleep(120)'])\n"
               "child = subprocess.Popen(cmd); print(child.pid, flush=True); child.wait()")  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -615,14 +617,14 @@ def test_a_length_beyond_the_backbones_positions_is_one_line(backend, tiny_backb
 
 @pytest.fixture
 def export_mod():
-    import export
+    from lab import export
 
     return export
 
 
 def test_output_that_is_an_input_or_unusable_fails_before_any_work(checkpoints, tiny_backbone, tiny_beir, tmp_path,
                                                                    monkeypatch, export_mod, capsys):  # fmt: skip
-    import bench
+    from lab import bench
 
     ckpt = _copy(checkpoints / "baseline", tmp_path / "ck")
     before = sorted(p.name for p in ckpt.iterdir())
@@ -634,7 +636,7 @@ def test_output_that_is_an_input_or_unusable_fails_before_any_work(checkpoints, 
         assert exits(export_mod.main, [str(ckpt), str(out), "--overwrite"]) == 2
         one_line_error(capsys, "OUT_DIR", needle)
     assert sorted(p.name for p in ckpt.iterdir()) == before  # the checkpoint is untouched
-    monkeypatch.setattr(evaluation, "encode_texts", lambda *a, **k: pytest.fail("encoded before checking"))
+    monkeypatch.setattr(sbmoe.retrieval, "encode_texts", lambda *a, **k: pytest.fail("encoded before checking"))
     argv = ["--model", "baseline", "--checkpoint", str(ckpt), "--data_dir", str(tiny_beir), "--output_dir"]
     assert exits(evaluation.main, [*argv, str(ckpt / "eval")]) == 2
     one_line_error(capsys, "--output_dir", "is inside the input")
@@ -713,7 +715,7 @@ def test_metrics_of_another_checkpoint_or_no_file_are_refused_by_export(checkpoi
 
 @pytest.fixture(scope="module")
 def sbmoe_export(checkpoints, tmp_path_factory):
-    import export
+    from lab import export
 
     out = tmp_path_factory.mktemp("exports") / "sbmoe"
     export.export(checkpoints / "sbmoe", out, onnx=True, int8=True, query_max_length=8, doc_max_length=32)
@@ -770,7 +772,7 @@ def test_a_broken_export_folder_is_one_line(break_it, sbmoe_export, tiny_beir, t
 
 def test_hybrid_without_dev_queries_says_why_before_encoding(tiny_backbone, tmp_path, monkeypatch, capsys):
     data = write_tiny_beir(tmp_path / "tiny")  # 16 train queries: a 1% slice has none
-    monkeypatch.setattr(evaluation, "encode_texts", lambda *a, **k: pytest.fail("encoded before checking"))
+    monkeypatch.setattr(sbmoe.retrieval, "encode_texts", lambda *a, **k: pytest.fail("encoded before checking"))
     out = tmp_path / "out"
     assert exits(evaluation.main, eval_zeroshot(tiny_backbone, data, out, "--hybrid", "bm25", "--dev_fraction", 0.01)) == 2
     one_line_error(capsys, "train.tsv: the dev slice of train", "has no queries", "--hybrid_weight")

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import one_line_error
 
-import bench
+from lab import bench
 
 ANCHOR_PYTHON = os.environ.get("BENCH_ANCHOR_PYTHON")
 OURS = ["ours torch fp32", "ours onnx fp32", "ours onnx int8"]

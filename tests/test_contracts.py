@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-import analysis as an
+from lab.stats import paired_tests, significant
 from model import VARIANTS
+from sbmoe import results as an
 
 
 def build(kind, backbone, **kw):
@@ -65,7 +66,8 @@ def test_no_hooks_left_on_the_routers(tiny_backbone):
 
 
 def test_the_scheduler_keeps_the_moe_rate(tiny_backbone, tmp_path):
-    from train import ContrastiveTrainer, RetrievalTrainingArguments
+    from sbmoe.trainer import ContrastiveTrainer
+    from train import RetrievalTrainingArguments
     model = VARIANTS["sbmoe"].from_backbone(str(tiny_backbone), num_experts=4)
     args = RetrievalTrainingArguments(output_dir=str(tmp_path), use_cpu=True, learning_rate=2e-5, eval_strategy="no",
                                       save_strategy="no", load_best_model_at_end=False)
@@ -75,7 +77,7 @@ def test_the_scheduler_keeps_the_moe_rate(tiny_backbone, tmp_path):
 
 
 def test_checkpoints_are_shared_only_across_evaluation_flags_and_evaluated_needs_every_split(tmp_path):
-    import experiment
+    from lab import experiment
     (tmp_path / "x.toml").write_text("splits = ['test', 'train']\n[runs.a]\nkind = 'sbmoe'\n[runs.b]\nkind = 'sbmoe'\n"
                                      "eval = ['--inference_mode', 'all']\n[runs.c]\nkind = 'sbmoe'\ntrain = ['--design', 'sokli']\n")
     exp = experiment.load_experiment(tmp_path / "x.toml")
@@ -87,7 +89,7 @@ def test_checkpoints_are_shared_only_across_evaluation_flags_and_evaluated_needs
 
 
 def test_stage2_keeps_references_inside_the_stage_else_compare_to():
-    import experiment
+    from lab import experiment
     R = experiment.Run
     runs = {"base": R("base", "baseline", seeds=[42]), "e5": R("e5", "baseline", seeds=[42], references=["n3"]),
             "n3": R("n3", "baseline", seeds=[42], references=["e5"])}
@@ -100,7 +102,7 @@ def test_stage2_keeps_references_inside_the_stage_else_compare_to():
 
 
 def test_compare_pairs_each_seed_with_the_same_seed_and_averages_over_seeds():
-    import report
+    from lab import report
     q = [f"q{i}" for i in range(6)]
     a = {42: {x: {"NDCG@10": 0.1 * i} for i, x in enumerate(q)}, 43: {x: {"NDCG@10": 0.5} for x in q}}
     b = {43: {x: {"NDCG@10": 0.2} for x in q}, 42: {x: {"NDCG@10": 0.1 * i} for i, x in enumerate(q)}}
@@ -116,14 +118,15 @@ def test_compare_pairs_each_seed_with_the_same_seed_and_averages_over_seeds():
 
 
 def test_randomisation_test_is_two_sided_and_significance_needs_both_tests():
-    p = an.paired_tests(np.ones(5), np.zeros(5))["rand_pvalue"]
+    p = paired_tests(np.ones(5), np.zeros(5))["rand_pvalue"]
     assert 0.05 < p < 0.075  # exact two-sided p = 2/32
-    assert not an.significant({"t_pvalue": 0.01, "rand_pvalue": 0.2})
+    assert not significant({"t_pvalue": 0.01, "rand_pvalue": 0.2})
 
 
 def test_verify_covers_every_metric_the_file_is_deep_enough_for(tmp_path):
     import eval as evaluation
-    from utils import mean_metrics, per_query_metrics, write_trec
+    from sbmoe.files import write_trec
+    from sbmoe.metrics import mean_metrics, per_query_metrics
     qrels = {"q1": {"a": 1, "b": 1}, "q2": {"c": 1}}
     run = {"q1": {d: float(100 - i) for i, d in enumerate(["x", "a"] + [f"z{i}" for i in range(98)])}, "q2": {"c": 1.0}}
     write_trec(tmp_path / "r.trec.gz", run, "t", 100)
@@ -135,7 +138,7 @@ def test_verify_covers_every_metric_the_file_is_deep_enough_for(tmp_path):
 
 
 def test_gzip_files_are_byte_reproducible(tmp_path, monkeypatch):
-    from utils import write_trec
+    from sbmoe.files import write_trec
     write_trec(tmp_path / "a.trec.gz", {"q": {"d": 1.0}}, "t", 10)
     an.write_per_query(tmp_path / "a", "t", {"q": {"NDCG@10": 1.0}})
     monkeypatch.setattr(time, "time", lambda: 1e9)
@@ -153,7 +156,7 @@ def test_frozen_head_trains_at_the_head_rate_keeps_its_best_dev_epoch_on_dev_que
                                                                                        monkeypatch):
     from safetensors.torch import load_file
 
-    import frozen
+    from lab import frozen
     snaps, qids, groups, scores = [], [], set(), iter([0.9, 0.1, 0.2])
     real_retrieve, real_create = frozen.retrieve_cached, frozen.FrozenTrainer.create_optimizer
 
@@ -189,7 +192,7 @@ def test_frozen_head_trains_at_the_head_rate_keeps_its_best_dev_epoch_on_dev_que
 def test_frozen_query_cache_is_per_dataset(tiny_backbone, tmp_path):
     from conftest import write_tiny_beir
 
-    import frozen
+    from lab import frozen
     out = []
     for name, seed in (("a", 0), ("b", 1)):  # the same query ids, other texts
         data = write_tiny_beir(tmp_path / name, seed=seed)

@@ -5,7 +5,7 @@ import json
 import pytest
 from conftest import SCIFACT, needs_shared, write_tiny_beir
 
-from utils import DataError, load_beir, resolve_data_dir, split_dev, unseen_document_queries
+from sbmoe.data import DataError, load_beir, resolve_data_dir, split_dev, unseen_document_queries
 
 
 def test_plain_and_gzipped_corpus_load_the_same(tmp_path):

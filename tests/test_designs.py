@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import VARIANTS, NoisyMLPRouter, Router, routing_keys
+from model import VARIANTS
+from sbmoe.layers import NoisyMLPRouter, Router, routing_keys
 
 H, E = 32, 4
 

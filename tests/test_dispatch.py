@@ -6,10 +6,11 @@ import pytest
 import torch
 
 import model as M
+import sbmoe.layers
 
 
 def reference_dispatch(experts, x, routing):
-    """model.dispatch as it was before the sort-once rewrite: one torch.where per expert."""
+    """sbmoe.layers.dispatch as it was before the sort-once rewrite: one torch.where per expert."""
     out = torch.zeros_like(x)
     for e, expert in enumerate(experts):
         rows, slot = torch.where(routing.indices == e)
@@ -23,17 +24,17 @@ def reference_dispatch(experts, x, routing):
 @pytest.mark.parametrize("n, k", [(1, 1), (1, 2), (7, 2), (300, 2), (64, 1)])
 def test_sorted_dispatch_equals_the_per_expert_loop(n, k):
     torch.manual_seed(n + k)
-    experts = torch.nn.ModuleList(M.Expert(16, 32) for _ in range(8)).eval()
+    experts = torch.nn.ModuleList(sbmoe.layers.Expert(16, 32) for _ in range(8)).eval()
     x = torch.randn(n, 16)
     logits = torch.randn(n, 8)
     logits[:, 5] -= 100  # expert 5 never chosen: an empty group
-    routing = M.route(logits, k, renormalize=k > 1)
+    routing = sbmoe.layers.route(logits, k, renormalize=k > 1)
     with torch.no_grad():
         ref = reference_dispatch(experts, x, routing)
-        assert torch.allclose(M.dispatch(experts, x, routing), ref, atol=1e-6, rtol=0)
-        assert torch.allclose(M.dispatch_dense(experts, x, routing), ref, atol=1e-6, rtol=0)
-        with M.traceable():
-            assert torch.allclose(M.dispatch(experts, x, routing), ref, atol=1e-6, rtol=0)
+        assert torch.allclose(sbmoe.layers.dispatch(experts, x, routing), ref, atol=1e-6, rtol=0)
+        assert torch.allclose(sbmoe.layers.dispatch_dense(experts, x, routing), ref, atol=1e-6, rtol=0)
+        with sbmoe.layers.traceable():
+            assert torch.allclose(sbmoe.layers.dispatch(experts, x, routing), ref, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("routing", ["learned", "random"])
@@ -50,7 +51,7 @@ def test_token_level_moe_encodes_as_before(tiny_backbone, monkeypatch, routing):
     mask[1, 6:] = 0
     with torch.no_grad():
         new = [model.encode(ids[:1, :4], mask[:1, :4]), model.encode(ids, mask)]  # batch 1, and a ragged batch
-        monkeypatch.setattr(M, "dispatch", reference_dispatch)
+        monkeypatch.setattr(sbmoe.layers, "dispatch", reference_dispatch)
         old = [model.encode(ids[:1, :4], mask[:1, :4]), model.encode(ids, mask)]
     for a, b in zip(new, old):
         assert torch.allclose(a, b, atol=1e-6, rtol=0)

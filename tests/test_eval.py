@@ -10,7 +10,8 @@ import pytest
 import pytrec_eval
 from conftest import ROOT
 
-from utils import load_beir, read_trec
+from sbmoe.data import load_beir
+from sbmoe.files import read_trec
 
 
 def test_zeroshot_end_to_end_metrics_equal_pytrec_eval_on_the_trec_file(tiny_backbone, tiny_beir, tmp_path):
@@ -46,8 +47,8 @@ def test_zeroshot_end_to_end_metrics_equal_pytrec_eval_on_the_trec_file(tiny_bac
 def test_length_sorted_encoding_equals_one_by_one(tiny_backbone):
     from transformers import AutoTokenizer
 
-    from encode import encode_texts
     from model import BiEncoder
+    from sbmoe.encoding import encode_texts
 
     model = BiEncoder.from_backbone(str(tiny_backbone), pooling="mean").eval()
     tok = AutoTokenizer.from_pretrained(tiny_backbone)

@@ -11,8 +11,10 @@ import pytest
 import torch
 from conftest import ROOT, ZEROSHOT_AND_BASELINE, one_line_error
 
-import analysis as an
-from utils import load_beir, read_trec, unseen_document_queries
+from lab.stats import mean_std, significant, subset_mean
+from sbmoe import results as an
+from sbmoe.data import load_beir, unseen_document_queries
+from sbmoe.files import read_trec
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
 TINY = ["--per_device_train_batch_size", "4", "--num_experts", "4", "--dev_fraction", "0.2"]
@@ -51,7 +53,7 @@ def runner(args, env, check=True):
 
 def test_runner_trains_evaluates_reports_and_skips_finished_runs(tiny_backbone, tiny_beir, tmp_path, monkeypatch,
                                                                  capsys):  # fmt: skip
-    import experiment
+    from lab import experiment
 
     (tmp_path / "tiny.toml").write_text(TABLE)
     monkeypatch.setenv("BEIR_DATA_DIR", str(tiny_beir.parent))
@@ -78,9 +80,9 @@ def test_runner_trains_evaluates_reports_and_skips_finished_runs(tiny_backbone, 
     assert report["subsets"]["unseen"] == unseen and unseen
     assert sorted(report["subsets"]["seen"] + unseen) == sorted(test_qrels)
     bm25 = an.read_per_query(root / "bm25" / "test", "bm25")
-    assert rows["bm25"]["unseen NDCG@10"][0] == pytest.approx(an.subset_mean(bm25, unseen))
+    assert rows["bm25"]["unseen NDCG@10"][0] == pytest.approx(subset_mean(bm25, unseen))
     per_seed = [an.read_per_query(root / "sbmoe" / f"seed{s}" / "test", "sbmoe") for s in (42, 43)]
-    assert rows["sbmoe"]["NDCG@10"] == pytest.approx(an.mean_std([an.subset_mean(r, sorted(r)) for r in per_seed]))
+    assert rows["sbmoe"]["NDCG@10"] == pytest.approx(mean_std([subset_mean(r, sorted(r)) for r in per_seed]))
     assert tests["sbmoe"]["seeds"] == [42, 43] and len(tests["sbmoe"]["per_seed"]) == 2
     assert tests["sbmoe-all"]["reference"] == "sbmoe" and tests["sbmoe"]["unseen"] is not None
     assert json.loads((root / "sbmoe" / "summary.json").read_text())["seeds"] == [42, 43]
@@ -88,12 +90,12 @@ def test_runner_trains_evaluates_reports_and_skips_finished_runs(tiny_backbone, 
     for text in ("| BM25 |", "| zeroshot |", "| baseline |", "| sbmoe", "train NDCG@10", "randomisation p",
                  "Per seed: seed 42 ", f"the {len(unseen)} test queries", "unseen-document queries"):  # fmt: skip
         assert text in md, text
-    per_seed_unseen = [an.subset_mean(r, unseen) - an.subset_mean(b, unseen) for r, b in zip(
+    per_seed_unseen = [subset_mean(r, unseen) - subset_mean(b, unseen) for r, b in zip(
         per_seed, [an.read_per_query(root / "baseline" / f"seed{s}" / "test", "baseline") for s in (42, 43)])]  # fmt: skip
     assert ("Per seed, unseen-document queries: " + ", ".join(
         f"seed {s} {d:+.4f}" for s, d in zip((42, 43), per_seed_unseen))) in md  # fmt: skip
     t = tests["sbmoe"]  # the differences table: unseen-document queries first, each seed's own in brackets
-    unseen_cell = f"{t['unseen']['mean_diff']:+.4f}" + (" †" if an.significant(t["unseen"]) else "")
+    unseen_cell = f"{t['unseen']['mean_diff']:+.4f}" + (" †" if significant(t["unseen"]) else "")
     unseen_cell += " (" + ", ".join(f"{d:+.4f}" for d in per_seed_unseen) + ")"
     row = next(line for line in md.splitlines() if line.startswith("| sbmoe | baseline | 42, 43 | "))
     assert row.split(" | ")[3] == unseen_cell and md.index("| run | against |") < md.index("| run | change |")
@@ -123,7 +125,7 @@ def test_runner_subprocesses_in_parallel_resume_an_interrupted_checkpoint(tiny_b
 
 
 def test_runner_rejects_bad_experiment_files_in_one_line(tmp_path, tiny_beir, capsys):
-    import experiment
+    from lab import experiment
 
     cases = {
         "runs = 3\n": "no [runs.NAME] tables",
@@ -142,7 +144,7 @@ def test_runner_rejects_bad_experiment_files_in_one_line(tmp_path, tiny_beir, ca
 
 
 def test_choose_takes_the_best_option_of_each_group_only_if_it_beats_the_reference_on_dev(tmp_path):
-    import experiment
+    from lab import experiment
 
     text = "seeds = [42]\n" + "".join(
         f"[runs.{name}]\nkind = 'baseline'\ntrain = ['--x', '{name}']\n" + (f"group = '{group}'\n" if group else "")
@@ -164,8 +166,7 @@ def test_choose_takes_the_best_option_of_each_group_only_if_it_beats_the_referen
 
 
 def test_figures_are_drawn_from_the_histories_written_whole_and_linked_from_the_report(tmp_path):
-    import experiment
-    import report
+    from lab import experiment, report
 
     (tmp_path / "f.toml").write_text("seeds = [42, 43]\n[runs.base]\nkind = 'baseline'\n[runs.moe]\nkind = 'sbmoe'\n")
     exp = experiment.load_experiment(tmp_path / "f.toml")
@@ -227,8 +228,8 @@ def throwaway_variant():
 
 
 def test_a_variant_is_one_class(throwaway_variant, tiny_backbone, tiny_beir, tmp_path, monkeypatch):
-    import experiment
     import train
+    from lab import experiment
     from model import BiEncoder, load_model
 
     out = tmp_path / "ck"
@@ -310,7 +311,7 @@ def test_a_variants_settings_reach_its_flags_config_and_checkpoint(variant_with_
 
 
 def test_runner_frozen_runs_share_the_head_across_evaluation_flags(tiny_backbone, tiny_beir, tmp_path, monkeypatch):
-    import experiment
+    from lab import experiment
 
     (tmp_path / "f.toml").write_text('name = "f"\nseeds = [42]\nfrozen = true\nrecipe = ["--num_train_epochs", "1"]\n'
                                      '[runs.none]\nkind = "baseline"\n[runs.bm25]\nkind = "bm25"\n'
@@ -354,8 +355,9 @@ def test_transfer_evaluates_every_checkpoint_bm25_and_zeroshot_on_other_datasets
         tiny_backbone, tiny_beir, tmp_path, monkeypatch, capsys):  # fmt: skip
     from conftest import write_tiny_beir
 
-    import experiment
-    from utils import bm25_search, mean_metrics, per_query_metrics
+    from lab import experiment
+    from sbmoe.metrics import mean_metrics, per_query_metrics
+    from sbmoe.retrieval import bm25_search
 
     other = write_tiny_beir(tmp_path / "elsewhere" / "other-set", n_docs=40, n_queries=15, seed=7)
     monkeypatch.setenv("BEIR_DATA_DIR", str(tiny_beir.parent))

@@ -10,9 +10,9 @@ import torch
 from conftest import write_tiny_beir
 from transformers import AutoTokenizer
 
-import eval as ev
-import export
+from lab import export
 from model import VARIANTS, checkpoint_digest
+from sbmoe.encoding import encode_texts
 
 TEXTS = ["protein gene cell", "cancer virus immune brain heart drug trial mouse dose risk blood lung liver " * 3,
          "sleep", "insulin vitamin neuron receptor enzyme tumor therapy"]  # fmt: skip
@@ -42,7 +42,7 @@ def checkpoints(tiny_backbone, tmp_path_factory):
 
 
 def project_embeddings(model, folder, length):
-    return ev.encode_texts(model, AutoTokenizer.from_pretrained(folder), TEXTS, length, batch_size=2, show_progress=False)
+    return encode_texts(model, AutoTokenizer.from_pretrained(folder), TEXTS, length, batch_size=2, show_progress=False)
 
 
 @pytest.mark.parametrize("kind", list(SETTINGS))
@@ -106,8 +106,8 @@ def test_onnx_graph_and_int8_agree_with_the_model(checkpoints, tmp_path):
     assert report["onnx"]["fp32_max_abs_diff_vs_torch"] < export.ONNX_TOLERANCE
     tok = AutoTokenizer.from_pretrained(ckpt)
     ref = project_embeddings(model, ckpt, 64)
-    fp32 = ev.encode_texts(export.load_onnx_retriever(out, "onnx"), tok, TEXTS, 64, 2, show_progress=False)
-    int8 = ev.encode_texts(export.load_onnx_retriever(out, "onnx-int8"), tok, TEXTS, 64, 2, show_progress=False)
+    fp32 = encode_texts(export.load_onnx_retriever(out, "onnx"), tok, TEXTS, 64, 2, show_progress=False)
+    int8 = encode_texts(export.load_onnx_retriever(out, "onnx-int8"), tok, TEXTS, 64, 2, show_progress=False)
     assert np.abs(fp32 - ref).max() < export.ONNX_TOLERANCE
     assert (int8 * ref).sum(1).min() > INT8_MIN_COSINE
     assert np.abs(int8 - ref).max() > 0  # it is quantised
@@ -139,7 +139,7 @@ def test_random_routing_controls_trace_to_onnx_exactly(kind, design, tiny_backbo
     report = export.export(tmp_path / "ckpt", tmp_path / "st", onnx=True, **LENGTHS)
     assert report["onnx"]["fp32_max_abs_diff_vs_torch"] < export.ONNX_TOLERANCE
     tok = AutoTokenizer.from_pretrained(tmp_path / "ckpt")
-    got = ev.encode_texts(export.load_onnx_retriever(tmp_path / "st", "onnx"), tok, TEXTS, 64, 3, show_progress=False)
+    got = encode_texts(export.load_onnx_retriever(tmp_path / "st", "onnx"), tok, TEXTS, 64, 3, show_progress=False)
     assert np.abs(got - project_embeddings(model, tmp_path / "ckpt", 64)).max() < export.ONNX_TOLERANCE
 
 
@@ -148,6 +148,8 @@ def test_eval_backends_give_the_same_metrics(checkpoints, tmp_path):
     ckpt, _ = checkpoints["baseline"]
     export.export(ckpt, tmp_path / "exported", onnx=True, **LENGTHS)
     common = ["--model", "baseline", "--data_dir", str(beir), "--doc_max_length", "64", "--query_max_length", "8"]
+    import eval as ev
+
     torch_row = ev.main([*common, "--checkpoint", str(ckpt), "--output_dir", str(tmp_path / "t")])["baseline"]
     fly_row = ev.main([*common, "--checkpoint", str(ckpt), "--backend", "onnx", "--output_dir", str(tmp_path / "o")])
     exp_row = ev.main([*common, "--checkpoint", str(tmp_path / "exported"), "--backend", "onnx",
@@ -167,6 +169,8 @@ def one_line_error(capsys, fn, *args) -> str:
 
 
 def test_bad_inputs_fail_in_one_line(checkpoints, tiny_backbone, tmp_path, capsys):
+    import eval as ev
+
     ckpt, _ = checkpoints["baseline"]
     assert "no such checkpoint" in one_line_error(capsys, export.main, [str(tmp_path / "nope"), str(tmp_path / "o")])
     err = one_line_error(capsys, export.main, [str(tiny_backbone), str(tmp_path / "o")])

@@ -7,15 +7,16 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-import analysis as an
+from lab.stats import subset_mean
 from model import VARIANTS
+from sbmoe import results as an
 
 TEXTS = ["protein gene cell", "cancer virus immune brain heart drug", "trial", "mouse dose risk blood lung liver insulin"]
 
 
 @pytest.mark.parametrize("design", ["residual-zero", "sokli", "seed", None])
 def test_head_on_cached_features_equals_the_model_on_the_texts(tiny_backbone, tmp_path, design):
-    import frozen
+    from lab import frozen
 
     kind = "baseline" if design is None else "sbmoe"
     settings = {} if design is None else {"design": design, "num_experts": 4, "top_k": 2 if design == "seed" else 1}
@@ -34,7 +35,7 @@ def test_head_on_cached_features_equals_the_model_on_the_texts(tiny_backbone, tm
     cached = frozen.encode_all(model, feats, batch_size=2)
     tol = 5e-3 if design == "seed" else 1e-5  # token states are cached in fp16
     np.testing.assert_allclose(cached, direct, atol=tol)
-    from retrievers import Dense  # the same search through the one retrieval interface, cached or on the texts
+    from sbmoe.retrieval import Dense
 
     corpus = {f"d{i}": {"title": "", "text": t} for i, t in enumerate(TEXTS)}
     queries = {"q0": TEXTS[1], "q1": TEXTS[3]}
@@ -54,7 +55,7 @@ def test_head_on_cached_features_equals_the_model_on_the_texts(tiny_backbone, tm
 def test_frozen_run_trains_only_the_head_and_reuses_it(tiny_backbone, tiny_beir, tmp_path, capsys):
     from safetensors.torch import load_file
 
-    import frozen
+    from lab import frozen
 
     common = ["--kind", "sbmoe", "--design", "sokli", "--num_experts", "4", "--model_name_or_path", str(tiny_backbone),
               "--data_dir", str(tiny_beir), "--output_dir", str(tmp_path / "ck"), "--per_device_train_batch_size", "4",
@@ -71,7 +72,7 @@ def test_frozen_run_trains_only_the_head_and_reuses_it(tiny_backbone, tiny_beir,
     assert [e for e, _ in an.dev_curve(history)] == [1.0, 2.0] and an.expert_shares(history)
     test = an.read_per_query(tmp_path / "out" / "test", "sbmoe")
     metrics = json.loads((tmp_path / "out" / "test" / "metrics.json").read_text())
-    assert metrics["sbmoe"]["NDCG@10"] == pytest.approx(an.subset_mean(test, sorted(test)))
+    assert metrics["sbmoe"]["NDCG@10"] == pytest.approx(subset_mean(test, sorted(test)))
     capsys.readouterr()
     frozen.main([*common, "--inference_mode", "all", "--eval_output_dir", str(tmp_path / "all")])
     assert "head loaded from" in capsys.readouterr().out  # evaluated with the saved head, not trained again
@@ -84,7 +85,7 @@ def test_frozen_run_trains_only_the_head_and_reuses_it(tiny_backbone, tiny_beir,
 
 
 def test_frozen_refuses_a_moe_inside_the_backbone(tiny_backbone, tiny_beir, tmp_path, capsys):
-    import frozen
+    from lab import frozen
 
     with pytest.raises(SystemExit):
         frozen.main(["--kind", "moe", "--model_name_or_path", str(tiny_backbone), "--data_dir", str(tiny_beir),
@@ -94,7 +95,7 @@ def test_frozen_refuses_a_moe_inside_the_backbone(tiny_backbone, tiny_beir, tmp_
 
 @pytest.mark.parametrize("design", ["sokli", "seed"])
 def test_the_trainers_model_on_cached_features_gives_the_loss_of_the_model_on_the_texts(tiny_backbone, design):
-    import frozen
+    from lab import frozen
 
     model = VARIANTS["sbmoe"].from_backbone(str(tiny_backbone), pooling="mean", design=design, num_experts=4)
     for m in model.modules():

@@ -9,11 +9,13 @@ import pytest
 import torch
 from conftest import one_line_error, write_tiny_beir
 
-import analysis as an
 import eval as eval_cli
+import sbmoe.device
+import sbmoe.trainer
 import train
-from encode import REUSE_DIR, routing_counts
 from model import RetrieverConfig, TinyBERTWithMoE, load_model, load_tokenizer
+from sbmoe import results as an
+from sbmoe.encoding import REUSE_DIR, routing_counts
 
 COMMON = ["--per_device_train_batch_size", "4", "--logging_steps", "1", "--use_cpu", "--dev_fraction", "0.25",
           "--num_train_epochs", "1", "--save_strategy", "no", "--load_best_model_at_end", "false",
@@ -30,7 +32,7 @@ def record_batches(monkeypatch) -> list:
     """Every collated batch as (domains, [(query text, positive text)])."""
     seen = []
 
-    class Recording(train.ContrastiveCollator):
+    class Recording(sbmoe.trainer.ContrastiveCollator):
         def __call__(self, examples):
             out = super().__call__(examples)
             pairs = [(self.queries[e["qid"]], self.corpus[e["docs"][0]]["text"]) for e in examples]
@@ -41,15 +43,15 @@ def record_batches(monkeypatch) -> list:
     return seen
 
 
-def part(n: int, tag: str, seed: int = 0) -> train.ContrastiveDataset:
+def part(n: int, tag: str, seed: int = 0) -> sbmoe.trainer.ContrastiveDataset:
     qrels = {f"{tag}{i}": {f"{tag}d{i}": 1} for i in range(n)}
     negs = {q: [f"{tag}n{k}" for k in range(5)] for q in qrels}
-    return train.ContrastiveDataset({}, qrels, negs, 1, seed)
+    return sbmoe.trainer.ContrastiveDataset({}, qrels, negs, 1, seed)
 
 
 def test_mixed_batches_come_from_one_dataset_in_proportion_and_are_seeded():
     parts = [part(30, "a"), part(10, "b")]
-    mixed = train.MixedDataset(parts, batch=4, seed=7)
+    mixed = sbmoe.trainer.MixedDataset(parts, batch=4, seed=7)
     assert len(mixed) == (30 // 4 + 10 // 4) * 4
     for epoch in (0, 1):
         mixed.set_epoch(epoch)
@@ -59,7 +61,7 @@ def test_mixed_batches_come_from_one_dataset_in_proportion_and_are_seeded():
         assert all(x["qid"].startswith("ab"[x["domain"]]) for x in items)
         assert [sum(b[0]["domain"] == d for b in blocks) for d in (0, 1)] == [7, 2]  # in proportion
         assert len({x["qid"] for x in items}) == len(items)  # no example twice in an epoch
-    again = train.MixedDataset([part(30, "a"), part(10, "b")], batch=4, seed=7)
+    again = sbmoe.trainer.MixedDataset([part(30, "a"), part(10, "b")], batch=4, seed=7)
     again.set_epoch(1)
     assert [again[i] for i in range(len(again))] == items  # a pure function of (seed, epoch)
     mixed.set_epoch(0)
@@ -189,13 +191,11 @@ def test_test_evaluation_reuses_the_dev_pass_only_when_weights_and_lengths_match
 
 
 def test_bf16_detection_reads_the_cpu_flags(monkeypatch, tmp_path):
-    import utils
-
-    monkeypatch.setattr(utils.torch.backends.mkldnn, "is_bf16_supported", None, raising=False)
-    monkeypatch.setattr(utils.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sbmoe.device.torch.backends.mkldnn, "is_bf16_supported", None, raising=False)
+    monkeypatch.setattr(sbmoe.device.torch.cuda, "is_available", lambda: False)
     for flags, expected in (("fpu avx512f avx512_bf16", "bf16"), ("fpu amx_bf16", "bf16"), ("fpu avx2", "fp32")):
-        monkeypatch.setattr(utils.Path, "read_text", lambda self, *a, f=flags, **k: f"flags\t: {f}\n")
-        assert utils.auto_precision() == expected
+        monkeypatch.setattr(sbmoe.device.Path, "read_text", lambda self, *a, f=flags, **k: f"flags\t: {f}\n")
+        assert sbmoe.device.auto_precision() == expected
     assert RetrieverConfig().domains is None
 
 
@@ -230,7 +230,7 @@ reference = "baseline"
 
 def test_runner_trains_on_several_datasets_and_reports_each_with_its_routing(tiny_backbone, two_datasets, tmp_path,
                                                                              monkeypatch, capsys):  # fmt: skip
-    import experiment
+    from lab import experiment
 
     write_tiny_beir(two_datasets[0].parent / "gamma", seed=2)
     (tmp_path / "h.toml").write_text(HETERO)

@@ -6,7 +6,9 @@ import random
 import pytest
 import pytrec_eval
 
-from utils import evaluate_run, per_query_metrics, read_trec, truncate_run, write_trec
+import sbmoe.metrics
+from sbmoe.files import read_trec, write_trec
+from sbmoe.metrics import evaluate_run, per_query_metrics, truncate_run
 
 
 def random_case(seed, n_queries=30, n_docs=200):
@@ -75,17 +77,16 @@ def test_trec_round_trip_keeps_every_metric(tmp_path, name):
 
 def test_every_metric_comes_from_the_one_list_and_a_new_entry_flows_through(tmp_path, monkeypatch):
     import eval as evaluation
-    import utils
 
     qrels, run = random_case(3)
-    extra = utils.Metric("NDCG@5", "ndcg_cut", 5)
-    monkeypatch.setattr(utils, "METRICS", (*utils.METRICS, extra))
-    monkeypatch.setattr(evaluation, "METRICS", utils.METRICS)
-    per_query = per_query_metrics(qrels, run, metrics=utils.METRICS)
+    extra = sbmoe.metrics.Metric("NDCG@5", "ndcg_cut", 5)
+    monkeypatch.setattr(sbmoe.metrics, "METRICS", (*sbmoe.metrics.METRICS, extra))
+    monkeypatch.setattr(evaluation, "METRICS", sbmoe.metrics.METRICS)
+    per_query = per_query_metrics(qrels, run, metrics=sbmoe.metrics.METRICS)
     ev = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.5"}).evaluate(run)
     assert all(per_query[q]["NDCG@5"] == pytest.approx(ev[q]["ndcg_cut_5"]) for q in ev)
     write_trec(tmp_path / "r.trec.gz", run, "t", 100)
-    means = utils.mean_metrics(per_query)
+    means = sbmoe.metrics.mean_metrics(per_query)
     assert evaluation.verify_trec(tmp_path / "r.trec.gz", qrels, means, depth=100) < 1e-9  # no KeyError
     means["NDCG@5"] += 0.01
     with pytest.raises(SystemExit):
@@ -97,7 +98,7 @@ def test_compare_pairs_per_query_files_and_rejects_mismatched_queries(tmp_path, 
 
     from scipy import stats
 
-    import compare
+    from lab import compare
 
     qrels, run = random_case(5)
     rng = random.Random(0)
@@ -122,8 +123,8 @@ def test_compare_pairs_per_query_files_and_rejects_mismatched_queries(tmp_path, 
 def test_compare_subset_keeps_unseen_or_seen_test_queries(tiny_beir, tmp_path, monkeypatch, capsys):
     import json
 
-    import compare
-    from utils import load_beir, unseen_document_queries
+    from lab import compare
+    from sbmoe.data import load_beir, unseen_document_queries
 
     monkeypatch.setenv("BEIR_DATA_DIR", str(tiny_beir.parent))
     _, _, train = load_beir(tiny_beir, "train")

@@ -4,15 +4,8 @@ import pytest
 import torch
 from conftest import MINILM, needs_shared
 
-from model import (
-    VARIANTS,
-    Router,
-    Routing,
-    dispatch,
-    load_balancing_loss,
-    load_model,
-    route,
-)
+from model import VARIANTS, load_model
+from sbmoe.layers import Router, Routing, dispatch, load_balancing_loss, route
 
 
 def batch(vocab=30, lengths=(7, 3, 5), seed=0):
@@ -42,7 +35,7 @@ def test_moe_models_equal_baseline_at_init(tiny_backbone, top_k, pooling):
 
 def test_index_dispatch_equals_masked_loop_over_all_experts():
     torch.manual_seed(0)
-    from model import Expert
+    from sbmoe.layers import Expert
 
     experts = torch.nn.ModuleList(Expert(16, 8) for _ in range(5))
     router = Router(16, 5)
@@ -112,7 +105,7 @@ def test_gradients_reach_router_and_experts(tiny_backbone, kind):
 
 
 def test_router_runs_in_float32_under_bf16_autocast():
-    from model import Expert
+    from sbmoe.layers import Expert
 
     router, x = Router(8, 4), torch.randn(6, 8)
     experts = torch.nn.ModuleList(Expert(8, 4) for _ in range(4))

@@ -7,8 +7,8 @@ import shutil
 import pytest
 from conftest import ROOT, ZEROSHOT_AND_BASELINE, write_tiny_backbone
 
-import experiment
-import provenance as prov
+from lab import experiment
+from sbmoe import provenance as prov
 
 TOML = """
 name = "tiny-prov"
@@ -113,7 +113,7 @@ def test_recheck_makes_a_cell_again_and_gives_a_verdict(made, capsys):
     assert out["verdict"] == "REPRODUCED" and "| all NDCG@10 |" in printed and "| unseen NDCG@10 |" in printed
     assert "equal to the last digit" in printed
     per_query = root / "baseline" / "seed42" / "test" / "baseline.perquery.json.gz"
-    import analysis as an
+    from sbmoe import results as an
 
     scores = an.read_per_query_file(per_query)
     an.write_per_query(per_query.parent, "baseline", {q: {**m, "NDCG@10": m["NDCG@10"] / 2} for q, m in scores.items()})

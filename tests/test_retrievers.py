@@ -6,8 +6,8 @@ import json
 import pytest
 from conftest import ZEROSHOT_AND_BASELINE
 
-from retrievers import BM25, WEIGHTS, Hybrid, choose_weight, dev_qrels, fuse, interpolate, min_max, rrf
-from utils import load_beir, split_dev
+from sbmoe.data import load_beir, split_dev
+from sbmoe.retrieval import BM25, WEIGHTS, Hybrid, choose_weight, dev_qrels, fuse, interpolate, min_max, rrf
 
 FIRST = {"q1": {"d1": 3.0, "d2": 2.0, "d3": 1.0}}  # min-max: d1 1, d2 0.5, d3 0
 SECOND = {"q1": {"d2": 10.0, "d4": 0.0}}  # min-max: d2 1, d4 0
@@ -90,8 +90,10 @@ def test_bm25_retriever_ranks_the_matching_document_first():
 
 def test_eval_hybrid_bm25_writes_the_fused_run_with_the_weight_chosen_on_dev(tiny_backbone, tiny_beir, tmp_path):
     import eval as evaluation
-    from analysis import read_per_query, run_path
-    from utils import load_corpus, read_trec, truncate_run
+    from sbmoe.data import load_corpus
+    from sbmoe.files import read_trec
+    from sbmoe.metrics import truncate_run
+    from sbmoe.results import read_per_query, run_path
 
     common = ["--model", "zeroshot", "--model_name_or_path", str(tiny_backbone), "--pooling", "mean",
               "--data_dir", str(tiny_beir), "--batch_size", "7", "--verify", "--hybrid", "bm25"]  # fmt: skip
@@ -129,7 +131,7 @@ def test_eval_hybrid_bm25_writes_the_fused_run_with_the_weight_chosen_on_dev(tin
 
 
 def evaluate_ndcg(qrels, run):
-    from utils import evaluate_run
+    from sbmoe.metrics import evaluate_run
 
     return evaluate_run(qrels, run)["NDCG@10"]
 
@@ -166,9 +168,10 @@ fusion = "rrf"
 
 
 def test_runner_fuses_run_files_per_seed_with_the_weight_chosen_on_their_dev_runs(tiny_backbone, tiny_beir, tmp_path):
-    import experiment
-    from analysis import read_metrics, run_path
-    from utils import read_trec, truncate_run
+    from lab import experiment
+    from sbmoe.files import read_trec
+    from sbmoe.metrics import truncate_run
+    from sbmoe.results import read_metrics, run_path
 
     (tmp_path / "h.toml").write_text(HYBRIDS)
     res = tmp_path / "res"
@@ -210,8 +213,8 @@ def test_runner_fuses_run_files_per_seed_with_the_weight_chosen_on_their_dev_run
 
 
 def test_hybrid_runs_are_checked_in_the_experiment_file(tmp_path):
-    import experiment
-    from utils import DataError
+    from lab import experiment
+    from sbmoe.data import DataError
 
     base = '[runs.bm25]\nkind = "bm25"\n[runs.zs]\nkind = "zeroshot"\n[runs.h]\nkind = "hybrid"\n'
     for extra, message in (('fuse = ["bm25"]', "fuse must name two different runs"),
@@ -229,11 +232,13 @@ def test_hybrid_runs_are_checked_in_the_experiment_file(tmp_path):
 
 
 def test_dense_and_hybrid_retrievers_share_the_interface(tiny_backbone, tiny_beir):
-    from eval import retrieve
-    from retrievers import Dense
+    from sbmoe.retrieval import Dense, retrieve
 
     corpus, queries, qrels = load_beir(tiny_beir, "test")
-    dense = Dense.load(tiny_backbone, zeroshot=True, pooling="mean", show_progress=False)
+    from model import BiEncoder, load_tokenizer
+
+    model = BiEncoder.from_backbone(str(tiny_backbone), pooling="mean").eval()
+    dense = Dense(model, load_tokenizer(tiny_backbone), show_progress=False)
     run = dense.search(corpus, queries, 5)
     assert run == retrieve(dense.model, dense.tokenizer, corpus, queries, 5, show_progress=False)
     assert all(len(docs) == 5 for docs in run.values())

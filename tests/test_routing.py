@@ -7,8 +7,9 @@ import torch
 from conftest import WORDS
 from transformers import AutoTokenizer
 
-import frozen
-from model import VARIANTS, key_scores, sequence_keys, token_keys
+from lab import frozen
+from model import VARIANTS
+from sbmoe.layers import key_scores, sequence_keys, token_keys
 
 E = 4
 LONG = " ".join(WORDS[i % len(WORDS)] for i in range(40))  # forces padding on every batch it is in

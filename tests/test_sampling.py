@@ -10,8 +10,9 @@ from types import SimpleNamespace
 import pytest
 from conftest import ROOT, write_graded_beir
 
+import sbmoe.trainer
 import train
-from utils import load_beir
+from sbmoe.data import load_beir
 
 COMMON = ["--per_device_train_batch_size", "4", "--logging_steps", "1", "--use_cpu", "--dev_fraction", "0.2",
           "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false"]  # fmt: skip
@@ -37,7 +38,7 @@ def record_batches(monkeypatch) -> list:
     """Every collated batch, as [(qid, (positive, *negatives)), ...]."""
     seen = []
 
-    class Recording(train.ContrastiveCollator):
+    class Recording(sbmoe.trainer.ContrastiveCollator):
         def __call__(self, examples):
             seen.append([(e["qid"], tuple(e["docs"])) for e in examples])
             return super().__call__(examples)
@@ -48,7 +49,7 @@ def record_batches(monkeypatch) -> list:
 
 def dataset(qrels, seed=0, sampling="query", negatives=2):
     negs = {q: [f"n{q}_{k}" for k in range(10)] for q in qrels}
-    return train.ContrastiveDataset({}, qrels, negs, negatives, seed, sampling=sampling)
+    return sbmoe.trainer.ContrastiveDataset({}, qrels, negs, negatives, seed, sampling=sampling)
 
 
 def epoch_draws(ds, epoch):
@@ -88,7 +89,7 @@ def test_draws_are_a_function_of_seed_epoch_and_index(graded):
 def test_epoch_callback_follows_the_trainer_epoch_also_mid_epoch_after_a_resume(graded):
     _, _, qrels = load_beir(graded, "train")
     ds = dataset(qrels)
-    callback = train.EpochCallback(ds)
+    callback = sbmoe.trainer.EpochCallback(ds)
     for state_epoch, expected in ((0, 0), (None, 0), (1.0, 1), (1.5, 1), (2.0, 2), (2 + 2 / 3, 2)):
         callback.on_epoch_begin(None, SimpleNamespace(epoch=state_epoch), None)
         assert ds.epoch == expected
@@ -137,7 +138,7 @@ def test_official_dev_split_is_used_and_recorded(tiny_backbone, graded, tmp_path
         evaluated.append((sorted(queries), sorted(qrels)))
         return {"NDCG@10": 0.5}
 
-    monkeypatch.setattr(train, "evaluate_model", fake_evaluate)
+    monkeypatch.setattr(sbmoe.trainer, "evaluate_model", fake_evaluate)
     _, _, train_qrels = load_beir(graded, "train")
     _, dev_queries, dev_qrels = load_beir(graded, "dev")
     dev_run = ("--max_steps", 1, "--eval_strategy", "steps", "--eval_steps", 1)
@@ -178,14 +179,15 @@ def test_named_dev_split_must_exist(tiny_backbone, graded, tmp_path, capsys):
 DDP_SCRIPT = """
 import os, sys
 sys.path.insert(0, sys.argv[1])
+import sbmoe.trainer
 import train
-get = train.ContrastiveDataset.__getitem__
+get = sbmoe.trainer.ContrastiveDataset.__getitem__
 log = open(os.path.join(sys.argv[2], "rank" + os.environ["RANK"] + ".log"), "w")
 def logged(self, i):
     log.write(f"{self.epoch} {i}\\n")
     log.flush()
     return get(self, i)
-train.ContrastiveDataset.__getitem__ = logged
+sbmoe.trainer.ContrastiveDataset.__getitem__ = logged
 train.main(None, sys.argv[3:])
 """
 

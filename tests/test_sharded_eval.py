@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 from conftest import ROOT, write_tiny_beir
 
-from analysis import read_per_query
-from utils import DataError, read_trec
+import sbmoe.retrieval
+from sbmoe.data import DataError
+from sbmoe.files import read_trec
+from sbmoe.results import read_per_query
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
@@ -106,7 +108,7 @@ def same_ranking(a: dict, b: dict) -> bool:
 
 @pytest.mark.parametrize("chunk", [7, 37, 100, 499])
 def test_chunked_search_equals_unchunked_search_ties_included(chunk):
-    from search import search
+    from sbmoe.search import search
 
     q, d, doc_ids, qids = integer_case(0)
     whole = search(q, d, doc_ids, qids, 100)
@@ -119,7 +121,7 @@ def test_chunked_search_equals_unchunked_search_ties_included(chunk):
 
 
 def test_torch_topk_path_equals_faiss(monkeypatch):
-    from search import resolve_backend, search
+    from sbmoe.search import resolve_backend, search
 
     q, d, doc_ids, qids = integer_case(2)
     faiss_run = search(q, d, doc_ids, qids, 100, backend="faiss")
@@ -137,7 +139,7 @@ def test_torch_topk_path_equals_faiss(monkeypatch):
 
 def test_embedding_cache_is_reused_without_encoding_the_corpus(word_backbone, tiny_beir, tmp_path, monkeypatch, capsys):
     import eval as evaluation
-    import search as search_module
+    from sbmoe import search as search_module
 
     cache = tmp_path / "cache"
     first, second = tmp_path / "first", tmp_path / "second"
@@ -146,13 +148,13 @@ def test_embedding_cache_is_reused_without_encoding_the_corpus(word_backbone, ti
     files = sorted(cache.glob("*/chunk-*.npy"))
     assert len(files) == 3 and not list(cache.glob("*/.*"))  # 60 docs in chunks of 25; no temp file left
     assert np.load(files[0], mmap_mode="r").shape == (25, 32)
-    real = evaluation.encode_texts
+    real = sbmoe.retrieval.encode_texts
 
     def queries_only(model, tokenizer, texts, *args, desc="encode", **kw):
         assert desc != "corpus", "the corpus was encoded again"
         return real(model, tokenizer, texts, *args, desc=desc, **kw)
 
-    monkeypatch.setattr(evaluation, "encode_texts", queries_only)
+    monkeypatch.setattr(sbmoe.retrieval, "encode_texts", queries_only)
     capsys.readouterr()
     evaluation.main(eval_argv(word_backbone, tiny_beir, second, *extra))
     assert "3 cached chunk(s) read, 0 encoded" in capsys.readouterr().out
@@ -165,7 +167,7 @@ def test_embedding_cache_is_reused_without_encoding_the_corpus(word_backbone, ti
     a, b = read_trec(first / "test" / "T.trec.gz"), read_trec(tmp_path / "torch" / "test" / "T.trec.gz")
     assert a.keys() == b.keys() and all(a[q].keys() == b[q].keys() for q in a)  # all 60 documents
     assert max(abs(a[q][d] - b[q][d]) for q in a for d in a[q]) < 1e-5  # (this random BERT's scores nearly tie)
-    monkeypatch.setattr(evaluation, "encode_texts", real)
+    monkeypatch.setattr(sbmoe.retrieval, "encode_texts", real)
     # another truncation is another key: encoded again, into a second folder
     evaluation.main(eval_argv(word_backbone, tiny_beir, tmp_path / "fourth", *extra, "--doc_max_length", "5"))
     assert len(list(cache.glob("*/key.json"))) == 2
@@ -176,8 +178,7 @@ def test_streamed_corpus_reads_what_load_corpus_reads(tmp_path):
     order, as load_corpus + doc_text (gzip and blank lines included); a repeated id is an error."""
     import gzip
 
-    from eval import Corpus, DocIds
-    from utils import doc_text, iter_corpus_ids, load_corpus
+    from sbmoe.data import Corpus, DocIds, doc_text, iter_corpus_ids, load_corpus
 
     folder = write_tiny_beir(tmp_path / "gz", n_docs=30, gz=True)
     with gzip.open(folder / "corpus.jsonl.gz", "rt") as fh:

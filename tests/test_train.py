@@ -13,7 +13,9 @@ import pytest
 import torch
 from conftest import ROOT, one_line_error
 
-from utils import info_nce, load_beir
+import sbmoe.trainer
+from sbmoe.data import load_beir
+from sbmoe.loss import info_nce
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
 
@@ -88,8 +90,8 @@ def test_two_steps_evaluate_and_resume(tiny_backbone, tiny_beir, tmp_path, scrip
 
     import eval as eval_cli
     import train
-    from eval import evaluate_model
     from model import load_model
+    from sbmoe.retrieval import evaluate_model
 
     out = tmp_path / "ckpt"
     args = train_args(tiny_backbone, tiny_beir, out, "--max_steps", 2, "--eval_strategy", "steps", "--eval_steps",
@@ -163,9 +165,9 @@ def test_dense_negatives_are_the_starting_models_top_documents_minus_positives(t
     from transformers import AutoTokenizer
 
     import train
-    from eval import retrieve
     from model import BiEncoder
-    from utils import load_beir, split_dev
+    from sbmoe.data import load_beir, split_dev
+    from sbmoe.retrieval import retrieve
 
     args = train_args(tiny_backbone, tiny_beir, tmp_path / "dense", "--negative_source", "dense", "--negative_depth",
                       5, "--max_steps", 1, "--eval_strategy", "no", "--save_strategy", "no",
@@ -198,7 +200,7 @@ def test_dev_evaluation_truncates_at_eval_doc_max_length(tiny_backbone, tiny_bei
         seen.append(kwargs["doc_max_length"])
         return {"NDCG@10": 0.5}
 
-    monkeypatch.setattr(train, "evaluate_model", fake_evaluate)
+    monkeypatch.setattr(sbmoe.trainer, "evaluate_model", fake_evaluate)
     common = ["--max_steps", 1, "--eval_strategy", "steps", "--eval_steps", 1, "--save_strategy", "no",
               "--load_best_model_at_end", "false", "--doc_max_length", 16]  # fmt: skip
     train.main("baseline", list(map(str, train_args(tiny_backbone, tiny_beir, tmp_path / "a", *common))))
@@ -210,7 +212,7 @@ def test_dev_evaluation_truncates_at_eval_doc_max_length(tiny_backbone, tiny_bei
 def test_collator_ids_match_the_qrels(tiny_backbone, tiny_beir):
     from transformers import AutoTokenizer
 
-    from train import ContrastiveCollator
+    from sbmoe.trainer import ContrastiveCollator
 
     corpus, queries, qrels = load_beir(tiny_beir, "train")
     qrels = {q: dict(d) for q, d in qrels.items()}
@@ -233,7 +235,8 @@ def test_collator_ids_match_the_qrels(tiny_backbone, tiny_beir):
 @pytest.mark.parametrize("kind", ["sbmoe", "moe"])
 def test_optimizer_groups_cover_every_trainable_parameter(tiny_backbone, tmp_path, kind):
     from model import VARIANTS
-    from train import ContrastiveTrainer, RetrievalTrainingArguments
+    from sbmoe.trainer import ContrastiveTrainer
+    from train import RetrievalTrainingArguments
 
     model = VARIANTS[kind].from_backbone(str(tiny_backbone), num_experts=4, top_k=2 if kind == "moe" else 1)
     args = RetrievalTrainingArguments(output_dir=str(tmp_path), use_cpu=True, learning_rate=2e-5, eval_strategy="no",

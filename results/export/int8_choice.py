@@ -16,10 +16,10 @@ import numpy as np
 sys.path.insert(0, ".")
 from transformers import AutoTokenizer  # noqa: E402
 
-import export  # noqa: E402
+from lab import export  # noqa: E402
 from eval import encode_texts  # noqa: E402
 from model import BiEncoder  # noqa: E402
-from utils import doc_text, load_corpus, resolve_data_dir  # noqa: E402
+from sbmoe.data import doc_text, load_corpus, resolve_data_dir  # noqa: E402
 
 M = "../shared/models/all-minilm-l6-v2"
 model = BiEncoder.from_backbone(M, pooling="mean").eval()

@@ -20,9 +20,9 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 sys.path.insert(0, ".")
 from transformers import AutoTokenizer  # noqa: E402
 
-import bench  # noqa: E402
-import export  # noqa: E402
-from utils import doc_text  # noqa: E402
+from lab import bench  # noqa: E402
+from lab import export  # noqa: E402
+from sbmoe.data import doc_text  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("export_dir")

@@ -18,8 +18,8 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 sys.path.insert(0, ".")
 from transformers import AutoTokenizer  # noqa: E402
 
-import export  # noqa: E402
-from utils import doc_text, load_corpus, resolve_data_dir  # noqa: E402
+from lab import export  # noqa: E402
+from sbmoe.data import doc_text, load_corpus, resolve_data_dir  # noqa: E402
 
 src = Path(sys.argv[1])
 tok = AutoTokenizer.from_pretrained(sys.argv[2])

@@ -14,11 +14,11 @@ from pathlib import Path
 sys.path.insert(0, ".")
 from transformers import AutoTokenizer  # noqa: E402
 
-import bench  # noqa: E402
-import export  # noqa: E402
-from encode import encode_texts  # noqa: E402
+from lab import bench  # noqa: E402
+from lab import export  # noqa: E402
+from sbmoe.encoding import encode_texts  # noqa: E402
 from model import RetrieverConfig  # noqa: E402
-from utils import doc_text  # noqa: E402
+from sbmoe.data import doc_text  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("export_dir")

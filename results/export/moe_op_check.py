@@ -62,7 +62,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 
 sys.path.insert(0, ".")
-from model import Expert, dispatch, route  # noqa: E402
+from sbmoe.layers import Expert, dispatch, route  # noqa: E402
 
 torch.set_num_threads(2)
 E, H, INNER, N = 8, 384, 1536, 23

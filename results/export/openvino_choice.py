@@ -30,10 +30,10 @@ def prepare(work: Path) -> None:
 
     from transformers import AutoTokenizer
 
-    import bench
-    import export
+    from lab import bench
+    from lab import export
     from model import BiEncoder
-    from utils import doc_text, load_beir, resolve_data_dir
+    from sbmoe.data import doc_text, load_beir, resolve_data_dir
 
     m = "../shared/models/all-minilm-l6-v2"
     model = BiEncoder.from_backbone(m, pooling="mean").eval()

@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import write_graded_beir, write_tiny_backbone  # noqa: E402
 
-from utils import load_beir, mine_bm25_negatives  # noqa: E402
+from sbmoe.data import load_beir  # noqa: E402
+from sbmoe.negatives import mine_bm25_negatives  # noqa: E402
 
 
 def main() -> None:

@@ -16,12 +16,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from model import BiEncoder
-from utils import (
-    atomic_write_text,
-    autocast,
-    corpus_path,
-)
+from sbmoe.data import corpus_path
+from sbmoe.device import autocast
+from sbmoe.files import atomic_write_text
 
 # --------------------------------------------------------------------------------------------
 # Encoding
@@ -54,7 +51,7 @@ def _pad(ids: np.ndarray, offsets: np.ndarray, rows: np.ndarray, pad_id: int, le
     return torch.from_numpy(input_ids), torch.from_numpy(mask)
 
 
-def _batches(model: BiEncoder, tokenizer, texts: list[str], max_length: int, batch_size: int, domain: int | None,
+def _batches(model, tokenizer, texts: list[str], max_length: int, batch_size: int, domain: int | None,
              desc: str, show_progress: bool):  # fmt: skip
     """(rows, model inputs) of length-sorted batches, on the model's device; the model in eval mode meanwhile."""
     device = next(model.parameters()).device
@@ -78,7 +75,7 @@ def _batches(model: BiEncoder, tokenizer, texts: list[str], max_length: int, bat
 
 @torch.inference_mode()
 def encode_texts(
-    model: BiEncoder,
+    model,
     tokenizer,
     texts: list[str],
     max_length: int,
@@ -101,7 +98,7 @@ def encode_texts(
 
 
 @torch.inference_mode()
-def routing_counts(model: BiEncoder, tokenizer, texts: list[str], max_length: int, batch_size: int = 128,
+def routing_counts(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 128,
                    bf16: bool = False, fp16: bool = False, domain: int | None = None) -> np.ndarray:  # fmt: skip
     """(blocks, experts) how many routed units (inputs for a pooled SB-MoE head, non-padding tokens for the
     per-token designs and the token-level MoE) chose each expert first, as the router decides in top-1 mode
@@ -174,7 +171,7 @@ ENCODING_CONFIG = ("kind", "pooling", "normalize", "inference_mode", "design", "
                    "gate_temperature", "expert_dim", "moe_layers", "backbone_config")  # fmt: skip
 
 
-def weights_digest(model: BiEncoder) -> str:
+def weights_digest(model) -> str:
     """A hash of every tensor of the model's state (names, shapes, dtypes, bytes): equal exactly when the
     weights are, whether they sit in the training process or were read back from the checkpoint."""
     h = hashlib.sha1()
@@ -185,7 +182,7 @@ def weights_digest(model: BiEncoder) -> str:
     return h.hexdigest()
 
 
-def content_key(model: BiEncoder, data_dir: Path, n_docs: int, doc_max_length: int, dtype: str, batch_size: int,
+def content_key(model, data_dir: Path, n_docs: int, doc_max_length: int, dtype: str, batch_size: int,
                 encode_chunk: int, domain: int | None) -> dict:  # fmt: skip
     """What a corpus' embeddings depend on, by content: the weights (`weights_digest`), the settings that shape
     encoding, the corpus file and its size, truncation, autocast dtype, batch size (padding changes the last
@@ -200,7 +197,7 @@ def content_key(model: BiEncoder, data_dir: Path, n_docs: int, doc_max_length: i
     }  # fmt: skip
 
 
-def prune_reuse_cache(folder: Path, model: BiEncoder) -> int:
+def prune_reuse_cache(folder: Path, model) -> int:
     """Keep in `<folder>/.embedding-cache` only the entries of the model's final weights; returns how many stay."""
     root, keep = Path(folder) / REUSE_DIR, weights_digest(model)
     kept = 0
@@ -217,7 +214,7 @@ def _stat(path: Path) -> list:
     return [path.name, st.st_size, st.st_mtime_ns]
 
 
-def cache_key(source: str, model: BiEncoder, data_dir: Path, n_docs: int, doc_max_length: int, dtype: str,
+def cache_key(source: str, model, data_dir: Path, n_docs: int, doc_max_length: int, dtype: str,
               batch_size: int) -> dict:  # fmt: skip
     """What a corpus' embeddings depend on: the model (its folder's files by size and mtime, its config:
     pooling, inference mode, ...), the corpus file, its size, truncation, autocast dtype, batch size

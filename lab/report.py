@@ -11,19 +11,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-import analysis as an
-import provenance as prov
-from spec import HYBRID, Experiment, Run
-from utils import (
-    PRIMARY_METRIC,
-    TABLE_COLUMNS,
-    atomic_write_bytes,
-    atomic_write_text,
-    mean_metrics,
-)
+from lab.spec import HYBRID, Experiment, Run
+from lab.stats import mean_std, paired_tests, scores_matrix, significant, subset_mean
+from sbmoe import provenance as prov
+from sbmoe import results as an
+from sbmoe.data import query_subsets, split_qrels
+from sbmoe.files import atomic_write_bytes, atomic_write_text
+from sbmoe.metrics import PRIMARY_METRIC, TABLE_COLUMNS, mean_metrics
 
 if TYPE_CHECKING:
-    from experiment import Layout
+    from lab.experiment import Layout
 
 DEV_COLUMN = f"dev {PRIMARY_METRIC}"  # a report row's best dev score
 
@@ -49,17 +46,17 @@ def summarise(exp: Experiment, layout: Layout, runs: dict[str, Run], subsets: di
         for split, per_seed in per_split.items():
             prefix = "" if split == main else f"{split} "
             for col in TABLE_COLUMNS:
-                row[prefix + col] = an.mean_std([mean_metrics(r)[col] for r in per_seed])
+                row[prefix + col] = mean_std([mean_metrics(r)[col] for r in per_seed])
         for name, qids in subsets.items():
-            row[f"{name} {PRIMARY_METRIC}"] = an.mean_std([an.subset_mean(r, qids) for r in per_split[main]])
+            row[f"{name} {PRIMARY_METRIC}"] = mean_std([subset_mean(r, qids) for r in per_split[main]])
         histories = [an.read_log_history(layout.run_dir(run, s)) for s in seeds
                      if run.trained and (layout.run_dir(run, s) / "log_history.json").is_file()]  # fmt: skip
         devs = [d for d in (an.best_dev(h) for h in histories) if d is not None]
-        row[DEV_COLUMN] = an.mean_std(devs) if devs else None
+        row[DEV_COLUMN] = mean_std(devs) if devs else None
         times = [t for t in map(an.train_seconds, histories) if t is not None]
-        row["train_seconds"] = an.mean_std(times) if times else None
+        row["train_seconds"] = mean_std(times) if times else None
         times = [t for s in seeds if (t := an.eval_seconds(layout.split_dir(run, s, main))) is not None]
-        row["eval_seconds"] = an.mean_std(times) if times else None
+        row["eval_seconds"] = mean_std(times) if times else None
         facts = {s: an.read_checkpoint_facts(layout.run_dir(run, s)) for s in seeds if run.trained}
         row["expert_out_max_abs"] = {str(s): f["expert_out_max_abs"] for s, f in facts.items()
                                      if f.get("expert_out_max_abs") is not None}  # fmt: skip
@@ -77,15 +74,15 @@ def compare(run: str, reference: str, a: dict, b: dict, subsets: dict[str, list[
     seeds = list(b) if untrained_a and not untrained_b else [s for s in a if s in b or untrained_b]
     pick = lambda scores, s: scores[None] if list(scores) == [None] else scores[s]  # noqa: E731
     qids = sorted(next(iter(a.values())))
-    x = an.scores_matrix([pick(a, s) for s in seeds], qids)
-    y = an.scores_matrix([pick(b, s) for s in seeds], qids)
-    out = {"run": run, "reference": reference, "seeds": seeds, "queries": len(qids), **an.paired_tests(x.mean(0), y.mean(0))}
-    out["per_seed"] = [an.paired_tests(xs, ys) for xs, ys in zip(x, y)]
+    x = scores_matrix([pick(a, s) for s in seeds], qids)
+    y = scores_matrix([pick(b, s) for s in seeds], qids)
+    out = {"run": run, "reference": reference, "seeds": seeds, "queries": len(qids), **paired_tests(x.mean(0), y.mean(0))}
+    out["per_seed"] = [paired_tests(xs, ys) for xs, ys in zip(x, y)]
     for name, subset in subsets.items():
         keep = np.isin(qids, subset)
-        out[name] = an.paired_tests(x.mean(0)[keep], y.mean(0)[keep]) if keep.sum() > 1 else None
+        out[name] = paired_tests(x.mean(0)[keep], y.mean(0)[keep]) if keep.sum() > 1 else None
         if out[name] is not None:  # the training noise: does each seed agree on the subset too?
-            out[name]["per_seed"] = [an.paired_tests(xs[keep], ys[keep]) for xs, ys in zip(x, y)]
+            out[name]["per_seed"] = [paired_tests(xs[keep], ys[keep]) for xs, ys in zip(x, y)]
     return out
 
 
@@ -96,8 +93,8 @@ def store_subsets(exp: Experiment, layout: Layout, folder: Path) -> None:
     """The query subsets of the reported split, kept beside the results so that a report never reads the data."""
     if not exp.subsets:
         return
-    train, reported = an.split_qrels(folder, exp.splits[0])
-    subsets = {k: v for k, v in an.query_subsets(train, reported).items() if k in exp.subsets}
+    train, reported = split_qrels(folder, exp.splits[0])
+    subsets = {k: v for k, v in query_subsets(train, reported).items() if k in exp.subsets}
     text = json.dumps({"split": exp.splits[0], "dataset": prov.dataset_identity(folder), "subsets": subsets}, indent=1)
     path = layout.root / SUBSETS_FILE
     if not path.is_file() or path.read_text(encoding="utf-8") != text:
@@ -221,7 +218,7 @@ def routing_section(exp: Experiment, layouts: dict[str, Layout], runs: list[Run]
                 seeds.append(seed)
         if not per_seed or max(len(v) for v in per_seed[0]["blocks"][0]["shares"].values()) < 2:
             continue
-        blocks = [{"nmi": an.mean_std([s["blocks"][b]["nmi"] for s in per_seed]),
+        blocks = [{"nmi": mean_std([s["blocks"][b]["nmi"] for s in per_seed]),
                    "shares": {n: np.mean([s["blocks"][b]["shares"][n] for s in per_seed], 0).round(4).tolist()
                               for n in layouts}} for b in range(len(per_seed[0]["blocks"]))]  # fmt: skip
         out.append({"run": run.name, "label": run.label, "trained_on": run.datasets or list(layouts), "seeds": seeds,
@@ -269,7 +266,7 @@ def table(stage: dict, cols: list[str]) -> list[str]:
     lines = [f"| run | change | seeds | {DEV_COLUMN} | " + " | ".join(cols) + " |", "|---" * (len(cols) + 4) + "|"]
     for name, row in stage["rows"].items():
         first = next((t for t in stage["tests"] if t["run"] == name), None)  # against its first reference
-        mark = " †" if first and an.significant(first) else ""
+        mark = " †" if first and significant(first) else ""
         spread = len(row["seeds"]) > 1
         seeds = ", ".join(map(str, row["seeds"])) or "-"
         if len(row["seeds"]) < len(row["planned_seeds"]):
@@ -290,7 +287,7 @@ def differences_table(stage: dict, subsets: dict) -> list[str]:
     def diff(t: dict | None) -> str:  # a test, or a subset's, with its own per-seed tests
         if t is None:
             return "-"
-        text = f"{t['mean_diff']:+.4f}" + (" †" if an.significant(t) else "")
+        text = f"{t['mean_diff']:+.4f}" + (" †" if significant(t) else "")
         per_seed = t.get("per_seed", [])
         each = ", ".join(f"{r['mean_diff']:+.4f}" for r in per_seed)
         return text + (f" ({each})" if len(per_seed) > 1 else "")
@@ -343,7 +340,7 @@ def tests_text(stage: dict, subsets: dict) -> list[str]:
     rows = stage["rows"]
     for t in stage["tests"]:
         name = t["run"]
-        verdict = "significant" if an.significant(t) else "not significant (inside the noise)"
+        verdict = "significant" if significant(t) else "not significant (inside the noise)"
         n = len(t["seeds"])
         avg = "seed-averaged " if n > 1 else ""
         lines.append(f"- {rows[name]['label']} vs {rows[t['reference']]['label']}, {PRIMARY_METRIC} per query ({avg}"

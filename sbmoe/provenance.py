@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from utils import atomic_write_text
+from sbmoe.files import atomic_write_text
 
 FILE = "provenance.json"
 UNKNOWN = "unknown"

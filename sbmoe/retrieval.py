@@ -16,10 +16,33 @@ against milliseconds for these lines.
 
 from __future__ import annotations
 
+import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from utils import PRIMARY_METRIC, bm25_search, evaluate_run, load_qrels, split_dev, truncate_run
+import torch
+from tqdm.auto import tqdm
+
+from sbmoe.data import (
+    doc_text,
+    load_qrels,
+    split_dev,
+)
+from sbmoe.encoding import EmbeddingCache, encode_texts
+from sbmoe.metrics import PRIMARY_METRIC, evaluate_run, truncate_run
+from sbmoe.search import (
+    ENCODE_CHUNK,
+    TopK,
+    broadcast_rows,
+    gather_topk,
+    make_searcher,
+    rank_chunks,
+    resolve_backend,
+    search_chunk,
+    to_results,
+)
 
 RRF_K = 60
 WEIGHTS = tuple(round(0.1 * i, 1) for i in range(11))  # the dev grid of the first run's weight
@@ -40,21 +63,7 @@ class Dense:
     def __init__(self, model, tokenizer, **options):
         self.model, self.tokenizer, self.options = model, tokenizer, options  # options: retrieve_topk's
 
-    @classmethod
-    def load(cls, source: str | Path, zeroshot: bool = False, pooling: str = "auto", **options) -> Dense:
-        """A trained checkpoint, or (`zeroshot`) any encoder from the hub or a folder, untrained."""
-        import torch
-        from transformers import AutoTokenizer
-
-        from model import BiEncoder, load_model
-
-        model = BiEncoder.from_backbone(str(source), pooling=pooling) if zeroshot else load_model(source)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        return cls(model.to(device).eval(), AutoTokenizer.from_pretrained(source), **options)
-
     def search(self, corpus: dict, queries: dict[str, str], top_k: int = 100) -> Run:
-        from eval import retrieve
-
         return retrieve(self.model, self.tokenizer, corpus, queries, top_k, **self.options)
 
 
@@ -154,3 +163,124 @@ class Hybrid:
     def search(self, corpus: dict, queries: dict[str, str], top_k: int = 100) -> Run:
         a, b = self.first.search(corpus, queries, top_k), self.second.search(corpus, queries, top_k)
         return fuse(a, b, self.fusion, 0.5 if self.weight is None else self.weight, top_k)
+
+
+def bm25_search(corpus: dict, queries: dict, top_k: int = 100) -> dict[str, dict[str, float]]:
+    """BM25 (bm25s, Lucene variant, English stopwords and Snowball stemming) top-k run."""
+    # bm25s uses JAX when it is installed; JAX would otherwise reserve 75% of a GPU's memory per process
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    import bm25s
+
+    try:
+        import Stemmer
+
+        stemmer = Stemmer.Stemmer("english")
+    except ImportError:  # PyStemmer is optional; scores drop a little without stemming
+        stemmer = None
+    doc_ids = list(corpus)
+    tokens = bm25s.tokenize([doc_text(corpus[d]) for d in doc_ids], stopwords="en", stemmer=stemmer, show_progress=False)
+    retriever = bm25s.BM25()
+    retriever.index(tokens, show_progress=False)
+    qids = list(queries)
+    q_tokens = bm25s.tokenize([queries[q] for q in qids], stopwords="en", stemmer=stemmer, show_progress=False)
+    idx, scores = retriever.retrieve(q_tokens, k=min(top_k, len(doc_ids)), show_progress=False, n_threads=1)
+    return {
+        qid: {doc_ids[i]: float(s) for i, s in zip(idx[row], scores[row])} for row, qid in enumerate(qids)
+    }
+
+
+@dataclass(frozen=True)
+class RetrieveOptions:
+    """How to encode and search: the keyword arguments of `retrieve` and `evaluate_model`."""
+
+    query_max_length: int = 64
+    doc_max_length: int = 256
+    batch_size: int = 128
+    bf16: bool = False
+    fp16: bool = False
+    show_progress: bool = True
+    encode_chunk: int = ENCODE_CHUNK  # documents encoded, held and searched at a time
+    backend: str = "auto"  # search backend: auto | faiss | torch
+    domain: int | None = None  # the dataset index queries and documents are routed to (SB-MoE --routing domain)
+
+
+def retrieve_topk(
+    model,
+    tokenizer,
+    n_docs: int,
+    texts,  # texts(start, stop) -> the documents' texts, in corpus order
+    query_sets: dict[str, dict[str, str]],
+    top_k: int,
+    options: RetrieveOptions = RetrieveOptions(),
+    *,
+    rank: int = 0,
+    world: int = 1,
+    cache: EmbeddingCache | None = None,
+    timings: dict[str, float] | None = None,
+) -> dict[str, TopK]:
+    """The corpus encoded once for every query set, chunk by chunk; on rank 0 the global exact top-k of
+    each set, on other ranks their shard's (already sent to rank 0)."""
+    timings = {} if timings is None else timings
+    for key in ("encode", "index", "search", "gather"):
+        timings.setdefault(key, 0.0)
+    o = options
+    kw = dict(batch_size=o.batch_size, bf16=o.bf16, fp16=o.fp16, show_progress=o.show_progress and rank == 0,
+              domain=o.domain)  # fmt: skip
+    backend = resolve_backend(o.backend)
+    dim = model.config.backbone_config["hidden_size"]
+    start = time.perf_counter()
+    q_sets = {}
+    for name, queries in query_sets.items():  # rank 0 encodes the queries, every rank searches with them
+        q_emb = None
+        if rank == 0:
+            q_emb = encode_texts(model, tokenizer, list(queries.values()), o.query_max_length, desc="queries", **kw)
+        q_sets[name] = q_emb if world == 1 else broadcast_rows(q_emb, (len(queries), dim), rank)
+    timings["encode"] += time.perf_counter() - start
+    tops = {name: TopK(len(q), top_k) for name, q in q_sets.items()}
+    gpu = torch.cuda.current_device() if world > 1 and torch.cuda.is_available() else None
+    chunks = rank_chunks(n_docs, o.encode_chunk, rank, world)
+    inner = {**kw, "show_progress": kw["show_progress"] and len(chunks) < 2}  # one bar: batches, or chunks
+    for a, b in tqdm(chunks, desc="corpus chunks", disable=not kw["show_progress"] or len(chunks) < 2, leave=False):
+        t0 = time.perf_counter()
+        emb = cache.load(a, b, dim) if cache else None
+        if emb is None:
+            emb = encode_texts(model, tokenizer, texts(a, b), o.doc_max_length, desc="corpus", **inner)
+            if cache:
+                cache.save(a, b, emb)
+        t1 = time.perf_counter()
+        searcher = make_searcher(emb, backend, verbose=rank == 0, gpu=gpu)
+        t2 = time.perf_counter()
+        search_chunk(searcher, a, b - a, q_sets, tops)
+        del searcher, emb
+        t3 = time.perf_counter()
+        timings["encode"] += t1 - t0
+        timings["index"] += t2 - t1
+        timings["search"] += t3 - t2
+    if world > 1:
+        t0 = time.perf_counter()
+        shard_docs = [sum(b - a for a, b in rank_chunks(n_docs, o.encode_chunk, r, world)) for r in range(world)]
+        gather_topk(tops, shard_docs, rank, world)
+        timings["gather"] += time.perf_counter() - t0
+    return tops
+
+
+def retrieve(model, tokenizer, corpus: dict, queries: dict, top_k: int = 100,
+             cache: EmbeddingCache | None = None, **kwargs) -> dict:  # fmt: skip
+    """results[qid][doc_id] = score, top-k by exact inner product (the corpus encoded chunk by chunk, or read
+    from `cache`).
+
+    `kwargs` are `RetrieveOptions`' fields: query_max_length, doc_max_length, batch_size, bf16, fp16,
+    show_progress, encode_chunk, backend, domain.
+    """
+    doc_ids = list(corpus)
+    texts = lambda a, b: [doc_text(corpus[d]) for d in doc_ids[a:b]]  # noqa: E731
+    options = RetrieveOptions(**kwargs)
+    tops = retrieve_topk(model, tokenizer, len(doc_ids), texts, {"q": queries}, top_k, options, cache=cache)
+    return to_results(tops["q"], list(queries), doc_ids)
+
+
+def evaluate_model(model, tokenizer, corpus, queries, qrels, **kwargs) -> dict[str, float]:
+    """The one evaluation function: train.py's dev evaluation and eval.py both call it."""
+    return evaluate_run(qrels, retrieve(model, tokenizer, corpus, queries, **kwargs))
+
+

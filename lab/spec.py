@@ -9,13 +9,9 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import analysis as an
 from model import VARIANTS
-from retrievers import FUSIONS
-from utils import (
-    DataError,
-    dataset_name,
-)
+from sbmoe.data import SUBSETS, DataError, dataset_name
+from sbmoe.retrieval import FUSIONS
 
 UNTRAINED = ("zeroshot", "bm25")  # evaluated once, seed-independent
 TOP_KEYS = {"name", "description", "dataset", "data_dir", "model", "seeds", "splits", "subsets", "recipe", "eval",
@@ -205,7 +201,7 @@ def load_experiment(path: str | Path) -> Experiment:
         check(select.get("reference") in runs, "select.reference must name a run")
         check(all(r in runs for r in select.get("runs", [])), "select.runs must name runs")
         check(select.get("compare_to", select["reference"]) in runs, "select.compare_to must name a run")
-    check(set(raw.get("subsets", [])) <= set(an.SUBSETS), f"subsets must be among {an.SUBSETS}")
+    check(set(raw.get("subsets", [])) <= set(SUBSETS), f"subsets must be among {SUBSETS}")
     transfer = raw.get("transfer", [])
     check(isinstance(transfer, list) and all(isinstance(t, str) and t.strip() for t in transfer),
           "transfer must be a list of dataset names (under $BEIR_DATA_DIR) or BEIR folders")  # fmt: skip

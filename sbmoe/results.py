@@ -16,16 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import (
-    PRIMARY_METRIC,
-    atomic_write_bytes,
-    atomic_write_text,
-    load_qrels,
-    mean_metrics,
-    per_query_metrics,
-    unseen_document_queries,
-    write_trec,
-)
+from sbmoe.files import atomic_write_bytes, atomic_write_text, write_trec
+from sbmoe.metrics import PRIMARY_METRIC, mean_metrics, per_query_metrics
 
 DEV_METRIC = PRIMARY_METRIC.lower()  # the Trainer's metric_for_best_model; logged as eval_<metric>
 DEV_KEY = f"eval_{DEV_METRIC}"
@@ -239,54 +231,21 @@ def routing_summary(records: dict[str, dict]) -> dict:
 # Query subsets
 
 
-def split_qrels(folder: Path | str, split: str = "test") -> tuple[dict, dict]:
-    """The train qrels and one evaluation split's qrels, read alone (no corpus)."""
-    folder = Path(folder)
-    return load_qrels(folder / "qrels" / "train.tsv"), load_qrels(folder / "qrels" / f"{split}.tsv")
 
 
-SUBSETS = ("unseen", "seen")
 
 
-def query_subsets(train_qrels: dict, test_qrels: dict) -> dict[str, list[str]]:
-    """`unseen`: test queries none of whose relevant documents is a positive of a training query;
-    `seen`: the others. Both sorted."""
-    unseen = unseen_document_queries(train_qrels, test_qrels)
-    return {"unseen": unseen, "seen": sorted(set(test_qrels) - set(unseen))}
 
 
 # --------------------------------------------------------------------------------------------
 # Statistics
 
 
-def paired_tests(a: np.ndarray, b: np.ndarray, n_perm: int = 10000, seed: int = 0) -> dict[str, float]:
-    """Paired t-test and a two-sided paired randomisation (sign-flip) test of mean(a - b)."""
-    from scipy import stats
-
-    diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-    t_p = 1.0 if not diff.any() else float(stats.ttest_rel(a, b).pvalue)  # identical scores: no difference
-    rng = np.random.default_rng(seed)
-    flips = rng.choice([-1.0, 1.0], size=(n_perm, len(diff)))
-    null = np.abs((flips * diff).mean(1))
-    p_rand = (1 + np.sum(null >= abs(diff.mean()) - 1e-12)) / (n_perm + 1)
-    return {"mean_diff": float(diff.mean()), "t_pvalue": t_p, "rand_pvalue": float(p_rand)}
 
 
-def significant(test: dict, alpha: float = 0.05) -> bool:
-    """Both paired tests below alpha."""
-    return test["t_pvalue"] < alpha and test["rand_pvalue"] < alpha
 
 
-def subset_mean(per_query: dict, qids: list[str], metric: str = PRIMARY_METRIC) -> float:
-    """Mean of one metric over some of a run's queries (NaN for none)."""
-    return float(np.mean([per_query[q][metric] for q in qids])) if qids else float("nan")
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
-def scores_matrix(runs: list[dict], qids: list[str], metric: str = PRIMARY_METRIC) -> np.ndarray:
-    """(seeds, queries) array of one metric."""
-    return np.array([[run[q][metric] for q in qids] for run in runs])

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from model import VARIANTS, BiEncoder, checkpoint_digest, load_model, load_tokenizer
+from model import VARIANTS, BiEncoder, load_model
 from sbmoe.data import (
     Corpus,
     DataError,
@@ -49,6 +49,7 @@ from sbmoe.data import (
 from sbmoe.device import init_distributed
 from sbmoe.encoding import REUSE_DIR, EmbeddingCache, cache_key, content_key, routing_counts
 from sbmoe.files import read_trec
+from sbmoe.hub import checkpoint_digest, load_tokenizer
 from sbmoe.metrics import (
     MAX_CUTOFF,
     METRICS,
@@ -78,20 +79,6 @@ from utils import check_output, entry_point, fail
 
 # --------------------------------------------------------------------------------------------
 # Sharded retrieval: encode (or read cached) chunks, search them, gather the top-k on rank 0
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # --------------------------------------------------------------------------------------------

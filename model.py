@@ -1,7 +1,7 @@
 """Bi-encoders for dense retrieval: the plain baseline, SB-MoE (three published designs) and token-level MoE.
 
-Read bottom-up: routing helpers and experts first, then the SB-MoE head, the config, then the models.
-Every model is a `PreTrainedModel`: `save_pretrained` writes safetensors and a config that rebuilds
+The building blocks live in the library: routers, experts, the SB-MoE head and the token-level sparse
+feed-forward in sbmoe/layers.py, the config and `Setting` in sbmoe/config.py. Every model is a `PreTrainedModel`: `save_pretrained` writes safetensors and a config that rebuilds
 it exactly (`load_model(dir)`), offline, without the backbone's original files.
 
 A variant is one class: subclassing `BiEncoder` with a new `kind` registers it in `VARIANTS`, and
@@ -15,22 +15,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
-import logging
-import math
-import os
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModel, BertConfig, BertModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.models.bert.modeling_bert import BertEmbeddings
-from transformers.utils import ModelOutput
 
+from sbmoe.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Embedding, RetrieverConfig, RetrieverOutput, Setting
+from sbmoe.hub import check_source, detect_pooling
 from sbmoe.layers import (
     MOE_ROUTINGS,
     RANDOM_ROUTING,
@@ -48,167 +44,6 @@ from sbmoe.layers import (
     token_keys,
 )
 from sbmoe.loss import info_nce
-
-# --------------------------------------------------------------------------------------------
-# Routing
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-# --------------------------------------------------------------------------------------------
-# Experts and MoE blocks
-
-
-
-
-
-
-
-
-
-
-
-
-# --------------------------------------------------------------------------------------------
-# Settings and config
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One setting of a variant, declared once on the class that introduces it: train.py makes its flag
-    from it, build_model puts it into the config, and `error` is its one validation (the command line's,
-    and the model's when built from Python)."""
-
-    type: type
-    default: object = None
-    help: str = ""
-    choices: tuple | None = None
-    check: Callable[[object], bool] | None = None  # with `must`, what the value must be
-    must: str = ""
-    inherited: bool = True  # whether subclasses of the declaring class have it too
-    flag: bool = True  # a training flag (False: set elsewhere, e.g. eval.py's --inference_mode)
-    strict: bool = False  # the flag given to a kind without this setting is an error, not ignored
-
-    def error(self, name: str, value) -> str | None:
-        """A one-line message naming the flag when `value` is not allowed; None when it is (or is unset)."""
-        if value is None:
-            return None
-        shown = " ".join(map(str, value)) if isinstance(value, list) else value
-        if self.choices is not None and value not in self.choices:
-            return f"--{name} {shown}: expected one of {' | '.join(map(str, self.choices))}"
-        if self.check is not None and not self.check(value):
-            return f"--{name} {shown}: must be {self.must}"
-        return None
-
-
-POSITIVE = dict(check=lambda v: math.isfinite(v) and v > 0, must="a number > 0")
-NON_NEGATIVE = dict(check=lambda v: math.isfinite(v) and v >= 0, must="a number >= 0")
-AT_LEAST_ONE = dict(check=lambda v: v >= 1, must="at least 1")
-
-
-class RetrieverConfig(PretrainedConfig):
-    """Everything that rebuilds a trained retriever: backbone config, pooling, loss and MoE settings.
-
-    The settings are declared on the variants (`BiEncoder.settings`); the class defaults below are kept so
-    that checkpoints saved before a setting existed still load. A new variant's settings need none here:
-    they travel as PretrainedConfig kwargs into config.json and come back on load.
-    """
-
-    model_type = "moe_retriever"
-
-    kind: str = "baseline"  # a key of VARIANTS
-    backbone: str = ""  # name or path the backbone came from (a record; never re-read on load)
-    backbone_config: dict | None = None  # the backbone's BertConfig as a dict
-    pooling: str = "cls"  # cls | mean
-    normalize: bool = True
-    temperature: float = 0.05
-    num_experts: int = 8
-    top_k: int = 1
-    expert_dim: int | None = None  # SB-MoE expert hidden size; None means the design's (hidden/2 or 2*hidden)
-    noise_std: float = 0.0  # SB-MoE: extra Gaussian noise on the gate logits in training (0 = off)
-    design: str = "residual-zero"  # SB-MoE: a key of SBMOE_DESIGNS
-    routing: str = "learned"  # learned | dense (SB-MoE only: one expert, no gate) | random
-    gate_temperature: float = 1.0  # SB-MoE: softmax temperature of the gate (the seed design's default is 5)
-    moe_layers: list[int] | None = None  # token-level MoE: None means every other layer (1, 3, 5, ...)
-    aux_loss_coef: float = 0.01
-    z_loss_coef: float = 0.0
-    inference_mode: str = "top1"  # SB-MoE: top1 | all
-    domains: list[str] | None = None  # the training datasets, in order, when several (expert d of --routing domain)
-
-    def resolved_moe_layers(self) -> list[int]:
-        n = self.backbone_config["num_hidden_layers"]
-        layers = list(range(1, n, 2)) if self.moe_layers is None else list(self.moe_layers)
-        if not layers or any(not 0 <= i < n for i in layers):
-            raise ValueError(f"--moe_layers {layers} must name layers in 0..{n - 1}")
-        return layers
-
-
-@dataclass
-class RetrieverOutput(ModelOutput):
-    loss: torch.Tensor | None = None
-    contrastive_loss: torch.Tensor | None = None
-    aux_loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    q_reps: torch.Tensor | None = None
-    d_reps: torch.Tensor | None = None
-    expert_load: torch.Tensor | None = None  # (L, E) assignments per expert, per MoE block
-    router_entropy: torch.Tensor | None = None  # (L,)
-
-
-@dataclass
-class Embedding:
-    """What `embed` returns: (B, H) representations and the routing decisions made on the way."""
-
-    reps: torch.Tensor
-    routings: list[Routing]
-    aux_loss: torch.Tensor | None = None
-
 
 # --------------------------------------------------------------------------------------------
 # Models
@@ -625,19 +460,6 @@ def load_model(path: str | Path) -> BiEncoder:
     return VARIANTS[config.kind].from_pretrained(path, config=config)
 
 
-def checkpoint_digest(path: str | Path) -> str:
-    """A checkpoint's identity by content: sha1 of its config.json and model.safetensors (a copy or a move
-    keeps it, retraining into the same folder changes it). What metrics.json and export.json record."""
-    import hashlib
-
-    h = hashlib.sha1()
-    for name in ("config.json", "model.safetensors"):
-        with open(Path(path) / name, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
 def describe(config: RetrieverConfig) -> str:
     """The settings that shape a variant's weights, for messages."""
     if config.kind == "baseline":
@@ -645,68 +467,3 @@ def describe(config: RetrieverConfig) -> str:
     keys = ["num_experts", "top_k", "design", "routing", "expert_dim"] if config.kind != "moe" else [
         "num_experts", "top_k", "moe_layers", "routing"]  # fmt: skip
     return ", ".join(f"{k}={getattr(config, k)}" for k in keys)
-
-
-def looks_like_path(name_or_path: str) -> bool:
-    """A name that can only mean a local folder (not a hub id such as `org/name`)."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.replace("/", "", 1):
-        return True
-    try:
-        validate_repo_id(name_or_path)
-    except HFValidationError:
-        return True
-    return False
-
-
-def check_source(name_or_path: str) -> None:
-    """A one-line ValueError when a model is neither a local folder nor reachable on the hub."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ValueError(f"{name_or_path}: a folder without config.json, not a model")
-        return
-    if path.exists() or looks_like_path(str(name_or_path)):
-        raise ValueError(f"{name_or_path}: no such model folder (and not a hub name)")
-    try:
-        AutoConfig.from_pretrained(name_or_path)  # a local hub cache is enough; online, fetches config.json
-    except (OSError, ValueError) as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else str(exc).splitlines()[0]
-        raise ValueError(f"{name_or_path}: not a local folder and not available from the hub ({why}); "
-                         "pass a local model folder") from None  # fmt: skip
-
-
-class _ExpectedNotices(logging.Filter):
-    """Drops the one notice every checkpoint load gives: AutoTokenizer reading our config.json as a generic one."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "model of type `moe_retriever` to instantiate a model of type ``" not in record.getMessage()
-
-
-logging.getLogger("transformers.configuration_utils").addFilter(_ExpectedNotices())
-
-
-def load_tokenizer(name_or_path: str | Path):
-    """The tokenizer of a checkpoint or backbone; a ValueError (one line) when the folder has none."""
-    try:
-        return AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError, TypeError) as exc:
-        raise ValueError(f"{name_or_path}: no usable tokenizer ({str(exc).splitlines()[0][:200]})") from None
-
-
-def detect_pooling(name_or_path: str) -> str:
-    """Mean pooling when a local sentence-transformers folder says so, [CLS] otherwise (the paper)."""
-    cfg = Path(name_or_path) / "1_Pooling" / "config.json"
-    if cfg.is_file() and json.loads(cfg.read_text()).get("pooling_mode_mean_tokens"):
-        return "mean"
-    return "cls"
-
-
-def backbone_flops(config: RetrieverConfig, tokens: float) -> float:
-    """Analytic forward FLOPs (2 per multiply-add) of the backbone for one input; embeddings ignored."""
-    c = config.backbone_config
-    H, inner, L, T = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], tokens
-    return float(L * (2 * (4 * T * H * H + 2 * T * T * H) + 2 * 2 * T * H * inner))
-

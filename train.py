@@ -27,7 +27,8 @@ import torch
 from transformers import HfArgumentParser, ProgressCallback, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from model import VARIANTS, BiEncoder, Setting, load_tokenizer
+from model import VARIANTS, BiEncoder
+from sbmoe.config import Setting
 from sbmoe.data import (
     DataError,
     dataset_name,
@@ -39,6 +40,7 @@ from sbmoe.data import (
 )
 from sbmoe.encoding import REUSE_DIR, prune_reuse_cache
 from sbmoe.files import FolderLock, atomic_write_text
+from sbmoe.hub import load_tokenizer
 from sbmoe.metrics import PRIMARY_METRIC
 from sbmoe.negatives import (
     cached_negatives,
@@ -167,28 +169,8 @@ class RetrievalTrainingArguments(TrainingArguments):
 # Data
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 # --------------------------------------------------------------------------------------------
 # Trainer
-
-
-
-
-
-
 
 
 # --------------------------------------------------------------------------------------------

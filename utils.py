@@ -127,5 +127,3 @@ def entry_point(main):
             signal.signal(signal.SIGTERM, previous)
 
     return wrapper
-
-

@@ -32,11 +32,13 @@ import torch
 from transformers import AutoTokenizer
 
 from lab import export
-from model import VARIANTS, BiEncoder, backbone_flops, check_source
+from model import VARIANTS, BiEncoder
+from sbmoe.config import backbone_flops
 from sbmoe.data import DataError, doc_text, load_beir, resolve_data_dir
 from sbmoe.device import autocast
 from sbmoe.encoding import encode_texts
 from sbmoe.files import atomic_write_text, temp_prefix
+from sbmoe.hub import check_source
 from sbmoe.metrics import evaluate_run
 from sbmoe.retrieval import retrieve
 from sbmoe.search import search

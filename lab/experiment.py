@@ -678,7 +678,7 @@ def transfer_report(exp: Experiment, args, stages: list[dict[str, Run]]) -> dict
 
 def check_backbone(name: str | None) -> None:
     """A DataError when the backbone is neither a local folder nor on the hub (None: main says so)."""
-    from model import check_source
+    from sbmoe.hub import check_source
 
     if name:
         try:

@@ -14,7 +14,7 @@ test metrics of that checkpoint and their unseen-document subset (the per-query 
 
 `--onnx` adds `onnx/encoder.onnx`: ids and attention mask in, the normalised embedding out (backbone,
 pooling, head and normalisation in one graph; dynamic batch and length), traced from the same model,
-MoE blocks dispatching densely (`model.traceable`). `--int8` adds `onnx/encoder_int8.onnx`: its MatMul
+MoE blocks dispatching densely (`sbmoe.layers.dispatch` while traced). `--int8` adds `onnx/encoder_int8.onnx`: its MatMul
 weights quantised to int8 per output channel with onnxruntime (dynamic quantisation: activations
 quantised per call); see `INT8` for the settings and results/export/ for how they were chosen. `eval.py --backend onnx | onnx-int8` evaluates through these graphs.
 
@@ -37,10 +37,11 @@ import torch
 import torch.nn as nn
 from transformers import AutoTokenizer
 
-from model import BiEncoder, RetrieverConfig, checkpoint_digest, load_model
+from model import BiEncoder, load_model
+from sbmoe.config import RetrieverConfig
 from sbmoe.data import DataError
 from sbmoe.files import atomic_write_text, follow_umask, make_temp_dir, remove_stale_temps, temp_prefix
-from sbmoe.layers import traceable
+from sbmoe.hub import checkpoint_digest
 from utils import check_output, entry_point, fail
 
 HERE = Path(__file__).resolve().parent
@@ -98,18 +99,23 @@ def load_checkpoint(path: str | Path) -> BiEncoder:
 
 
 def modeling_source() -> str:
-    """model.py for the exported folder, one self-contained file: sbmoe/layers.py (the MoE building blocks) inlined
-    above it, the training loss' import replaced by a stub (inference needs no loss)."""
-    layers = (REPO / "sbmoe" / "layers.py").read_text(encoding="utf-8")
-    src = (REPO / "model.py").read_text(encoding="utf-8")
-    src, inlined = re.subn(r"^from sbmoe\.layers import \((?:.|\n)*?\)\n", "", src, flags=re.M)
-    line = "from sbmoe.loss import info_nce\n"
-    if inlined != 1 or src.count(line) != 1 or "from sbmoe" in layers or src.count("from sbmoe") != 1:
-        raise RuntimeError("model.py: expected its only project imports to be sbmoe.layers (inlined) and sbmoe.loss")
+    """model.py for the exported folder as one self-contained file: the library modules it imports (sbmoe/...)
+    inlined above it, each after its own, and the training loss replaced by a stub (inference needs no loss)."""
+    parts, seen = [], {"loss"}
+
+    def inline(path: Path) -> None:
+        src = path.read_text(encoding="utf-8")
+        for name in re.findall(r"^from sbmoe\.(\w+) import", src, flags=re.M):
+            if name not in seen:
+                seen.add(name)
+                inline(REPO / "sbmoe" / f"{name}.py")
+        src = re.sub(r"^from sbmoe\.\w+ import (?:\((?:.|\n)*?\)|.*)\n", "", src, flags=re.M)
+        parts.append(src.replace("from __future__ import annotations\n", ""))
+
+    inline(REPO / "model.py")
     stub = ("def info_nce(*args, **kwargs):  # exported copy: encoding only, the loss lives in the project's sbmoe/loss.py\n"
             "    raise NotImplementedError('train with the moe-retrieval project, not from an exported folder')\n")  # fmt: skip
-    src = src.replace(line, stub).replace("from __future__ import annotations\n", "")
-    return layers + "\n\n" + src
+    return "from __future__ import annotations\n\n" + stub + "\n\n".join(parts)
 
 
 def build_sentence_transformer(model: BiEncoder, tokenizer, query_max_length: int, doc_max_length: int, work: Path):
@@ -188,7 +194,7 @@ def export_onnx(model: BiEncoder, path: Path, opset: int = 17) -> None:
     axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
             "sentence_embedding": {0: "batch"}}  # fmt: skip
     model.eval()
-    with torch.no_grad(), traceable(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings():  # traced: MoE blocks dispatch densely
         warnings.simplefilter("ignore")  # tracer notes on Python values: the checks after export are what count
         torch.onnx.export(EncoderGraph(model).eval(), (ids, mask), str(path), dynamo=False, opset_version=opset,
                           input_names=["input_ids", "attention_mask"], output_names=["sentence_embedding"],

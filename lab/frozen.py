@@ -30,11 +30,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from model import BiEncoder, Embedding, RetrieverOutput, load_tokenizer
+from model import BiEncoder
 from sbmoe import results as an
+from sbmoe.config import Embedding, RetrieverOutput
 from sbmoe.data import DataError, doc_text, load_split
 from sbmoe.device import set_seed
 from sbmoe.files import FolderLock, atomic_write_text
+from sbmoe.hub import load_tokenizer
 from sbmoe.layers import sequence_keys, token_keys
 from sbmoe.metrics import MAX_CUTOFF, PRIMARY_METRIC, mean_metrics, per_query_metrics
 from sbmoe.search import search

@@ -369,5 +369,3 @@ def query_subsets(train_qrels: dict, test_qrels: dict) -> dict[str, list[str]]:
     `seen`: the others. Both sorted."""
     unseen = unseen_document_queries(train_qrels, test_qrels)
     return {"unseen": unseen, "seen": sorted(set(test_qrels) - set(unseen))}
-
-

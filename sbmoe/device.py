@@ -67,5 +67,3 @@ def init_distributed() -> tuple[int, int, bool]:
     else:
         dist.init_process_group("gloo")
     return dist.get_rank(), dist.get_world_size(), True
-
-

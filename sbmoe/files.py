@@ -138,5 +138,3 @@ class FolderLock:
 
     def __exit__(self, *exc) -> None:
         self.fh.close()  # closing releases the lock; the empty lock file stays (removing it would race)
-
-

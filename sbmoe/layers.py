@@ -171,7 +171,7 @@ def dispatch(experts: nn.ModuleList, x: torch.Tensor, routing: Routing) -> torch
     outputs back in expert order: the same arithmetic as a loop of `torch.where` per expert, with a
     handful of ops per expert instead of ten (what a batch-1 query pays for in Python dispatch).
     """
-    if _TRACEABLE:
+    if torch.jit.is_tracing():  # ONNX export traces the encoder: no data-dependent shapes in the graph
         return dispatch_dense(experts, x, routing)
     k = routing.indices.shape[-1]
     flat = routing.indices.reshape(-1)  # (N*k,) expert of each assignment, row-major
@@ -192,7 +192,7 @@ def dispatch(experts: nn.ModuleList, x: torch.Tensor, routing: Routing) -> torch
 
 
 def dispatch_dense(experts: nn.ModuleList, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-    """`dispatch` without data-dependent shapes or branches, for tracing (ONNX export): every expert runs
+    """`dispatch` without data-dependent shapes or branches, what `dispatch` does while traced (ONNX export): every expert runs
     on every row and is weighted 0 where it was not chosen. Equal to `dispatch` up to float rounding;
     E/k times the expert FLOPs, which costs little for SB-MoE's pooled rows."""
     w = torch.zeros(x.shape[0], len(experts), dtype=routing.weights.dtype, device=x.device)
@@ -201,20 +201,6 @@ def dispatch_dense(experts: nn.ModuleList, x: torch.Tensor, routing: Routing) ->
     for e, expert in enumerate(experts):
         out = out + w[:, e, None] * expert(x)
     return out
-
-
-_TRACEABLE = False
-
-
-@contextlib.contextmanager
-def traceable():
-    """Inside the `with`, MoE blocks dispatch with `dispatch_dense` (what export.py traces to ONNX)."""
-    global _TRACEABLE
-    previous, _TRACEABLE = _TRACEABLE, True
-    try:
-        yield
-    finally:
-        _TRACEABLE = previous
 
 
 def load_balancing_loss(router_logits: torch.Tensor, top_k: int, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -436,5 +422,3 @@ class RandomRouter(nn.Module):
         if self.training:
             return torch.rand(x.shape[0], self.num_experts, device=x.device)
         return key_scores(current_routing_keys(), self.num_experts, self.salt)
-
-

@@ -48,5 +48,3 @@ def info_nce(
         logits = logits.masked_fill(known, torch.finfo(logits.dtype).min)
     loss = F.cross_entropy(logits, target) * world_size()  # the one world-size correction
     return loss, logits
-
-

@@ -106,5 +106,3 @@ def format_table(rows: dict[str, dict[str, object]], columns: Iterable[str] = TA
         cells = [f"{metrics[c]:.4f}" if isinstance(metrics.get(c), float) else str(metrics.get(c, "")) for c in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-

@@ -54,5 +54,3 @@ def mine_bm25_negatives(corpus: dict, queries: dict, qrels: dict, depth: int, ca
         return negatives_from_run(bm25_search(corpus, {q: queries[q] for q in qrels}, top_k=depth + 20), qrels, depth)
 
     return cached_negatives(cache_dir, "bm25_negatives", [sorted(qrels), corpus_digest(corpus), depth], mine)
-
-

@@ -231,21 +231,5 @@ def routing_summary(records: dict[str, dict]) -> dict:
 # Query subsets
 
 
-
-
-
-
-
-
 # --------------------------------------------------------------------------------------------
 # Statistics
-
-
-
-
-
-
-
-
-
-

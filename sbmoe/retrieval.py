@@ -282,5 +282,3 @@ def retrieve(model, tokenizer, corpus: dict, queries: dict, top_k: int = 100,
 def evaluate_model(model, tokenizer, corpus, queries, qrels, **kwargs) -> dict[str, float]:
     """The one evaluation function: train.py's dev evaluation and eval.py both call it."""
     return evaluate_run(qrels, retrieve(model, tokenizer, corpus, queries, **kwargs))
-
-

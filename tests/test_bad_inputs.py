@@ -323,7 +323,7 @@ def transformers_log(caplog, monkeypatch):
 
 
 def test_a_matching_checkpoint_loads_silently(checkpoints, transformers_log):
-    from model import load_tokenizer
+    from sbmoe.hub import load_tokenizer
 
     assert type(load_model(checkpoints / "sbmoe")) is TinyBERTWithMoE
     load_tokenizer(checkpoints / "sbmoe")
@@ -696,7 +696,7 @@ def test_metrics_of_another_checkpoint_or_no_file_are_refused_by_export(checkpoi
     base = ["--data_dir", str(tiny_beir), "--doc_max_length", "64", "--query_max_length", "8"]
     row = evaluation.main(["--model", "baseline", "--checkpoint", str(checkpoints / "baseline"), *base,
                            "--output_dir", str(tmp_path / "ev")])  # fmt: skip
-    from model import checkpoint_digest
+    from sbmoe.hub import checkpoint_digest
 
     assert row["settings"]["baseline"]["checkpoint_sha1"] == checkpoint_digest(checkpoints / "baseline")
     metrics = tmp_path / "ev" / "metrics.json"
@@ -724,7 +724,7 @@ def sbmoe_export(checkpoints, tmp_path_factory):
 
 def test_an_export_is_evaluated_with_its_own_settings_and_a_change_is_recorded(sbmoe_export, checkpoints, tiny_beir,
                                                                               tmp_path, capsys):  # fmt: skip
-    from model import checkpoint_digest
+    from sbmoe.hub import checkpoint_digest
 
     argv = ["--model", "sbmoe", "--checkpoint", str(sbmoe_export), "--data_dir", str(tiny_beir), "--output_dir"]
     got = evaluation.main([*argv, str(tmp_path / "a"), "--backend", "onnx-int8"])["settings"]["sbmoe"]

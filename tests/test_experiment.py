@@ -256,7 +256,8 @@ def test_a_variant_is_one_class(throwaway_variant, tiny_backbone, tiny_beir, tmp
 def variant_with_settings():
     """A variant with two settings, defined here alone: a scale on the pooled vector, its starting value and
     whether it trains. The settings are declared once, on the class; nothing else is edited."""
-    from model import POSITIVE, VARIANTS, BiEncoder, Setting
+    from model import VARIANTS, BiEncoder
+    from sbmoe.config import POSITIVE, Setting
 
     class KnobBiEncoder(BiEncoder):
         kind = "knob"

@@ -11,8 +11,9 @@ from conftest import write_tiny_beir
 from transformers import AutoTokenizer
 
 from lab import export
-from model import VARIANTS, checkpoint_digest
+from model import VARIANTS
 from sbmoe.encoding import encode_texts
+from sbmoe.hub import checkpoint_digest
 
 TEXTS = ["protein gene cell", "cancer virus immune brain heart drug trial mouse dose risk blood lung liver " * 3,
          "sleep", "insulin vitamin neuron receptor enzyme tumor therapy"]  # fmt: skip

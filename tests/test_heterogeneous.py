@@ -13,9 +13,11 @@ import eval as eval_cli
 import sbmoe.device
 import sbmoe.trainer
 import train
-from model import RetrieverConfig, TinyBERTWithMoE, load_model, load_tokenizer
+from model import TinyBERTWithMoE, load_model
 from sbmoe import results as an
+from sbmoe.config import RetrieverConfig
 from sbmoe.encoding import REUSE_DIR, routing_counts
+from sbmoe.hub import load_tokenizer
 
 COMMON = ["--per_device_train_batch_size", "4", "--logging_steps", "1", "--use_cpu", "--dev_fraction", "0.25",
           "--num_train_epochs", "1", "--save_strategy", "no", "--load_best_model_at_end", "false",

@@ -235,7 +235,8 @@ def test_dense_and_hybrid_retrievers_share_the_interface(tiny_backbone, tiny_bei
     from sbmoe.retrieval import Dense, retrieve
 
     corpus, queries, qrels = load_beir(tiny_beir, "test")
-    from model import BiEncoder, load_tokenizer
+    from model import BiEncoder
+    from sbmoe.hub import load_tokenizer
 
     model = BiEncoder.from_backbone(str(tiny_backbone), pooling="mean").eval()
     dense = Dense(model, load_tokenizer(tiny_backbone), show_progress=False)

@@ -17,7 +17,7 @@ from transformers import AutoTokenizer  # noqa: E402
 from lab import bench  # noqa: E402
 from lab import export  # noqa: E402
 from sbmoe.encoding import encode_texts  # noqa: E402
-from model import RetrieverConfig  # noqa: E402
+from sbmoe.config import RetrieverConfig  # noqa: E402
 from sbmoe.data import doc_text  # noqa: E402
 
 p = argparse.ArgumentParser()

@@ -335,28 +335,12 @@ def test_runner_frozen_runs_share_the_head_across_evaluation_flags(tiny_backbone
         ("sokli", "none"), ("all", "none"), ("all", "sokli")]
 
 
-TRANSFER = """
-name = "tiny-transfer"
-dataset = "tiny"
-seeds = [42]
-splits = ["test"]
-recipe = ["--num_train_epochs", "1"]
-transfer = ["{other}"]
-
-[runs.baseline]
-kind = "baseline"
-
-[runs.sbmoe]
-kind = "sbmoe"
-reference = "baseline"
-"""
-
-
 def test_transfer_evaluates_every_checkpoint_bm25_and_zeroshot_on_other_datasets_without_training(
         tiny_backbone, tiny_beir, tmp_path, monkeypatch, capsys):  # fmt: skip
     from conftest import write_tiny_beir
 
     from lab import experiment
+    from lab.scripts.transfer_demo import TRANSFER  # the demo runs the same experiment file
     from sbmoe.metrics import mean_metrics, per_query_metrics
     from sbmoe.retrieval import bm25_search
 

@@ -2,7 +2,7 @@
 A one-node graph (8 tokens, 4 experts, top-2, renormalised weights, as the token-level MoE routes) against the
 same computation in PyTorch with exact and with tanh-approximated GELU. The token-level MoE's experts use exact GELU.
 
-    python results/export/moe_op_check.py
+    python scripts/moe_op_check.py
 """
 
 import numpy as np
@@ -60,8 +60,9 @@ for approximate in ("none", "tanh"):
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-sys.path.insert(0, ".")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for sbmoe
 from sbmoe.layers import Expert, dispatch, route  # noqa: E402
 
 torch.set_num_threads(2)

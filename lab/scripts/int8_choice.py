@@ -1,25 +1,25 @@
 """Which int8 recipe for onnx/encoder_int8.onnx: speed and agreement with fp32 on real SciFact documents.
 
-    python results/export/int8_choice.py    # from the repository root, BEIR_DATA_DIR=../shared/data/beir
+    python -m lab.scripts.int8_choice    # from the repository root, BEIR_DATA_DIR=../shared/data/beir
 
 Zero-shot MiniLM (mean pooling), 48 SciFact documents at 256 tokens, batch 32, onnxruntime on the CPU.
 """
 
+import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from transformers import AutoTokenizer
 
-sys.path.insert(0, ".")
-from transformers import AutoTokenizer  # noqa: E402
+from lab import export
+from model import BiEncoder
+from sbmoe.data import doc_text, load_corpus, resolve_data_dir
+from sbmoe.encoding import encode_texts
 
-from lab import export  # noqa: E402
-from eval import encode_texts  # noqa: E402
-from model import BiEncoder  # noqa: E402
-from sbmoe.data import doc_text, load_corpus, resolve_data_dir  # noqa: E402
+argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
 
 M = "../shared/models/all-minilm-l6-v2"
 model = BiEncoder.from_backbone(M, pooling="mean").eval()

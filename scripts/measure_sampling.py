@@ -2,9 +2,11 @@
 with query sampling (each training query once, one sampled positive): steps and wall time per epoch.
 
 The data are synthetic, shaped like the big BEIR sets: graded relevance (0/1/2), ~40 judged documents per
-training query, one query in 7 with no positive, and an official dev split (tests/conftest.py's
-write_graded_beir). The encoder is the tests' tiny random BERT, so the numbers measure steps, not quality.
-Everything is written to a scratch folder; the logs here name it $SCRATCH.
+training query, one query in 7 with no positive, and an official dev split (sbmoe.fixtures.write_graded_beir).
+The encoder is the tests' tiny random BERT (sbmoe.fixtures.write_tiny_backbone), so the numbers measure steps, not
+quality. Everything is written to a scratch folder; the logs name it $SCRATCH.
+
+    bash scripts/measure_sampling.sh     # writes results/sampling/{run.log,sampling.json,train-*.log}
 """
 
 from __future__ import annotations
@@ -21,13 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from conftest import write_graded_beir, write_tiny_backbone  # noqa: E402
 
 from sbmoe.data import load_beir  # noqa: E402
+from sbmoe.fixtures import write_graded_beir, write_tiny_backbone  # noqa: E402
 from sbmoe.negatives import mine_bm25_negatives  # noqa: E402
 
 

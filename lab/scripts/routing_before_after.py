@@ -1,6 +1,6 @@
 """Random-routing cells before and after the integer routing keys: NDCG@10 per run and seed, from the files.
 
-    python scripts/routing_before_after.py experiments/sbmoe-frozen.toml --before REV run [run ...]
+    python -m lab.scripts.routing_before_after experiments/sbmoe-frozen.toml --before REV run [run ...]
 
 `--before REV`: the commit whose results were evaluated with the float hash (the files at REV); the working tree
 holds the re-evaluated cells. Prints one Markdown table: unseen, seen and all queries, before -> after, and the
@@ -13,16 +13,14 @@ import argparse
 import gzip
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lab.report import stored_subsets  # noqa: E402
-from lab.spec import load_experiment  # noqa: E402
-from sbmoe import results as an  # noqa: E402
+from lab.experiment import Layout
+from lab.report import stored_subsets
+from lab.spec import load_experiment
+from sbmoe import results as an
 
 
 def at_rev(rev: str, path: Path) -> dict:
@@ -38,8 +36,6 @@ def main() -> None:
     args = p.parse_args()
     exp = load_experiment(args.experiment)
     root = Path("results") / exp.name
-    from lab.experiment import Layout
-
     subsets = stored_subsets(exp, Layout(exp, "results", "checkpoints")) or {}
     groups = {**{k: subsets[k] for k in ("unseen", "seen") if k in subsets}, "all": None}
     print("| run | seed | " + " | ".join(f"{g} NDCG@10 before → after" for g in groups) + " |")

@@ -1,6 +1,6 @@
 """OpenVINO against onnxruntime for the exported encoder: speed and agreement with fp32 on real SciFact documents.
 
-    python results/export/openvino_choice.py --ov_python OV/bin/python   # repository root, BEIR_DATA_DIR=../shared/data/beir
+    python -m lab.scripts.openvino_choice --ov_python OV/bin/python   # repository root, BEIR_DATA_DIR=../shared/data/beir
 
 OV is a venv of its own with `pip install openvino nncf onnxruntime numpy` (kept out of the project's: this only
 measures whether OpenVINO would serve better on this CPU). This interpreter exports the project's ONNX graphs of the
@@ -25,13 +25,11 @@ OUT = Path("results/export/openvino_choice.json")
 
 
 def prepare(work: Path) -> None:
-    sys.path.insert(0, ".")
     import argparse as ap
 
     from transformers import AutoTokenizer
 
-    from lab import bench
-    from lab import export
+    from lab import bench, export
     from model import BiEncoder
     from sbmoe.data import doc_text, load_beir, resolve_data_dir
 
@@ -118,7 +116,7 @@ def measure(work: Path) -> None:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ov_python", help="interpreter of a venv with openvino, nncf, onnxruntime and numpy")
     p.add_argument("--measure", help=argparse.SUPPRESS)  # the second phase, in the OV interpreter
     a = p.parse_args()

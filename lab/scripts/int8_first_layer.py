@@ -2,29 +2,25 @@
 graph into a copy of the folder, then measures speed and minimum cosine to fp32 on bench.py's 96 SciFact documents
 (256 tokens, batch 32, 2 threads, 3 interleaved repeats) against the fp32 graph and the folder's own int8 graph.
 
-    python results/export/int8_first_layer.py EXPORT OUT     # EXPORT: export.py's folder; OUT: a new folder
+    python -m lab.scripts.int8_first_layer EXPORT OUT     # EXPORT: export.py's folder; OUT: a new folder
     python eval.py --model sbmoe --checkpoint OUT --backend onnx-int8 --output_dir DIR --tag T   # then compare.py
 """
 
 import argparse
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnxruntime.quantization import QuantType, quantize_dynamic
+from transformers import AutoTokenizer
 
-sys.path.insert(0, ".")
-from transformers import AutoTokenizer  # noqa: E402
+from lab import bench, export
+from sbmoe.data import doc_text
 
-from lab import bench  # noqa: E402
-from lab import export  # noqa: E402
-from sbmoe.data import doc_text  # noqa: E402
-
-p = argparse.ArgumentParser()
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("export_dir")
 p.add_argument("out")
 a = p.parse_args()

@@ -1,6 +1,6 @@
 """Backfill provenance.json for the cells committed before cells recorded it, from their logs, where they tell.
 
-    python scripts/backfill_provenance.py experiments/table1.toml experiments/finetune.toml ...
+    python -m lab.scripts.backfill_provenance experiments/table1.toml experiments/finetune.toml ...
 
 For each finished cell without a record: the backbone and dataset the cell's log names (its command line; for a
 folder of this workplace, its content hash now; a log without a command line takes the experiment's
@@ -18,16 +18,13 @@ import argparse
 import json
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lab.experiment import Runner, stages_of  # noqa: E402
-from lab.report import store_subsets  # noqa: E402
-from lab.spec import load_experiment  # noqa: E402
-from sbmoe import provenance as prov  # noqa: E402
-from sbmoe.data import resolve_data_dir  # noqa: E402
+from lab.experiment import Runner, stages_of
+from lab.report import store_subsets
+from lab.spec import load_experiment
+from sbmoe import provenance as prov
+from sbmoe.data import resolve_data_dir
 
 LOCATION_FLAGS = {"--model_name_or_path", "--data_dir", "--dataset", "--seed", "--output_dir", "--kind"}
 DTYPE_FLAGS = {"--fp16", "--bf16"}

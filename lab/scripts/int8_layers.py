@@ -1,12 +1,12 @@
 """Which MatMuls of a fine-tuned checkpoint to keep in fp32 under dynamic int8: minimum and mean cosine to the fp32 graph on
 64 SciFact documents (256 tokens), each group of MatMuls excluded in turn, with and without onnxruntime's MatMulConstBOnly.
 
-    python results/export/int8_layers.py EXPORT/onnx/encoder.onnx EXPORT   # EXPORT: export.py's folder of the checkpoint
+    python -m lab.scripts.int8_layers EXPORT/onnx/encoder.onnx EXPORT   # EXPORT: export.py's folder of the checkpoint
 
 The times it prints were taken while a training job shared the CPU: noise, not used.
 """
 
-import sys
+import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -14,15 +14,17 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnxruntime.quantization import QuantType, quantize_dynamic
+from transformers import AutoTokenizer
 
-sys.path.insert(0, ".")
-from transformers import AutoTokenizer  # noqa: E402
+from lab import export
+from sbmoe.data import doc_text, load_corpus, resolve_data_dir
 
-from lab import export  # noqa: E402
-from sbmoe.data import doc_text, load_corpus, resolve_data_dir  # noqa: E402
-
-src = Path(sys.argv[1])
-tok = AutoTokenizer.from_pretrained(sys.argv[2])
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("graph", help="the fp32 graph, EXPORT/onnx/encoder.onnx")
+p.add_argument("tokenizer", help="a folder with the checkpoint's tokenizer (EXPORT)")
+a = p.parse_args()
+src = Path(a.graph)
+tok = AutoTokenizer.from_pretrained(a.tokenizer)
 corpus = load_corpus(resolve_data_dir("scifact", None, download=False))
 texts = [doc_text(d) for d in list(corpus.values())[100:164]]
 batches = [tok(texts[i : i + 32], truncation=True, max_length=256, padding=True, return_tensors="np")

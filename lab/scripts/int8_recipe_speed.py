@@ -2,25 +2,22 @@
 with every layer in int8, side by side in one run: both graphs quantised from the fp32 graph of export.py's folder,
 timed on bench.py's SciFact documents through encode_texts (256 tokens, batch 32, 2 threads; bench.interleaved).
 
-    python results/export/int8_recipe_speed.py EXPORT [--repeats 5]    # EXPORT: export.py's folder (--onnx)
+    python -m lab.scripts.int8_recipe_speed EXPORT [--repeats 5]    # EXPORT: export.py's folder (--onnx)
 """
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, ".")
-from transformers import AutoTokenizer  # noqa: E402
+from transformers import AutoTokenizer
 
-from lab import bench  # noqa: E402
-from lab import export  # noqa: E402
-from sbmoe.encoding import encode_texts  # noqa: E402
-from sbmoe.config import RetrieverConfig  # noqa: E402
-from sbmoe.data import doc_text  # noqa: E402
+from lab import bench, export
+from model import RetrieverConfig
+from sbmoe.data import doc_text
+from sbmoe.encoding import encode_texts
 
-p = argparse.ArgumentParser()
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("export_dir")
 p.add_argument("--repeats", type=int, default=5)
 a = p.parse_args()

@@ -13,7 +13,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from lab import bench, export
-from model import RetrieverConfig
+from sbmoe.config import RetrieverConfig
 from sbmoe.data import doc_text
 from sbmoe.encoding import encode_texts
 

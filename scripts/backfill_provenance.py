@@ -23,7 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lab.experiment import Runner, stages_of  # noqa: E402
+from lab.runner import Runner  # noqa: E402
+from lab.stages import stages_of  # noqa: E402
 from lab.report import store_subsets  # noqa: E402
 from lab.spec import load_experiment  # noqa: E402
 from sbmoe import provenance as prov  # noqa: E402

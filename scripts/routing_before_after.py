@@ -38,7 +38,7 @@ def main() -> None:
     args = p.parse_args()
     exp = load_experiment(args.experiment)
     root = Path("results") / exp.name
-    from lab.experiment import Layout
+    from lab.layout import Layout
 
     subsets = stored_subsets(exp, Layout(exp, "results", "checkpoints")) or {}
     groups = {**{k: subsets[k] for k in ("unseen", "seen") if k in subsets}, "all": None}

@@ -23,10 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lab.runner import Runner  # noqa: E402
-from lab.stages import stages_of  # noqa: E402
 from lab.report import store_subsets  # noqa: E402
+from lab.runner import Runner  # noqa: E402
 from lab.spec import load_experiment  # noqa: E402
+from lab.stages import stages_of  # noqa: E402
 from sbmoe import provenance as prov  # noqa: E402
 from sbmoe.data import resolve_data_dir  # noqa: E402
 

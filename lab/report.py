@@ -7,10 +7,11 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from lab.layout import Layout
+from lab.settings import Settings, flags
 from lab.spec import HYBRID, Experiment, Run
 from lab.stats import mean_std, paired_tests, scores_matrix, significant, subset_mean
 from sbmoe import provenance as prov
@@ -18,9 +19,6 @@ from sbmoe import results as an
 from sbmoe.data import query_subsets, split_qrels
 from sbmoe.files import atomic_write_bytes, atomic_write_text
 from sbmoe.metrics import PRIMARY_METRIC, TABLE_COLUMNS, mean_metrics
-
-if TYPE_CHECKING:
-    from lab.experiment import Layout
 
 DEV_COLUMN = f"dev {PRIMARY_METRIC}"  # a report row's best dev score
 
@@ -39,7 +37,7 @@ def summarise(exp: Experiment, layout: Layout, runs: dict[str, Run], subsets: di
             continue
         per_split = {split: [an.read_per_query(layout.split_dir(run, s, split), run.tag) for s in seeds]
                      for split in exp.splits}  # fmt: skip
-        row = {"label": run.label, "kind": run.kind, "change": " ".join(run.train + run.eval),
+        row = {"label": run.label, "kind": run.kind, "change": " ".join(flags(run.train, run.eval)),
                "seeds": seeds if run.per_seed else [], "planned_seeds": run.seeds if run.per_seed else []}  # fmt: skip
         if run.kind == HYBRID:  # how each seed's runs were fused
             row["hybrid"] = {str(s): an.read_metrics(layout.split_dir(run, s, main)).get("hybrid") for s in seeds}
@@ -130,17 +128,17 @@ def provenance_summary(layout: Layout, stages: list[dict[str, Run]]) -> dict:
     return {k: dict(sorted(v.items())) for k, v in counts.items()}
 
 
-def build_report(exp: Experiment, layout: Layout, stages: list[dict[str, Run]], chosen: list[str] | None) -> dict:
+def build_report(exp: Experiment, layout: Layout, stages: list[dict[str, Run]], chosen: Settings | None) -> dict:
     """Every stage summarised from the files alone; each run's row also written as `<run>/summary.json`."""
     subsets = stored_subsets(exp, layout) or {}
     result = {"experiment": exp.name, "description": exp.description, "splits": exp.splits,
-              "recipe": exp.recipe, "subsets": subsets,
+              "recipe": flags(exp.recipe), "subsets": subsets,
               "stages": [summarise(exp, layout, runs, subsets) for runs in stages],
               "provenance": provenance_summary(layout, stages)}  # fmt: skip
     if exp.subsets and not subsets:
         result["missing_subsets"] = list(exp.subsets)
     if chosen is not None:
-        result["chosen"] = chosen
+        result["chosen"] = flags(chosen)
     for stage in result["stages"]:
         for name, row in stage["rows"].items():
             atomic_write_text(layout.root / name / "summary.json", json.dumps(row, indent=2))
@@ -428,7 +426,7 @@ def figures(exp: Experiment, layout: Layout, stages: list[dict[str, Run]], routi
     shares, seen = {}, set()
     for run in runs:  # one panel per checkpoint with more than one expert
         per_seed = [an.expert_shares(h) for h in histories.get(run.name, [])]
-        key = (run.kind, tuple(run.train), run.frozen)
+        key = layout.lead(run, runs).name  # one panel per checkpoint
         if per_seed and per_seed[0] and max(len(v) for v in per_seed[0].values()) > 1 and key not in seen:
             seen.add(key)
             shares[run.name] = per_seed

@@ -5,10 +5,12 @@ The file format is described in experiments/README.md; experiment.py runs what t
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from lab.settings import Settings, check_table
 from model import VARIANTS
 from sbmoe.data import SUBSETS, DataError, dataset_name
 from sbmoe.retrieval import FUSIONS
@@ -31,8 +33,8 @@ HYBRID = "hybrid"  # two runs of the file fused (retrievers.fuse), per seed wher
 class Run:
     name: str
     kind: str
-    train: list[str] = field(default_factory=list)
-    eval: list[str] = field(default_factory=list)
+    train: Settings = field(default_factory=dict)  # training settings over the file's recipe (lab/settings.py)
+    eval: Settings = field(default_factory=dict)  # evaluation settings over the file's `eval`
     seeds: list[int] = field(default_factory=list)
     label: str = ""
     references: list[str] = field(default_factory=list)  # runs it is compared with (paired tests)
@@ -68,8 +70,8 @@ class Experiment:
     seeds: list[int]
     splits: list[str]
     subsets: list[str]
-    recipe: list[str]
-    eval: list[str]
+    recipe: Settings
+    eval: Settings
     trec_depth: dict[str, int]
     runs: dict[str, Run]
     select: dict | None
@@ -87,7 +89,7 @@ def restrict_seeds(exp: Experiment, seeds: list[int]) -> Experiment:
     return replace(exp, seeds=keep(exp.seeds), runs=runs, select=select)
 
 
-def check_types(raw: dict, check) -> None:
+def check_types(raw: dict, check, at=lambda table, key: None) -> None:
     """Every value of an experiment file of the type it must have, before anything reads it (`seeds = "42"`
     must not run seeds 4 and 2)."""
 
@@ -117,9 +119,12 @@ def check_types(raw: dict, check) -> None:
         strings("splits", raw["splits"], empty=False)
         check(len(set(raw["splits"])) == len(raw["splits"]) and all(s.strip() for s in raw["splits"]),
               f"splits must be distinct split names, got {raw['splits']!r}")  # fmt: skip
-    for key in ("subsets", "recipe", "eval", "figures", "datasets"):
+    for key in ("subsets", "figures", "datasets"):
         if key in raw:
             strings(key, raw[key])
+    for key in ("recipe", "eval"):
+        if key in raw:
+            check_table(key, raw[key], at(None, key))
     check(set(raw.get("figures", [])) <= set(FIGURES), f"figures must be among {list(FIGURES)}")
     check("frozen" not in raw or isinstance(raw["frozen"], bool), f"frozen must be true or false, got {raw.get('frozen')!r}")
     depth = raw.get("trec_depth", {})
@@ -131,9 +136,11 @@ def check_types(raw: dict, check) -> None:
             continue  # load_experiment says so
         where = f"runs.{name}"
         check("kind" in spec and isinstance(spec["kind"], str), f"{where}.kind must be given as a string")
-        for key in ("train", "eval", "datasets"):
+        for key in ("train", "eval"):
             if key in spec:
-                strings(f"{where}.{key}", spec[key])
+                check_table(f"{where}.{key}", spec[key], at(f"runs.{name}", key))
+        if "datasets" in spec:
+            strings(f"{where}.datasets", spec["datasets"])
         if "seeds" in spec:
             seeds(f"{where}.seeds", spec["seeds"], empty=True)  # [] = only a template for [select]
         for key in ("label", "group"):
@@ -157,7 +164,8 @@ def load_experiment(path: str | Path) -> Experiment:
     """Parse and check an experiment file; every mistake is a one-line DataError naming the file."""
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        raw = tomllib.loads(text)
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise DataError(f"{path}: cannot read an experiment file ({exc})") from None
 
@@ -165,9 +173,19 @@ def load_experiment(path: str | Path) -> Experiment:
         if not ok:
             raise DataError(f"{path}: {message}")
 
+    def at(table: str | None, key: str):
+        """A check whose error names the line of `key` in `table` (None: the top level)."""
+        line = key_line(text, table, key)
+
+        def check_at(ok: bool, message: str) -> None:
+            if not ok:
+                raise DataError(f"{path}" + (f":{line}" if line else "") + f": {message}")
+
+        return check_at
+
     check(not set(raw) - TOP_KEYS, f"unknown key(s) {sorted(set(raw) - TOP_KEYS)}; expected {sorted(TOP_KEYS)}")
     check(isinstance(raw.get("runs"), dict) and bool(raw["runs"]), "no [runs.NAME] tables")
-    check_types(raw, check)
+    check_types(raw, check, at)
     seeds = raw.get("seeds", [42])
     splits = raw.get("splits", ["test"])
     runs = {}
@@ -179,11 +197,9 @@ def load_experiment(path: str | Path) -> Experiment:
               f"{', '.join([*VARIANTS, *UNTRAINED, HYBRID])}")  # fmt: skip
         check((kind == HYBRID) == ("fuse" in spec) and (kind == HYBRID or not {"weight", "fusion"} & set(spec)),
               f"runs.{name}: `fuse` (and `weight`, `fusion`) belong to kind {HYBRID!r}, which needs `fuse`")  # fmt: skip
-        for key in ("train", "eval"):
-            check(all(isinstance(x, str) for x in spec.get(key, [])), f"runs.{name}.{key} must be a list of strings")
         refs = spec.get("reference", [])
         check(not ("frozen" in spec and kind in UNTRAINED), f"runs.{name}: only a trained kind can be frozen")
-        runs[name] = Run(name, kind, list(spec.get("train", [])), list(spec.get("eval", [])),
+        runs[name] = Run(name, kind, dict(spec.get("train", {})), dict(spec.get("eval", {})),
                          list(spec.get("seeds", seeds)), spec.get("label", name), [refs] if isinstance(refs, str)
                          else list(refs), spec.get("group"),
                          kind in VARIANTS and bool(spec.get("frozen", raw.get("frozen", False))))  # fmt: skip
@@ -219,7 +235,7 @@ def load_experiment(path: str | Path) -> Experiment:
     return Experiment(
         name=raw.get("name", path.stem), description=raw.get("description", ""), dataset=raw.get("dataset"),
         data_dir=raw.get("data_dir"), model=raw.get("model"), seeds=seeds, splits=splits,
-        subsets=list(raw.get("subsets", [])), recipe=list(raw.get("recipe", [])), eval=list(raw.get("eval", [])),
+        subsets=list(raw.get("subsets", [])), recipe=dict(raw.get("recipe", {})), eval=dict(raw.get("eval", {})),
         trec_depth=dict(raw.get("trec_depth", {})), runs=runs, select=select,
         figures=list(raw.get("figures", [f for f in FIGURES if f != "routing" or datasets])), transfer=list(transfer),
         datasets=datasets, precision=raw.get("precision"),
@@ -244,6 +260,17 @@ def hybrid_run(run: Run, spec: dict, specs: dict, check) -> Run:
     seeds = [s for s in trained[0] if all(s in t for t in trained)] if trained else []
     weight = None if weight is None else float(weight)
     return replace(run, fuse=list(members), weight=weight, fusion=fusion, seeds=seeds)
+
+
+def key_line(text: str, table: str | None, key: str) -> int | None:
+    """The line of `key = ...` in `[table]` (None: before any table) of an experiment file's text."""
+    current = None
+    for number, line in enumerate(text.splitlines(), 1):
+        if header := re.match(r"\s*\[([^\[\]]+)\]", line):
+            current = ".".join(a or b for a, b in re.findall(r'"([^"]*)"|([^."\s]+)', header.group(1)))
+        elif current == table and re.match(rf"\s*{re.escape(key)}\s*=", line):
+            return number
+    return None
 
 
 def transfer_name(entry: str) -> str:

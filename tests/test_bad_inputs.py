@@ -21,7 +21,7 @@ import eval as evaluation
 import sbmoe.data
 import sbmoe.retrieval
 import train
-from lab import compare, experiment
+from lab import compare, experiment, runner, stages
 from model import BiEncoder, TinyBERTWithMoE, load_model
 from sbmoe.data import DataError, load_beir, load_corpus
 from sbmoe.files import FolderLock, atomic_write_text
@@ -184,6 +184,8 @@ def test_out_of_range_bench_flag_is_named(flags, needle, tiny_backbone, tmp_path
 def test_runner_flags_are_range_checked(tmp_path, capsys):
     assert exits(experiment.main, ["experiments/table1.toml", "--parallel", "0"]) == 2
     one_line_error(capsys, "--parallel 0")
+    assert exits(experiment.main, ["experiments/table1.toml", "--report", "--extra", "fp16"]) == 2
+    one_line_error(capsys, "--extra: 'fp16' is not a flag")
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,13 +204,18 @@ RUNS = '[runs.bm25]\nkind = "bm25"\n[runs.baseline]\nkind = "baseline"\n'
     ('splits = "test"\n' + RUNS, "splits must be a list of strings"),
     ("splits = []\n" + RUNS, "splits must not be empty"),
     ("splits = { test = 1 }\n" + RUNS, "splits must be a list of strings"),
-    ('recipe = "--num_train_epochs 2"\n' + RUNS, "recipe must be a list of strings"),
-    ('recipe = { a = "b" }\n' + RUNS, "recipe must be a list of strings"),
+    ('recipe = "--num_train_epochs 2"\n' + RUNS, "recipe must be a table of flag = value"),
+    ('recipe = ["--num_train_epochs", "2", "--lr", "1e-3"]\n' + RUNS, "x.toml:3: recipe is a list of command-line "
+     "flags; settings are a table now: recipe = { num_train_epochs = 2, lr = 1e-3 }"),
+    ('recipe = { "--num_train_epochs" = 2 }\n' + RUNS, "recipe.--num_train_epochs: not a flag name"),
+    ("recipe = { a = { b = 1 } }\n" + RUNS, "recipe.a must be a string, a number, true/false or a list of them"),
+    (RUNS + 'eval = ["--inference_mode", "all"]\n', "x.toml:7: runs.baseline.eval is a list of command-line flags; "
+     'settings are a table now: eval = { inference_mode = "all" }'),
     ("trec_depth = { test = 0 }\n" + RUNS, "trec_depth must be a table"),
     ('trec_depth = { train = 10 }\nsplits = ["test"]\n' + RUNS, "trec_depth names a split not in splits"),
     ("model = 3\n" + RUNS, "model must be a string"),
     ('frozen = "yes"\n' + RUNS, "frozen must be true or false"),
-    (RUNS + 'train = "--fp16"\n', "runs.baseline.train must be a list of strings"),
+    (RUNS + 'train = "--fp16"\n', "runs.baseline.train must be a table of flag = value"),
     (RUNS + 'seeds = "43"\n', "runs.baseline.seeds must be a list of integers"),
     (RUNS + "reference = 3\n", "runs.baseline.reference must be a run name"),
     (RUNS + 'reference = "baseline"\n', "runs.baseline.reference names the run itself"),
@@ -492,8 +499,8 @@ def test_train_saves_to_checkpoints_kind_without_output_dir(tiny_backbone, tiny_
 
 def test_runner_child_dies_with_the_runner(tmp_path):
     """kill -9 of the runner: its training child gets SIGTERM from the kernel, no orphan keeps training."""
-    script = ("import subprocess, sys, time; from lab import experiment\n"
-              "cmd = experiment.child_command([sys.executable], '-c', ['import time; time.sleep(120)'])\n"
+    script = ("import subprocess, sys, time; from lab import jobs\n"
+              "cmd = jobs.child_command([sys.executable], '-c', ['import time; time.sleep(120)'])\n"
               "child = subprocess.Popen(cmd); print(child.pid, flush=True); child.wait()")  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     runner = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
@@ -517,7 +524,7 @@ def test_runner_child_dies_with_the_runner(tmp_path):
 
 def test_smoke_slice_is_small_and_loads(tmp_path):
     data = write_tiny_beir(tmp_path / "tiny", n_docs=60, n_queries=24)
-    out = experiment.smoke_slice(data, tmp_path / "slice", n_queries=5, n_docs=30)
+    out = stages.smoke_slice(data, tmp_path / "slice", n_queries=5, n_docs=30)
     corpus, queries, qrels = load_beir(out, "train")
     assert len(corpus) == 30 and len(qrels) == 5
     assert len(load_beir(out, "test")[2]) == 5
@@ -813,7 +820,7 @@ def test_a_data_error_inside_verify_or_a_runner_job_is_one_line(tiny_backbone, t
     one_line_error(capsys, "zeroshot.trec.gz:1: expected 6 columns")
     assert not (tmp_path / "out" / "metrics.json").exists()
     monkeypatch.setenv("BEIR_DATA_DIR", str(tiny_beir.parent))
-    monkeypatch.setattr(experiment.Runner, "bm25", lambda self, run: unreadable("bm25.trec.gz"))
+    monkeypatch.setattr(runner.Runner, "bm25", lambda self, run: unreadable("bm25.trec.gz"))
     (tmp_path / "x.toml").write_text(BASE + '[runs.bm25]\nkind = "bm25"\n')
     argv = [str(tmp_path / "x.toml"), "--model_name_or_path", str(tiny_backbone), "--results", str(tmp_path / "res"),
             "--ckpt_root", str(tmp_path / "ck"), "--in_process"]  # fmt: skip

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from lab import layout, spec, stages
 from lab.stats import paired_tests, significant
 from model import VARIANTS
 from sbmoe import results as an
@@ -79,9 +80,9 @@ def test_the_scheduler_keeps_the_moe_rate(tiny_backbone, tmp_path):
 def test_checkpoints_are_shared_only_across_evaluation_flags_and_evaluated_needs_every_split(tmp_path):
     from lab import experiment
     (tmp_path / "x.toml").write_text("splits = ['test', 'train']\n[runs.a]\nkind = 'sbmoe'\n[runs.b]\nkind = 'sbmoe'\n"
-                                     "eval = ['--inference_mode', 'all']\n[runs.c]\nkind = 'sbmoe'\ntrain = ['--design', 'sokli']\n")
+                                     "eval = { inference_mode = 'all' }\n[runs.c]\nkind = 'sbmoe'\ntrain = { design = 'sokli' }\n")
     exp = experiment.load_experiment(tmp_path / "x.toml")
-    lay = experiment.Layout(exp, tmp_path / "r", tmp_path / "c")
+    lay = layout.Layout(exp, tmp_path / "r", tmp_path / "c")
     runs = list(exp.runs.values())
     assert {r.name: lay.checkpoint(r, runs, 42).parent.name for r in runs} == {"a": "a", "b": "a", "c": "c"}
     an.write_per_query(lay.split_dir(exp.runs["a"], 42, "test"), "a", {"q": {"NDCG@10": 1.0}})
@@ -89,15 +90,14 @@ def test_checkpoints_are_shared_only_across_evaluation_flags_and_evaluated_needs
 
 
 def test_stage2_keeps_references_inside_the_stage_else_compare_to():
-    from lab import experiment
-    R = experiment.Run
+    R = spec.Run
     runs = {"base": R("base", "baseline", seeds=[42]), "e5": R("e5", "baseline", seeds=[42], references=["n3"]),
             "n3": R("n3", "baseline", seeds=[42], references=["e5"])}
-    exp = experiment.Experiment("x", "", None, None, None, [42], ["test"], [], [], [], {}, runs,
+    exp = spec.Experiment("x", "", None, None, None, [42], ["test"], [], {}, {}, {}, runs,
                                 {"reference": "base", "runs": ["base", "e5", "n3"]}, [])
-    s2 = experiment.chosen_runs(exp, [])
+    s2 = stages.chosen_runs(exp, {})
     assert [s2[f"chosen/{n}"].references for n in ("base", "e5", "n3")] == [[], ["chosen/n3"], ["chosen/e5"]]
-    s2 = experiment.chosen_runs(replace(exp, select={"reference": "base", "runs": ["base", "e5"]}), [])
+    s2 = stages.chosen_runs(replace(exp, select={"reference": "base", "runs": ["base", "e5"]}), {})
     assert s2["chosen/e5"].references == ["chosen/base"]
 
 

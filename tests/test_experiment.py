@@ -11,6 +11,8 @@ import pytest
 import torch
 from conftest import ROOT, ZEROSHOT_AND_BASELINE, one_line_error
 
+from lab import stages
+from lab.layout import Layout
 from lab.stats import mean_std, significant, subset_mean
 from sbmoe import results as an
 from sbmoe.data import load_beir, unseen_document_queries
@@ -26,7 +28,7 @@ seeds = [42, 43]
 splits = ["test", "train"]
 trec_depth = { train = 10 }
 subsets = ["unseen", "seen"]
-recipe = ["--num_train_epochs", "1"]
+recipe = { num_train_epochs = 1 }
 
 [runs.bm25]
 kind = "bm25"
@@ -38,7 +40,7 @@ reference = "baseline"
 
 [runs.sbmoe-all]
 kind = "sbmoe"
-eval = ["--inference_mode", "all"]
+eval = { inference_mode = "all" }
 reference = "sbmoe"
 """
 
@@ -108,9 +110,9 @@ def test_runner_trains_evaluates_reports_and_skips_finished_runs(tiny_backbone, 
 
 
 def test_runner_subprocesses_in_parallel_resume_an_interrupted_checkpoint(tiny_backbone, tiny_beir, tmp_path):
-    (tmp_path / "one.toml").write_text('name = "one"\nseeds = [42]\nrecipe = ["--save_strategy", "steps", '
-                                       '"--save_steps", "1", "--eval_strategy", "no", "--load_best_model_at_end", '
-                                       '"false", "--max_steps", "2"]\n[runs.sbmoe]\nkind = "sbmoe"\n'
+    (tmp_path / "one.toml").write_text('name = "one"\nseeds = [42]\nrecipe = { save_strategy = "steps", '
+                                       'save_steps = 1, eval_strategy = "no", load_best_model_at_end = false, '
+                                       'max_steps = 2 }\n[runs.sbmoe]\nkind = "sbmoe"\n'
                                        '[runs.moe]\nkind = "moe"\n')  # fmt: skip
     args = [tmp_path / "one.toml", "--model_name_or_path", tiny_backbone, "--data_dir", tiny_beir, "--results",
             tmp_path / "res", "--ckpt_root", tmp_path / "ck", "--parallel", "2", "--extra", *TINY]  # fmt: skip
@@ -147,20 +149,20 @@ def test_choose_takes_the_best_option_of_each_group_only_if_it_beats_the_referen
     from lab import experiment
 
     text = "seeds = [42]\n" + "".join(
-        f"[runs.{name}]\nkind = 'baseline'\ntrain = ['--x', '{name}']\n" + (f"group = '{group}'\n" if group else "")
+        f"[runs.{name}]\nkind = 'baseline'\ntrain = {{ x = '{name}' }}\n" + (f"group = '{group}'\n" if group else "")
         for name, group in (("base", None), ("e5", "epochs"), ("e10", "epochs"), ("n3", "neg"), ("t2", "temp"))
     ) + "[select]\nreference = 'base'\n"  # fmt: skip
     (tmp_path / "x.toml").write_text(text)
     exp = experiment.load_experiment(tmp_path / "x.toml")
-    layout = experiment.Layout(exp, tmp_path / "res", tmp_path / "ck")
+    layout = Layout(exp, tmp_path / "res", tmp_path / "ck")
     dev = {"base": 0.5, "e5": 0.6, "e10": 0.7, "n3": 0.4, "t2": 0.5}
     for name, score in dev.items():
         folder = layout.run_dir(exp.runs[name], 42)
         folder.mkdir(parents=True)
         an.write_log_history(folder, [{"epoch": 1.0, an.DEV_KEY: score - 0.1}, {"epoch": 2.0, an.DEV_KEY: score}])
-    assert experiment.choose(exp, layout) == ["--x", "e10"]  # best of its group, and only if above the reference
-    stage2 = experiment.chosen_runs(exp, ["--x", "e10"])
-    assert list(stage2) == ["chosen/base"] and stage2["chosen/base"].train == ["--x", "base", "--x", "e10"]
+    assert stages.choose(exp, layout) == {"x": "e10"}  # best of its group, and only if above the reference
+    stage2 = stages.chosen_runs(exp, {"x": "e10"})
+    assert list(stage2) == ["chosen/base"] and stage2["chosen/base"].train == {"x": "e10"}  # the chosen value wins
     cut = experiment.restrict_seeds(replace(exp, select={**exp.select, "seeds": [42, 43, 44]}), [43])
     assert cut.runs["e5"].seeds == [] and cut.select["seeds"] == [43] and exp.runs["e5"].seeds == [42]
 
@@ -170,7 +172,7 @@ def test_figures_are_drawn_from_the_histories_written_whole_and_linked_from_the_
 
     (tmp_path / "f.toml").write_text("seeds = [42, 43]\n[runs.base]\nkind = 'baseline'\n[runs.moe]\nkind = 'sbmoe'\n")
     exp = experiment.load_experiment(tmp_path / "f.toml")
-    layout = experiment.Layout(exp, tmp_path / "res", tmp_path / "ck")
+    layout = Layout(exp, tmp_path / "res", tmp_path / "ck")
     for name in ("base", "moe"):
         for seed in (42, 43):
             history = [{"epoch": 1.0, "contrastive_loss": 1.0}, {"epoch": 1.0, an.DEV_KEY: 0.4}]
@@ -314,11 +316,11 @@ def test_a_variants_settings_reach_its_flags_config_and_checkpoint(variant_with_
 def test_runner_frozen_runs_share_the_head_across_evaluation_flags(tiny_backbone, tiny_beir, tmp_path, monkeypatch):
     from lab import experiment
 
-    (tmp_path / "f.toml").write_text('name = "f"\nseeds = [42]\nfrozen = true\nrecipe = ["--num_train_epochs", "1"]\n'
+    (tmp_path / "f.toml").write_text('name = "f"\nseeds = [42]\nfrozen = true\nrecipe = { num_train_epochs = 1 }\n'
                                      '[runs.none]\nkind = "baseline"\n[runs.bm25]\nkind = "bm25"\n'
-                                     '[runs.sokli]\nkind = "sbmoe"\ntrain = ["--design", "sokli"]\nreference = "none"\n'
-                                     '[runs.all]\nkind = "sbmoe"\ntrain = ["--design", "sokli"]\n'
-                                     'eval = ["--inference_mode", "all"]\nreference = ["none", "sokli"]\n')  # fmt: skip
+                                     '[runs.sokli]\nkind = "sbmoe"\ntrain = { design = "sokli" }\nreference = "none"\n'
+                                     '[runs.all]\nkind = "sbmoe"\ntrain = { design = "sokli" }\n'
+                                     'eval = { inference_mode = "all" }\nreference = ["none", "sokli"]\n')  # fmt: skip
     monkeypatch.chdir(ROOT)
     result = experiment.main(list(map(str, [tmp_path / "f.toml", "--model_name_or_path", tiny_backbone, "--data_dir",
                                             tiny_beir, "--results", tmp_path / "res", "--ckpt_root", tmp_path / "ck",

@@ -208,7 +208,7 @@ transfer = ["gamma"]
 seeds = [42]
 subsets = ["unseen", "seen"]
 precision = "fp32"
-recipe = ["--num_train_epochs", "1", "--per_device_train_batch_size", "4", "--dev_fraction", "0.25"]
+recipe = { num_train_epochs = 1, per_device_train_batch_size = 4, dev_fraction = 0.25 }
 
 [runs.baseline]
 kind = "baseline"
@@ -220,12 +220,12 @@ reference = "baseline"
 
 [runs.domain]
 kind = "sbmoe"
-train = ["--design", "sokli", "--num_experts", "2", "--routing", "domain"]
+train = { design = "sokli", num_experts = 2, routing = "domain" }
 reference = "baseline"
 
 [runs.random]
 kind = "sbmoe"
-train = ["--design", "sokli", "--num_experts", "2", "--routing", "random"]
+train = { design = "sokli", num_experts = 2, routing = "random" }
 reference = "baseline"
 """
 

@@ -8,6 +8,7 @@ import pytest
 from conftest import ROOT, ZEROSHOT_AND_BASELINE, write_tiny_backbone
 
 from lab import experiment
+from model import VARIANTS
 from sbmoe import provenance as prov
 
 TOML = """
@@ -15,11 +16,11 @@ name = "tiny-prov"
 dataset = "tiny"
 seeds = [42]
 subsets = ["unseen", "seen"]
-recipe = ["--num_train_epochs", "1"]
+recipe = { num_train_epochs = 1 }
 """ + ZEROSHOT_AND_BASELINE + """
 [runs.sbmoe]
 kind = "sbmoe"
-train = ["--routing", "random"]
+train = { routing = "random" }
 reference = "baseline"
 """
 TINY = ["--per_device_train_batch_size", "4", "--num_experts", "4", "--dev_fraction", "0.2"]
@@ -128,7 +129,7 @@ def test_random_routing_made_by_the_old_hash_is_refused_and_rerun_reevaluates_it
     args, root = made
     cell = root / "sbmoe" / "seed42"
     rec = prov.read(cell)
-    assert rec["inputs"]["random_routing"] == experiment.VARIANTS["sbmoe"].random_routing
+    assert rec["inputs"]["random_routing"] == VARIANTS["sbmoe"].random_routing
     assert "random_routing" not in prov.read(root / "baseline" / "seed42")["inputs"]
     prov.write(cell, {**rec["inputs"], "random_routing": "float hash of the hidden state"}, rec["made_by"])
     err = exits_with_one_line(capsys, [*args, "--extra", *TINY])
@@ -137,7 +138,7 @@ def test_random_routing_made_by_the_old_hash_is_refused_and_rerun_reevaluates_it
     stamp = weights.stat().st_mtime_ns
     capsys.readouterr()
     experiment.main([*args, "--rerun", "sbmoe", "--extra", *TINY])
-    assert prov.read(cell)["inputs"]["random_routing"] == experiment.VARIANTS["sbmoe"].random_routing
+    assert prov.read(cell)["inputs"]["random_routing"] == VARIANTS["sbmoe"].random_routing
     assert weights.stat().st_mtime_ns == stamp  # not trained again
     capsys.readouterr()
     experiment.main([*args, "--rerun", "sbmoe", "--extra", *TINY])

@@ -6,6 +6,7 @@ import json
 import pytest
 from conftest import ZEROSHOT_AND_BASELINE
 
+from lab.runner import Runner
 from sbmoe.data import load_beir, split_dev
 from sbmoe.retrieval import BM25, WEIGHTS, Hybrid, choose_weight, dev_qrels, fuse, interpolate, min_max, rrf
 
@@ -140,7 +141,7 @@ HYBRIDS = """
 name = "tiny-hybrid"
 seeds = [42]
 subsets = ["unseen", "seen"]
-recipe = ["--num_train_epochs", "1"]
+recipe = { num_train_epochs = 1 }
 
 [runs.bm25]
 kind = "bm25"
@@ -205,8 +206,8 @@ def test_runner_fuses_run_files_per_seed_with_the_weight_chosen_on_their_dev_run
     for path in (root / "bm25" / "dev").iterdir():  # one fused run without its dev run: the equal weight, said so
         path.unlink()
     args = argparse.Namespace(results=res, ckpt_root=tmp_path / "ck", model_name_or_path=None, fp16=False, bf16=False,
-                              extra=["--dev_fraction", "0.2"])  # fmt: skip
-    runner = experiment.Runner(experiment.load_experiment(tmp_path / "h.toml"), args, data)
+                              extra=["--dev_fraction", "0.2"], smoke=False)  # fmt: skip
+    runner = Runner(experiment.load_experiment(tmp_path / "h.toml"), args, data)
     assert runner.hybrid(runner.exp.runs["bm25-baseline"], 42) is None
     how = read_metrics(root / "bm25-baseline" / "seed42" / "test")["hybrid"]
     assert how["weight"] == 0.5 and how["weight_from"].startswith("equal weight: the fused runs have no dev run")
@@ -221,7 +222,7 @@ def test_hybrid_runs_are_checked_in_the_experiment_file(tmp_path):
                            ('fuse = ["bm25", "nope"]', "'nope' is not a"),
                            ('fuse = ["bm25", "zs"]\nweight = 1.5', "weight must be in"),
                            ('fuse = ["bm25", "zs"]\nfusion = "sum"', "fusion must be one of"),
-                           ('fuse = ["bm25", "zs"]\ntrain = ["--x"]', "a hybrid has no train"),
+                           ('fuse = ["bm25", "zs"]\ntrain = { x = true }', "a hybrid has no train"),
                            ("", "`fuse`")):  # fmt: skip
         (tmp_path / "e.toml").write_text(base + extra + "\n")
         with pytest.raises(DataError, match=message):

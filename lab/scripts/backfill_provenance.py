@@ -20,9 +20,10 @@ import shlex
 import subprocess
 from pathlib import Path
 
-from lab.experiment import Runner, stages_of
 from lab.report import store_subsets
+from lab.runner import Runner
 from lab.spec import load_experiment
+from lab.stages import stages_of
 from sbmoe import provenance as prov
 from sbmoe.data import resolve_data_dir
 

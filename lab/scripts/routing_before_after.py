@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lab.experiment import Layout
+from lab.layout import Layout
 from lab.report import stored_subsets
 from lab.spec import load_experiment
 from sbmoe import results as an

@@ -24,7 +24,7 @@ name = "tiny-transfer"
 dataset = "tiny"
 seeds = [42]
 splits = ["test"]
-recipe = ["--num_train_epochs", "1"]
+recipe = {{ num_train_epochs = 1 }}
 transfer = ["{other}"]
 
 [runs.baseline]

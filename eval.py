@@ -37,17 +37,27 @@ import torch.distributed as dist
 
 from model import VARIANTS, BiEncoder, checkpoint_digest, load_model, load_tokenizer
 from sbmoe.data import (
+    DEV_FRACTION,
+    DEV_SEED,
     Corpus,
     DataError,
     dataset_name,
     iter_corpus,
     load_corpus,
-    load_queries,
-    load_split,
+    load_eval_data,
     resolve_data_dir,
 )
 from sbmoe.device import init_distributed
-from sbmoe.encoding import REUSE_DIR, EmbeddingCache, cache_key, content_key, routing_counts
+from sbmoe.encoding import (
+    BATCH_SIZE,
+    DOC_MAX_LENGTH,
+    QUERY_MAX_LENGTH,
+    REUSE_DIR,
+    EmbeddingCache,
+    cache_key,
+    content_key,
+    routing_counts,
+)
 from sbmoe.files import read_trec
 from sbmoe.metrics import (
     MAX_CUTOFF,
@@ -58,18 +68,7 @@ from sbmoe.metrics import (
     per_query_metrics,
 )
 from sbmoe.results import write_evaluation, write_metrics, write_routing
-from sbmoe.retrieval import (
-    BM25,
-    DEV_FRACTION,
-    DEV_SEED,
-    FUSIONS,
-    SELECT_METRIC,
-    RetrieveOptions,
-    choose_weight,
-    dev_qrels,
-    fuse,
-    retrieve_topk,
-)
+from sbmoe.retrieval import BM25, FUSIONS, Hybrid, RetrieveOptions, Runs, retrieve_topk
 from sbmoe.search import (
     ENCODE_CHUNK,
     to_results,
@@ -77,27 +76,9 @@ from sbmoe.search import (
 from utils import check_output, entry_point, fail
 
 # --------------------------------------------------------------------------------------------
-# Sharded retrieval: encode (or read cached) chunks, search them, gather the top-k on rank 0
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-# --------------------------------------------------------------------------------------------
 # Command line
 
-DEFAULT_LENGTHS = {"query_max_length": RetrieveOptions.query_max_length, "doc_max_length": RetrieveOptions.doc_max_length}
+DEFAULT_LENGTHS = {"query_max_length": QUERY_MAX_LENGTH, "doc_max_length": DOC_MAX_LENGTH}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -120,7 +101,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--doc_max_length", type=int, default=None,
                    help=f"default: an export folder's, else {DEFAULT_LENGTHS['doc_max_length']} (at most the "
                         "backbone's positions)")  # fmt: skip
-    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--batch_size", type=int, default=BATCH_SIZE)
     p.add_argument("--encode_chunk", type=int, default=ENCODE_CHUNK,
                    help="documents encoded and searched at a time (memory bound); the same value gives the same "
                         "run with any number of processes")  # fmt: skip
@@ -265,8 +246,13 @@ def load_for_eval(name: str, checkpoint: str | None, args) -> tuple[BiEncoder, o
     return model.to(device).eval(), tokenizer, source, facts
 
 
+def tunes_hybrid(args) -> bool:
+    return bool(args.hybrid) and args.hybrid_fusion == "interpolate" and args.hybrid_weight is None
+
+
 def load_data(args, rank: int, world: int):
-    """The corpus (ids, texts streamed) and each split's queries and qrels; rank 0 downloads first."""
+    """The folder, the corpus (ids, texts streamed), each split's queries and qrels, and where dev came from
+    (sbmoe.data.load_eval_data); rank 0 downloads first. Dev is also read to tune --hybrid's weight."""
     if world > 1 and rank != 0:
         dist.barrier()  # rank 0 resolves (and downloads) the dataset first
     try:
@@ -274,36 +260,10 @@ def load_data(args, rank: int, world: int):
     finally:
         if world > 1 and rank == 0:
             dist.barrier()
-    corpus = Corpus(data_dir)
-    queries = load_queries(data_dir)
-    splits = {split: load_split(data_dir, split, corpus.ids, queries) for split in args.split if split != "dev"}
-    dev = None
-    if "dev" in args.split or tunes_hybrid(args):  # searched in the same corpus pass; written if asked for
-        dev = load_dev(data_dir, args, corpus.ids, queries)
-        splits["dev"] = dev[:2]
-    splits = {s: splits[s] for s in [*args.split, "dev"] if s in splits}  # the order asked for
-    corpus.ids.drop_lookup()  # only the checks above needed it
-    return data_dir, corpus, splits, dev and dev[2]
-
-
-def tunes_hybrid(args) -> bool:
-    return bool(args.hybrid) and args.hybrid_fusion == "interpolate" and args.hybrid_weight is None
-
-
-def load_dev(data_dir: Path, args, doc_ids, queries: dict) -> tuple[dict, dict, str]:
-    """Split dev: qrels/dev.tsv, else training's seeded slice of the train queries; and which it is."""
-    if (data_dir / "qrels" / "dev.tsv").is_file():
-        return (*load_split(data_dir, "dev", doc_ids, queries), "split dev")
     why = ("--split dev" if "dev" in args.split else
            f"--hybrid {args.hybrid} chooses --hybrid_weight on dev (give --hybrid_weight W to fix it instead)")  # fmt: skip
-    if not (data_dir / "qrels" / "train.tsv").is_file():
-        raise DataError(f"{data_dir / 'qrels'}: neither dev.tsv nor train.tsv to slice a dev split from; {why}")
-    train_queries, _ = load_split(data_dir, "train", doc_ids, queries)  # checked as any split is
-    qrels, source = dev_qrels(data_dir, args.dev_seed, args.dev_fraction)
-    if not qrels:
-        raise DataError(f"{data_dir / 'qrels' / 'train.tsv'}: the dev {source} has no queries "
-                        f"({len(train_queries)} train queries; raise --dev_fraction); {why}")  # fmt: skip
-    return {q: train_queries[q] for q in qrels}, qrels, source
+    dev = (args.dev_seed, args.dev_fraction, why) if "dev" in args.split or tunes_hybrid(args) else None
+    return (data_dir, *load_eval_data(data_dir, args.split, dev))
 
 
 @entry_point
@@ -391,7 +351,8 @@ def main(argv=None) -> dict:
             queries = splits[args.split[0]][0]
             record_routing(model, tokenizer, args, data_dir, corpus, queries, domain, tag)
         if args.hybrid:
-            bm25 = bm25 or bm25_runs(data_dir, corpus, splits, args.top_k)
+            bm25 = bm25 or BM25().search(load_corpus(data_dir), {q: t for qs, _ in splits.values() for q, t in qs.items()},
+                                         args.top_k)  # one index for every split's queries
             fused, hybrid[f"{tag}+bm25"] = fuse_runs(args, tag, runs, bm25, splits, dev_source)
             how = hybrid[f"{tag}+bm25"]
             weight = f", {tag} weight {how['weight']:g} ({how['weight_from']})" if "weight" in how else ""
@@ -445,26 +406,18 @@ def record_routing(model: BiEncoder, tokenizer, args, data_dir: Path, corpus: Co
         else "inputs", **{k: v.tolist() for k, v in counts.items()}})  # fmt: skip
 
 
-def bm25_runs(data_dir: Path, corpus: Corpus, splits: dict, top_k: int) -> dict[str, dict]:
-    """BM25's run of every split's queries (one index for all of them)."""
-    docs = load_corpus(data_dir)
-    run = BM25().search(docs, {q: t for queries, _ in splits.values() for q, t in queries.items()}, top_k)
-    return {split: {q: run[q] for q in queries} for split, (queries, _) in splits.items()}
-
-
 def fuse_runs(args, tag: str, dense: dict, bm25: dict, splits: dict, dev_source: str | None) -> tuple[dict, dict]:
-    """The model's run fused with BM25's on every split asked for, and how (recorded in metrics.json):
-    the model's weight, fixed by --hybrid_weight or chosen on dev."""
-    info = {"fuse": [tag, "bm25"], "fusion": args.hybrid_fusion}
-    weight = 0.5 if args.hybrid_weight is None else args.hybrid_weight
+    """The model's run fused with BM25's on every split asked for (sbmoe.retrieval.Hybrid over the runs already
+    made), and how (metrics.json's `hybrid`): the model's weight fixed by --hybrid_weight or chosen on dev."""
+    def hybrid(split: str, weight: float | None) -> Hybrid:
+        return Hybrid(Runs(dense[split]), Runs(bm25), weight, args.hybrid_fusion)
+
+    how = hybrid(args.split[0], args.hybrid_weight)
     if tunes_hybrid(args):
-        dev_qrels = splits["dev"][1]
-        weight, scores = choose_weight(dense["dev"], bm25["dev"], dev_qrels, args.top_k)
-        info.update(weight=weight, weight_from=f"dev: {dev_source}, {len(dev_qrels)} queries")
-        info[f"dev {SELECT_METRIC}"] = {f"{w:g}": s for w, s in scores.items()}
-    elif args.hybrid_fusion == "interpolate":
-        info.update(weight=weight, weight_from="--hybrid_weight")
-    return {s: fuse(dense[s], bm25[s], args.hybrid_fusion, weight, args.top_k) for s in args.split}, info
+        how = hybrid("dev", None).fit(None, *splits["dev"], args.top_k)
+    weight_from = f"dev: {dev_source}, {len(splits['dev'][1])} queries" if tunes_hybrid(args) else "--hybrid_weight"
+    fused = {s: hybrid(s, how.weight).search(None, splits[s][0], args.top_k) for s in args.split}
+    return fused, {"fuse": [tag, "bm25"], **how.info(weight_from)}
 
 
 def verify_trec(path: Path, qrels: dict, metrics: dict[str, float], depth: int, tol: float = 1e-6) -> float:

@@ -32,14 +32,15 @@ from torch import nn
 
 from model import BiEncoder, Embedding, RetrieverOutput, load_tokenizer
 from sbmoe import results as an
-from sbmoe.data import DataError, doc_text, load_split
+from sbmoe.data import DataError, data_dirs, doc_text, load_data, load_split
 from sbmoe.device import set_seed
 from sbmoe.files import FolderLock, atomic_write_text
 from sbmoe.layers import sequence_keys, token_keys
 from sbmoe.metrics import MAX_CUTOFF, PRIMARY_METRIC, mean_metrics, per_query_metrics
+from sbmoe.negatives import default_cache_dir
 from sbmoe.search import search
 from sbmoe.trainer import ContrastiveDataset, ContrastiveTrainer, EpochCallback, NonFiniteLossError, positive_ids
-from train import build_model, data_dirs, load_data, mine_negatives, parse
+from train import build_model, mine_negatives, parse
 from utils import check_writable, fail
 
 
@@ -329,11 +330,12 @@ def main(argv: list[str] | None = None) -> None:
     except DataError as exc:
         fail(str(exc))
     try:
-        dirs = data_dirs(dargs)
+        dirs = data_dirs(dargs.dataset, dargs.data_dir)
         if len(dirs) > 1:
             raise DataError(f"--dataset {' '.join(dargs.dataset)}: the frozen-backbone study trains on one dataset")
         data_dir = dirs[0]
-        corpus, queries, train_qrels, dev_qrels, cache, dev_info = load_data(dargs, targs.seed, data_dir)
+        corpus, queries, train_qrels, dev_qrels, dev_info = load_data(data_dir, dargs.train_split, dargs.dev_split,
+                                                                      dargs.dev_fraction, targs.seed)  # fmt: skip
         splits = {s: load_split(data_dir, s, corpus) for s in fargs.eval_splits}  # the corpus read once
     except DataError as exc:
         fail(str(exc))
@@ -372,6 +374,7 @@ def main(argv: list[str] | None = None) -> None:
                 history = an.read_log_history(out) if (out / "log_history.json").is_file() else []
                 print(f"frozen {margs.kind}: head loaded from {saved}", flush=True)
             elif trainable:
+                cache = default_cache_dir(data_dir, dargs.cache_dir)
                 negatives = mine_negatives(model, tokenizer, corpus, queries, train_qrels, cache, margs, dargs, targs)
                 data = (list(corpus), doc_feats, q_feats, q_rows, train_qrels, dev_qrels)
                 history = train_head(model, margs, targs, data, negatives, dargs.hard_negatives, dargs.sampling)

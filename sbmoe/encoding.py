@@ -20,6 +20,9 @@ from sbmoe.data import corpus_path
 from sbmoe.device import autocast
 from sbmoe.files import atomic_write_text
 
+# The lengths (tokens) and the encoding batch of every command line's defaults: train.py, eval.py, frozen.py, export.py
+QUERY_MAX_LENGTH, DOC_MAX_LENGTH, BATCH_SIZE = 64, 256, 128
+
 # --------------------------------------------------------------------------------------------
 # Encoding
 
@@ -79,7 +82,7 @@ def encode_texts(
     tokenizer,
     texts: list[str],
     max_length: int,
-    batch_size: int = 128,
+    batch_size: int = BATCH_SIZE,
     bf16: bool = False,
     fp16: bool = False,
     desc: str = "encode",
@@ -98,7 +101,7 @@ def encode_texts(
 
 
 @torch.inference_mode()
-def routing_counts(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 128,
+def routing_counts(model, tokenizer, texts: list[str], max_length: int, batch_size: int = BATCH_SIZE,
                    bf16: bool = False, fp16: bool = False, domain: int | None = None) -> np.ndarray:  # fmt: skip
     """(blocks, experts) how many routed units (inputs for a pooled SB-MoE head, non-padding tokens for the
     per-token designs and the token-level MoE) chose each expert first, as the router decides in top-1 mode

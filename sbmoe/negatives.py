@@ -16,9 +16,10 @@ def cache_root() -> Path:
     return Path(os.environ.get("RETRIEVAL_CACHE_DIR") or "cache")
 
 
-def default_cache_dir(data_dir: Path) -> Path:
-    """The hard-negatives cache of a dataset: <cache root>/negatives/<dataset>; entries are keyed by content."""
-    return cache_root() / "negatives" / Path(data_dir).resolve().name
+def default_cache_dir(data_dir: Path, given: str | None = None) -> Path:
+    """The hard-negatives cache of a dataset: `given` (--cache_dir), else <cache root>/negatives/<dataset>;
+    entries are keyed by content."""
+    return Path(given) if given else cache_root() / "negatives" / Path(data_dir).resolve().name
 
 
 def corpus_digest(corpus: dict[str, dict[str, str]]) -> str:

@@ -12,23 +12,24 @@ weights): from `--checkpoint DIR` when DIR is an export folder (`export.py CKPT 
 otherwise exported on the fly from the checkpoint (or the zero-shot backbone) into a temporary
 folder for this run. Search and metrics are the same either way.
 
-Writes `<tag>.trec.gz` (the run), `<tag>.perquery.json.gz` and `metrics.json` per split (analysis.write_evaluation).
+Writes `<tag>.trec.gz` (the run), `<tag>.perquery.json.gz` and `metrics.json` per split
+(sbmoe.results.write_evaluation).
 
-`--hybrid bm25` also writes `<tag>+bm25`: the model's run fused with BM25's (retrievers.py), the model's weight
-chosen on dev (`--split dev` means the official dev split, else training's seeded slice of the train queries;
-its queries are searched in the same corpus pass) unless `--hybrid_weight` fixes it.
+`--hybrid bm25` also writes `<tag>+bm25`: the model's run fused with BM25's (sbmoe.retrieval.Hybrid), the
+model's weight chosen on dev (`--split dev` means the official dev split, else training's seeded slice of the
+train queries, sbmoe.data.dev_qrels; its queries are searched in the same corpus pass) unless `--hybrid_weight`
+fixes it.
 
-`retrieve` and `evaluate_model` are also what train.py calls for its dev evaluation.
-
-Encoding and the embedding cache live in encode.py, exact chunked search in search.py; this file is
-the retrieval loop over both (`retrieve_topk`) and the command line.
+The library does the work: encoding and the embedding cache in sbmoe/encoding.py, exact chunked search in
+sbmoe/search.py, the retrieval loop over both in sbmoe/retrieval.py (`retrieve_topk`; its `evaluate_model` is
+also train.py's dev evaluation). This file is the command line and `load_retriever`, the one way a model is
+loaded for evaluation.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import random
 import time
 from pathlib import Path
 
@@ -36,17 +37,7 @@ import torch
 import torch.distributed as dist
 
 from model import VARIANTS, BiEncoder, checkpoint_digest, load_model, load_tokenizer
-from sbmoe.data import (
-    DEV_FRACTION,
-    DEV_SEED,
-    Corpus,
-    DataError,
-    dataset_name,
-    iter_corpus,
-    load_corpus,
-    load_eval_data,
-    resolve_data_dir,
-)
+from sbmoe.data import DEV_FRACTION, DEV_SEED, Corpus, DataError, load_corpus, load_eval_data, resolve_data_dir
 from sbmoe.device import init_distributed
 from sbmoe.encoding import (
     BATCH_SIZE,
@@ -56,23 +47,13 @@ from sbmoe.encoding import (
     EmbeddingCache,
     cache_key,
     content_key,
-    routing_counts,
+    model_domain,
+    routing_record,
 )
-from sbmoe.files import read_trec
-from sbmoe.metrics import (
-    MAX_CUTOFF,
-    METRICS,
-    TABLE_COLUMNS,
-    format_table,
-    mean_metrics,
-    per_query_metrics,
-)
-from sbmoe.results import write_evaluation, write_metrics, write_routing
+from sbmoe.metrics import MAX_CUTOFF, TABLE_COLUMNS, format_table
+from sbmoe.results import trec_depths, verify_run, write_evaluation, write_metrics, write_routing
 from sbmoe.retrieval import BM25, FUSIONS, Hybrid, RetrieveOptions, Runs, retrieve_topk
-from sbmoe.search import (
-    ENCODE_CHUNK,
-    to_results,
-)
+from sbmoe.search import ENCODE_CHUNK, to_results
 from utils import check_output, entry_point, fail
 
 # --------------------------------------------------------------------------------------------
@@ -145,12 +126,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag} {getattr(args, flag)}: must be at least 1")
     try:
-        args.trec_depth = {k: int(v) for k, v in (x.split("=") for x in args.trec_depth)}
-    except ValueError:
-        p.error(f"--trec_depth {' '.join(args.trec_depth)}: expected SPLIT=K entries")
-    for split, depth in args.trec_depth.items():
-        if split not in args.split or depth < 1:
-            p.error(f"--trec_depth {split}={depth}: needs a split of --split and K >= 1")
+        args.trec_depth = trec_depths(args.trec_depth, args.split)
+    except ValueError as exc:
+        p.error(str(exc))
     if args.hybrid_weight is not None and not (args.hybrid and args.hybrid_fusion == "interpolate"
                                                and 0 <= args.hybrid_weight <= 1):  # fmt: skip
         p.error(f"--hybrid_weight {args.hybrid_weight}: needs --hybrid, interpolation and a weight in [0, 1]")
@@ -177,6 +155,29 @@ def resolve_lengths(model: BiEncoder, args, exported: dict | None) -> tuple[dict
         if given is not None and saved is not None and given != saved:
             changed[flag] = {"export": saved, "used": given}
     return lengths, changed
+
+
+def load_retriever(kind: str | None, source: str, pooling: str = "auto") -> BiEncoder:
+    """A PyTorch model to evaluate (as loaded: on the CPU, not yet in eval mode), or a one-line DataError: `kind`
+    zeroshot is the backbone `source` (hub name or folder) untrained, any other the checkpoint folder `source` of
+    that kind (None: of any kind)."""
+    if kind == "zeroshot":
+        try:
+            return BiEncoder.from_backbone(source, pooling=pooling)
+        except ValueError as exc:  # neither a local folder nor on the hub
+            raise DataError(str(exc).splitlines()[0]) from None
+        except OSError as exc:
+            raise DataError(f"--model_name_or_path {source}: cannot load an encoder ({str(exc).splitlines()[0]})") from None
+    if not (Path(source) / "config.json").is_file():
+        raise DataError(f"{source}: no checkpoint (config.json missing); train it first or pass --checkpoint")
+    try:
+        model = load_model(source)
+    except (OSError, ValueError) as exc:
+        raise DataError(str(exc).splitlines()[0]) from None
+    if kind is not None and model.config.kind != kind:  # the row is labelled with what was loaded, never with what was asked
+        raise DataError(f"{source}: holds a {model.config.kind} checkpoint, not {kind} "
+                        f"(evaluate it as --model {model.config.kind})")  # fmt: skip
+    return model
 
 
 def load_for_eval(name: str, checkpoint: str | None, args) -> tuple[BiEncoder, object, str, dict]:
@@ -207,25 +208,8 @@ def load_for_eval(name: str, checkpoint: str | None, args) -> tuple[BiEncoder, o
                      "checkpoint_sha1": info.get("checkpoint_sha1"), "export": str(checkpoint),
                      **({"changed_from_export": changed} if changed else {})}  # fmt: skip
             return model, tokenizer, checkpoint, facts
-    if name == "zeroshot":
-        source = args.model_name_or_path
-        try:
-            model = BiEncoder.from_backbone(source, pooling=args.pooling)
-        except ValueError as exc:  # neither a local folder nor on the hub
-            raise DataError(str(exc).splitlines()[0]) from None
-        except OSError as exc:
-            raise DataError(f"--model_name_or_path {source}: cannot load an encoder ({str(exc).splitlines()[0]})") from None
-    else:
-        source = checkpoint or f"checkpoints/{name}"
-        if not (Path(source) / "config.json").is_file():
-            raise DataError(f"{source}: no checkpoint (config.json missing); train it first or pass --checkpoint")
-        try:
-            model = load_model(source)
-        except (OSError, ValueError) as exc:
-            raise DataError(str(exc).splitlines()[0]) from None
-        if model.config.kind != name:  # the row is labelled with what was loaded, never with what was asked
-            raise DataError(f"{source}: holds a {model.config.kind} checkpoint, not {name} "
-                            f"(evaluate it as --model {model.config.kind})")  # fmt: skip
+    source = args.model_name_or_path if name == "zeroshot" else checkpoint or f"checkpoints/{name}"
+    model = load_retriever(name, source, args.pooling)
     if args.inference_mode:
         model.config.inference_mode = args.inference_mode
     try:
@@ -296,7 +280,7 @@ def main(argv=None) -> dict:
         depth = args.trec_depth.get(split, args.top_k)
 
         def verify(path: Path, metrics: dict) -> None:
-            worst = verify_trec(path, qrels, metrics, depth)
+            worst = verify_run(path, qrels, metrics, depth)
             print(f"{tag}/{split}: metrics match pytrec_eval on the run file (max |diff| {worst:.1e})")
 
         try:  # every file is written whole (temp file, then rename) or not at all
@@ -373,37 +357,14 @@ def main(argv=None) -> dict:
     return summaries[args.split[0]] if len(summaries) == 1 else summaries
 
 
-def model_domain(model: BiEncoder, data_dir: Path) -> int | None:
-    """The index of the dataset being evaluated among the model's training datasets (`config.domains`), or None.
-    Under `--routing domain` that index is the expert its queries and documents go to; a dataset the model was
-    not trained on (zero-shot transfer) has no expert of its own, and gets every expert at 1/E (said here)."""
-    domains = getattr(model.config, "domains", None) or []
-    name = dataset_name(data_dir)
-    if name in domains:
-        return domains.index(name)
-    if getattr(model.config, "routing", None) == "domain":
-        print(f"{name}: not one of the training datasets {domains}; --routing domain gives every expert 1/E")
-    return None
-
-
-ROUTING_SAMPLE_SEED = 0
-
-
 def record_routing(model: BiEncoder, tokenizer, args, data_dir: Path, corpus: Corpus, queries: dict,
                    domain: int | None, tag: str) -> None:  # fmt: skip
     """`<tag>.routing.json`: first-choice expert counts per block on the queries and on a seeded sample of
-    --routing_docs documents (analysis.routing_summary turns them into shares and mutual information)."""
-    n = len(corpus)
-    picked = sorted(random.Random(ROUTING_SAMPLE_SEED).sample(range(n), min(args.routing_docs, n)))
-    wanted = set(picked)
-    texts = [t for i, (_, t) in enumerate(iter_corpus(data_dir)) if i in wanted]
-    kw = dict(batch_size=args.batch_size, bf16=args.bf16, fp16=args.fp16, domain=domain)
-    counts = {"queries": routing_counts(model, tokenizer, list(queries.values()), args.query_max_length, **kw),
-              "documents": routing_counts(model, tokenizer, texts, args.doc_max_length, **kw)}  # fmt: skip
-    write_routing(split_dir(args, args.split[0]), tag, {
-        "dataset": dataset_name(data_dir), "domain": domain, "queries": len(queries), "documents": len(texts),
-        "sample_seed": ROUTING_SAMPLE_SEED, "unit": "tokens" if model.head_on_tokens() or model.config.kind == "moe"
-        else "inputs", **{k: v.tolist() for k, v in counts.items()}})  # fmt: skip
+    --routing_docs documents (sbmoe.results.routing_summary turns them into shares and mutual information)."""
+    record = routing_record(model, tokenizer, data_dir, len(corpus), list(queries.values()), args.routing_docs,
+                            (args.query_max_length, args.doc_max_length), domain, batch_size=args.batch_size,
+                            bf16=args.bf16, fp16=args.fp16)  # fmt: skip
+    write_routing(split_dir(args, args.split[0]), tag, record)
 
 
 def fuse_runs(args, tag: str, dense: dict, bm25: dict, splits: dict, dev_source: str | None) -> tuple[dict, dict]:
@@ -418,16 +379,6 @@ def fuse_runs(args, tag: str, dense: dict, bm25: dict, splits: dict, dev_source:
     weight_from = f"dev: {dev_source}, {len(splits['dev'][1])} queries" if tunes_hybrid(args) else "--hybrid_weight"
     fused = {s: hybrid(s, how.weight).search(None, splits[s][0], args.top_k) for s in args.split}
     return fused, {"fuse": [tag, "bm25"], **how.info(weight_from)}
-
-
-def verify_trec(path: Path, qrels: dict, metrics: dict[str, float], depth: int, tol: float = 1e-6) -> float:
-    """Re-read the written run and score it again; fail if any metric the file is deep enough for differs."""
-    again = mean_metrics(per_query_metrics(qrels, read_trec(path)))
-    names = [m.name for m in METRICS if m.cutoff <= depth]
-    worst = max(abs(again[m] - metrics[m]) for m in names)
-    if worst > tol:
-        fail(f"{path}: metrics differ from pytrec_eval on the run file by {worst:.2e}")
-    return worst
 
 
 def split_dir(args, split: str) -> Path:

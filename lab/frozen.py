@@ -34,7 +34,7 @@ from model import BiEncoder, Embedding, RetrieverOutput, load_tokenizer
 from sbmoe import results as an
 from sbmoe.data import DataError, data_dirs, doc_text, load_data, load_split
 from sbmoe.device import set_seed
-from sbmoe.files import FolderLock, atomic_write_text
+from sbmoe.files import FolderLock, atomic_write_text, cache_name
 from sbmoe.layers import sequence_keys, token_keys
 from sbmoe.metrics import MAX_CUTOFF, PRIMARY_METRIC, mean_metrics, per_query_metrics
 from sbmoe.negatives import default_cache_dir
@@ -117,7 +117,7 @@ def digest(texts: list[str]) -> str:
 
 def cached_features(folder: Path, key: list, compute) -> Features:
     """`compute()` once per key; kept as three .npy files (written to temp names, then renamed), memory-mapped."""
-    folder = folder / hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
+    folder = folder / cache_name(key)
     names = ("pooled", "tokens", "keys", "offsets")
     if not all((folder / f"{n}.npy").is_file() for n in names):
         feats = compute()
@@ -322,12 +322,8 @@ def main(argv: list[str] | None = None) -> None:
         check_writable(out)
         for split in fargs.eval_splits if fargs.eval_output_dir else []:
             check_writable(Path(fargs.eval_output_dir) / split, "--eval_output_dir")
-        depth = {k: int(v) for k, v in (x.split("=") for x in fargs.trec_depth)}
-        if any(k not in fargs.eval_splits or v < 1 for k, v in depth.items()):
-            raise ValueError
-    except ValueError:
-        fail(f"--trec_depth {' '.join(fargs.trec_depth)}: expected SPLIT=K entries, K >= 1, splits of --eval_splits")
-    except DataError as exc:
+        an.trec_depths(fargs.trec_depth, fargs.eval_splits, splits_flag="--eval_splits")
+    except (ValueError, DataError) as exc:
         fail(str(exc))
     try:
         dirs = data_dirs(dargs.dataset, dargs.data_dir)
@@ -398,7 +394,7 @@ def evaluate(model, fargs, data, splits: dict, dataset: str, source: str) -> Non
     """eval.py's files in a folder per split: `<tag>.trec.gz`, `<tag>.perquery.json.gz`, `metrics.json`."""
     doc_ids, doc_feats, q_feats, q_rows = data
     tag = fargs.tag or model.config.kind
-    depth = {k: int(v) for k, v in (x.split("=") for x in fargs.trec_depth)}
+    depth = an.trec_depths(fargs.trec_depth, fargs.eval_splits)  # checked in main
     retriever = CachedHead(model, doc_ids, doc_feats, q_feats, q_rows)  # the head on the documents once, every split
     for split, (queries, qrels) in splits.items():
         folder = Path(fargs.eval_output_dir) / split

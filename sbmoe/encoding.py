@@ -8,6 +8,7 @@ import hashlib
 import itertools
 import json
 import os
+import random
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,9 +17,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sbmoe.data import corpus_path
+from sbmoe.data import corpus_path, dataset_name, iter_corpus
 from sbmoe.device import autocast
-from sbmoe.files import atomic_write_text
+from sbmoe.files import atomic_write_text, cache_name
 
 # The lengths (tokens) and the encoding batch of every command line's defaults: train.py, eval.py, frozen.py, export.py
 QUERY_MAX_LENGTH, DOC_MAX_LENGTH, BATCH_SIZE = 64, 256, 128
@@ -122,6 +123,35 @@ def routing_counts(model, tokenizer, texts: list[str], max_length: int, batch_si
     return counts
 
 
+def model_domain(model, data_dir: Path) -> int | None:
+    """The index of the dataset being evaluated among the model's training datasets (`config.domains`), or None.
+    Under `--routing domain` that index is the expert its queries and documents go to; a dataset the model was
+    not trained on (zero-shot transfer) has no expert of its own, and gets every expert at 1/E (said here)."""
+    domains = getattr(model.config, "domains", None) or []
+    name = dataset_name(data_dir)
+    if name in domains:
+        return domains.index(name)
+    if getattr(model.config, "routing", None) == "domain":
+        print(f"{name}: not one of the training datasets {domains}; --routing domain gives every expert 1/E")
+    return None
+
+
+ROUTING_SAMPLE_SEED = 0
+
+
+def routing_record(model, tokenizer, data_dir: Path, n_docs: int, queries: list[str], sample: int,
+                   lengths: tuple[int | None, int | None], domain: int | None, **kw) -> dict:  # fmt: skip
+    """A `<tag>.routing.json` record: first-choice expert counts per block (`routing_counts`) on the queries and
+    on a seeded sample of `sample` of the corpus' `n_docs` documents, at (query, document) `lengths`."""
+    picked = set(random.Random(ROUTING_SAMPLE_SEED).sample(range(n_docs), min(sample, n_docs)))
+    texts = [t for i, (_, t) in enumerate(iter_corpus(data_dir)) if i in picked]
+    counts = {"queries": routing_counts(model, tokenizer, queries, lengths[0], domain=domain, **kw),
+              "documents": routing_counts(model, tokenizer, texts, lengths[1], domain=domain, **kw)}  # fmt: skip
+    return {"dataset": dataset_name(data_dir), "domain": domain, "queries": len(queries), "documents": len(texts),
+            "sample_seed": ROUTING_SAMPLE_SEED, "unit": "tokens" if model.head_on_tokens() or model.config.kind == "moe"
+            else "inputs", **{k: v.tolist() for k, v in counts.items()}}  # fmt: skip
+
+
 # --------------------------------------------------------------------------------------------
 # The embedding cache: encoded chunks on disk
 
@@ -131,8 +161,7 @@ class EmbeddingCache:
     back as memory maps. The key names everything the embeddings depend on (see `cache_key`)."""
 
     def __init__(self, root: str | Path, key: dict, readonly: bool = False):
-        text = json.dumps(key, sort_keys=True, default=str)
-        self.dir = Path(root) / hashlib.sha1(text.encode()).hexdigest()[:16]
+        self.dir = Path(root) / cache_name(key)
         self.readonly = readonly  # reads what is there, writes nothing (eval.py on a checkpoint's dev passes)
         if not readonly:
             self.dir.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,11 @@
-"""Files: atomic, byte-stable writes (temp file, then rename), stale temp cleanup, folder locks, TREC run files."""
+"""Files: atomic, byte-stable writes (temp file, then rename), stale temp cleanup, folder locks, TREC run files,
+the names of cache entries."""
 
 from __future__ import annotations
 
 import gzip
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -11,6 +14,12 @@ from pathlib import Path
 
 from sbmoe.data import DataError, read_lines
 from sbmoe.metrics import truncate_run
+
+
+def cache_name(key, length: int = 16) -> str:
+    """The one name of a disk cache entry (the embedding cache, hard negatives, the frozen study's backbone
+    outputs): a hash of its key, everything the cached values depend on, as canonical JSON."""
+    return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
 def write_trec(path: Path, results: dict[str, dict[str, float]], tag: str, top_k: int) -> None:

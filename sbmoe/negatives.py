@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from sbmoe.files import atomic_write_text
+from sbmoe.files import atomic_write_text, cache_name
 from sbmoe.retrieval import bm25_search
 
 
@@ -40,7 +40,7 @@ def negatives_from_run(run: dict, qrels: dict, depth: int) -> dict[str, list[str
 
 def cached_negatives(cache_dir: Path, name: str, key: list, mine) -> dict[str, list[str]]:
     """`mine()` once per key, kept as `<cache_dir>/<name>_<hash>.json` (written atomically)."""
-    path = Path(cache_dir) / f"{name}_{hashlib.sha1(json.dumps(key).encode()).hexdigest()[:12]}.json"
+    path = Path(cache_dir) / f"{name}_{cache_name(key, 12)}.json"
     if path.is_file():
         return json.loads(path.read_text())
     negatives = mine()

@@ -18,13 +18,12 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import sys
 from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 
 import torch
-from transformers import HfArgumentParser, ProgressCallback, Trainer, TrainingArguments
+from transformers import HfArgumentParser, ProgressCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from model import VARIANTS, BiEncoder, Setting, load_tokenizer
@@ -32,24 +31,19 @@ from sbmoe.data import DEV_FRACTION, DataError, data_dirs, dataset_name, load_da
 from sbmoe.encoding import BATCH_SIZE, DOC_MAX_LENGTH, QUERY_MAX_LENGTH, REUSE_DIR, prune_reuse_cache
 from sbmoe.files import FolderLock, atomic_write_text
 from sbmoe.metrics import PRIMARY_METRIC
-from sbmoe.negatives import (
-    cached_negatives,
-    corpus_digest,
-    default_cache_dir,
-    mine_bm25_negatives,
-    negatives_from_run,
-)
+from sbmoe.negatives import default_cache_dir, mine_bm25_negatives, mine_dense_negatives
 from sbmoe.results import DEV_METRIC, write_log_history
-from sbmoe.retrieval import retrieve
 from sbmoe.trainer import (
     SAMPLINGS,
     ContrastiveCollator,
     ContrastiveDataset,
     ContrastiveTrainer,
+    DevSet,
     EpochCallback,
     MixedDataset,
     NonFiniteLossError,
     namespaced,
+    save_final,
     unwrap,
 )
 from utils import check_writable, fail
@@ -262,49 +256,16 @@ def build_model(margs: ModelArguments) -> BiEncoder:
         fail(f"--model_name_or_path {margs.model_name_or_path}: cannot load a backbone ({str(exc).splitlines()[0]})")
 
 
-@dataclass
-class DevSet:
-    """One dataset's dev split, searched over its own corpus at each dev evaluation."""
-
-    name: str
-    data_dir: Path
-    corpus: dict
-    queries: dict
-    qrels: dict
-    domain: int | None = None  # its index among several training datasets (expert d of --routing domain)
-
-
 def mine_negatives(model, tokenizer, corpus, queries, train_qrels, cache, margs, dargs, targs) -> dict:
     """BM25 negatives, or the starting model's own (every variant starts as the pretrained retriever)."""
-    depth = dargs.negative_depth
     if dargs.negative_source == "bm25":
-        return mine_bm25_negatives(corpus, queries, train_qrels, depth, cache)
-
-    def mine():
-        model.to(targs.device)
-        run = retrieve(
-            model, tokenizer, corpus, {q: queries[q] for q in train_qrels}, top_k=depth + 20,
-            query_max_length=dargs.query_max_length, doc_max_length=dargs.doc_max_length,
-            batch_size=targs.eval_batch_size, bf16=targs.bf16, fp16=targs.fp16, show_progress=False,
-        )  # fmt: skip
-        return negatives_from_run(run, train_qrels, depth)
-
-    key = [sorted(train_qrels), corpus_digest(corpus), depth, str(margs.model_name_or_path), margs.pooling,
-           dargs.doc_max_length]  # fmt: skip
-    return cached_negatives(cache, "dense_negatives", key, mine)
-
-
-def save_final(trainer: Trainer, out: str) -> None:
-    """The final model as the checkpoints are saved: into a staging folder, then renamed in (config.json
-    last), so a full disk never leaves a config without its weights."""
-    staging = Path(out) / ".staging-final"
-    if trainer.args.should_save:
-        shutil.rmtree(staging, ignore_errors=True)
-    trainer.save_model(str(staging))
-    if trainer.args.should_save:
-        for name in sorted(os.listdir(staging), key=lambda n: n == "config.json"):
-            os.replace(staging / name, Path(out) / name)
-        staging.rmdir()
+        return mine_bm25_negatives(corpus, queries, train_qrels, dargs.negative_depth, cache)
+    return mine_dense_negatives(
+        model, tokenizer, corpus, queries, train_qrels, dargs.negative_depth, cache, targs.device,
+        [str(margs.model_name_or_path), margs.pooling, dargs.doc_max_length],
+        query_max_length=dargs.query_max_length, doc_max_length=dargs.doc_max_length,
+        batch_size=targs.eval_batch_size, bf16=targs.bf16, fp16=targs.fp16,
+    )  # fmt: skip
 
 
 def check_lengths(model: BiEncoder, dargs: DataArguments) -> None:

@@ -34,6 +34,7 @@ from model import BiEncoder, Embedding, RetrieverOutput, load_tokenizer
 from sbmoe import results as an
 from sbmoe.data import DataError, data_dirs, doc_text, load_data, load_split
 from sbmoe.device import set_seed
+from sbmoe.encoding import length_sorted_batches, tokenize
 from sbmoe.files import FolderLock, atomic_write_text, cache_name
 from sbmoe.layers import sequence_keys, token_keys
 from sbmoe.metrics import MAX_CUTOFF, PRIMARY_METRIC, mean_metrics, per_query_metrics
@@ -89,25 +90,22 @@ class Features:
 
 @torch.inference_mode()
 def encode_features(model: BiEncoder, tokenizer, texts: list[str], max_length: int, batch_size: int = 64) -> Features:
-    """One pass of the backbone, length-sorted batches; the pooled vector is the model's own pooling."""
-    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-    order = np.argsort([-len(x) for x in ids], kind="stable")
-    lengths = np.array([len(x) for x in ids])
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    """One pass of the backbone in sbmoe.encoding's length-sorted batches; the pooled vector is the model's own
+    pooling."""
+    ids, offsets = tokenize(tokenizer, texts, max_length)
+    lengths = np.diff(offsets)
     pooled = np.empty((len(texts), model.config.backbone_config["hidden_size"]), dtype=np.float32)
     tokens = np.empty((offsets[-1], pooled.shape[1]), dtype=np.float16)
     keys = np.empty(offsets[-1], dtype=np.int64)
+    for rows, (input_ids, mask) in length_sorted_batches(model, tokenizer, texts, max_length, batch_size,
+                                                         tokens=(ids, offsets)):  # fmt: skip
+        hidden = model.hidden_states(input_ids, mask)  # (B, T, H)
+        pooled[rows] = model.pool(hidden, mask).float().cpu().numpy()
+        batch_keys = token_keys(input_ids, mask)
+        for i, r in enumerate(rows):
+            tokens[offsets[r] : offsets[r + 1]] = hidden[i, : lengths[r]].to(torch.float16).cpu().numpy()
+            keys[offsets[r] : offsets[r + 1]] = batch_keys[i, : lengths[r]].cpu().numpy()
     model.eval()
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        batch = tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt")
-        hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"])  # (B, T, H)
-        pooled[rows] = model.pool(hidden, batch["attention_mask"]).float().numpy()
-        for i, r in enumerate(rows):
-            tokens[offsets[r] : offsets[r + 1]] = hidden[i, : lengths[r]].to(torch.float16).numpy()
-        batch_keys = token_keys(batch["input_ids"], batch["attention_mask"])
-        for i, r in enumerate(rows):
-            keys[offsets[r] : offsets[r + 1]] = batch_keys[i, : lengths[r]].numpy()
     return Features(pooled, tokens, keys, offsets)
 
 

@@ -28,7 +28,7 @@ QUERY_MAX_LENGTH, DOC_MAX_LENGTH, BATCH_SIZE = 64, 256, 128
 # Encoding
 
 
-def _tokenize(tokenizer, texts: list[str], max_length: int, step: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+def tokenize(tokenizer, texts: list[str], max_length: int, step: int = 2048) -> tuple[np.ndarray, np.ndarray]:
     """Token ids of every text as one flat int32 array and offsets (4 bytes a token, not a Python int)."""
     flat, lengths = [], []
     for start in range(0, len(texts), step):
@@ -55,11 +55,14 @@ def _pad(ids: np.ndarray, offsets: np.ndarray, rows: np.ndarray, pad_id: int, le
     return torch.from_numpy(input_ids), torch.from_numpy(mask)
 
 
-def _batches(model, tokenizer, texts: list[str], max_length: int, batch_size: int, domain: int | None,
-             desc: str, show_progress: bool):  # fmt: skip
-    """(rows, model inputs) of length-sorted batches, on the model's device; the model in eval mode meanwhile."""
+def length_sorted_batches(model, tokenizer, texts: list[str], max_length: int, batch_size: int,
+                          domain: int | None = None, desc: str = "encode", show_progress: bool = False,
+                          tokens: tuple[np.ndarray, np.ndarray] | None = None):  # fmt: skip
+    """(rows, model inputs) of length-sorted batches, on the model's device; the model in eval mode meanwhile.
+    The one length-sorted batching of the project (encode_texts, routing_counts, the frozen study's backbone
+    pass); `tokens`: the texts' `tokenize` output, when the caller needs it too."""
     device = next(model.parameters()).device
-    ids, offsets = _tokenize(tokenizer, texts, max_length)
+    ids, offsets = tokens if tokens is not None else tokenize(tokenizer, texts, max_length)
     order = np.argsort(-np.diff(offsets), kind="stable")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     left = getattr(tokenizer, "padding_side", "right") == "left"
@@ -94,7 +97,7 @@ def encode_texts(
     every text is routed to under SB-MoE's `--routing domain` (None: no dataset of the model's)."""
     device = next(model.parameters()).device
     out = np.empty((len(texts), model.config.backbone_config["hidden_size"]), dtype=np.float32)
-    for rows, args in _batches(model, tokenizer, texts, max_length, batch_size, domain, desc, show_progress):
+    for rows, args in length_sorted_batches(model, tokenizer, texts, max_length, batch_size, domain, desc, show_progress):
         with autocast(device, bf16=bf16, fp16=fp16):
             reps = model.encode(*args)
         out[rows] = reps.float().cpu().numpy()
@@ -112,7 +115,7 @@ def routing_counts(model, tokenizer, texts: list[str], max_length: int, batch_si
     counts = np.zeros((len(blocks), max(len(b.experts) for b in blocks)), dtype=np.int64)
     mode, model.config.inference_mode = model.config.inference_mode, "top1"
     try:
-        for _, args in _batches(model, tokenizer, texts, max_length, batch_size, domain, "routing", False):
+        for _, args in length_sorted_batches(model, tokenizer, texts, max_length, batch_size, domain, "routing"):
             with autocast(device, bf16=bf16, fp16=fp16):
                 routings = model.embed_with(*args[:2], args[2] if len(args) > 2 else None).routings
             for b, routing in enumerate(routings):

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from sbmoe.files import atomic_write_text, cache_name
-from sbmoe.retrieval import bm25_search
+from sbmoe.retrieval import bm25_search, retrieve
 
 
 def cache_root() -> Path:
@@ -57,3 +57,17 @@ def mine_bm25_negatives(corpus: dict, queries: dict, qrels: dict, depth: int, ca
     return cached_negatives(cache_dir, "bm25_negatives", [sorted(qrels), corpus_digest(corpus), depth], mine)
 
 
+
+
+def mine_dense_negatives(model, tokenizer, corpus: dict, queries: dict, qrels: dict, depth: int, cache_dir: Path,
+                         device, identity: list, **options) -> dict[str, list[str]]:  # fmt: skip
+    """The model's own top-`depth` documents per query that are not known positives (retrieved on `device` with
+    `retrieve`'s `options`), cached as JSON; `identity` (the model's name, pooling, document length) joins the key."""
+
+    def mine():
+        model.to(device)
+        run = retrieve(model, tokenizer, corpus, {q: queries[q] for q in qrels}, top_k=depth + 20, show_progress=False,
+                       **options)  # fmt: skip
+        return negatives_from_run(run, qrels, depth)
+
+    return cached_negatives(cache_dir, "dense_negatives", [sorted(qrels), corpus_digest(corpus), depth, *identity], mine)

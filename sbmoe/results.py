@@ -31,9 +31,9 @@ SHARE_PREFIX = "expert_share/"
 
 
 def per_query_path(folder: Path | str, tag: str) -> Path:
-    """`<tag>.perquery.json.gz` (compact JSON, gzip), or the plain `.json` older runs wrote."""
-    plain = Path(folder) / f"{tag}.perquery.json"
-    return plain if plain.is_file() else Path(folder) / f"{tag}.perquery.json.gz"
+    """`<tag>.perquery.json.gz` (compact JSON, gzip; scripts/convert_perquery.py converted the plain `.json`
+    files older runs wrote)."""
+    return Path(folder) / f"{tag}.perquery.json.gz"
 
 
 def run_path(folder: Path | str, tag: str) -> Path:
@@ -43,7 +43,7 @@ def run_path(folder: Path | str, tag: str) -> Path:
 def write_per_query(folder: Path | str, tag: str, per_query: dict) -> None:
     """Compact and compressed (a tenth of the indented text), reproducibly (no timestamp in the header)."""
     data = json.dumps(per_query, separators=(",", ":")).encode("utf-8")
-    atomic_write_bytes(Path(folder) / f"{tag}.perquery.json.gz", gzip.compress(data, mtime=0))
+    atomic_write_bytes(per_query_path(folder, tag), gzip.compress(data, mtime=0))
 
 
 def write_evaluation(folder: Path | str, tag: str, results: dict, qrels: dict, depth: int, meta: dict, *,
@@ -135,7 +135,7 @@ def eval_seconds(folder: Path | str) -> float | None:
     """Wall-clock seconds eval.py spent retrieving (encoding and search) for the split in `folder`."""
     path = Path(folder) / "metrics.json"
     seconds = json.loads(path.read_text(encoding="utf-8")).get("retrieval_seconds") if path.is_file() else None
-    return sum(seconds.values()) if isinstance(seconds, dict) else seconds  # per model evaluated in the one call
+    return None if seconds is None else sum(seconds.values())  # per model evaluated in the one call
 
 
 def dev_dataset_key(dataset: str, metric: str) -> str:

@@ -124,17 +124,18 @@ def test_randomisation_test_is_two_sided_and_significance_needs_both_tests():
 
 
 def test_verify_covers_every_metric_the_file_is_deep_enough_for(tmp_path):
-    import eval as evaluation
+    from sbmoe.data import DataError
     from sbmoe.files import write_trec
     from sbmoe.metrics import mean_metrics, per_query_metrics
+    from sbmoe.results import verify_run
     qrels = {"q1": {"a": 1, "b": 1}, "q2": {"c": 1}}
     run = {"q1": {d: float(100 - i) for i, d in enumerate(["x", "a"] + [f"z{i}" for i in range(98)])}, "q2": {"c": 1.0}}
     write_trec(tmp_path / "r.trec.gz", run, "t", 100)
     for name in ("MAP@100", "Recall@100"):
         means = mean_metrics(per_query_metrics(qrels, run))
         means[name] += 0.01
-        with pytest.raises(SystemExit):
-            evaluation.verify_trec(tmp_path / "r.trec.gz", qrels, means, depth=100)
+        with pytest.raises(DataError, match="metrics differ"):
+            verify_run(tmp_path / "r.trec.gz", qrels, means, depth=100)
 
 
 def test_gzip_files_are_byte_reproducible(tmp_path, monkeypatch):

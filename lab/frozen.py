@@ -35,7 +35,7 @@ from sbmoe import results as an
 from sbmoe.data import DataError, data_dirs, doc_text, load_data, load_split
 from sbmoe.device import set_seed
 from sbmoe.encoding import length_sorted_batches, tokenize
-from sbmoe.files import FolderLock, atomic_write_text, cache_name
+from sbmoe.files import FolderLock, atomic_write_text, cache_name, file_stats
 from sbmoe.layers import sequence_keys, token_keys
 from sbmoe.metrics import MAX_CUTOFF, PRIMARY_METRIC, mean_metrics, per_query_metrics
 from sbmoe.negatives import default_cache_dir
@@ -305,8 +305,7 @@ def backbone_fingerprint(name_or_path: str) -> list:
     folder = Path(name_or_path)
     if not folder.is_dir():
         return [str(name_or_path)]
-    return [str(name_or_path)] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(folder.iterdir())
-                                  if f.is_file() and f.suffix in (".json", ".safetensors", ".bin", ".txt")]  # fmt: skip
+    return [str(name_or_path), *file_stats(folder, (".json", ".safetensors", ".bin", ".txt"))]
 
 
 def main(argv: list[str] | None = None) -> None:

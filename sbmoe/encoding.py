@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from sbmoe.data import corpus_path, dataset_name, iter_corpus
 from sbmoe.device import autocast
-from sbmoe.files import atomic_write_text, cache_name
+from sbmoe.files import atomic_write_text, cache_name, file_stat, file_stats
 
 # The lengths (tokens) and the encoding batch of every command line's defaults: train.py, eval.py, frozen.py, export.py
 QUERY_MAX_LENGTH, DOC_MAX_LENGTH, BATCH_SIZE = 64, 256, 128
@@ -226,7 +226,7 @@ def content_key(model, data_dir: Path, n_docs: int, doc_max_length: int, dtype: 
     config = model.config.to_dict()
     return {
         "weights": weights_digest(model), "config": {k: config.get(k) for k in ENCODING_CONFIG},
-        "data_dir": str(Path(data_dir).resolve()), "corpus_file": _stat(corpus_path(data_dir)), "n_docs": n_docs,
+        "data_dir": str(Path(data_dir).resolve()), "corpus_file": file_stat(corpus_path(data_dir)), "n_docs": n_docs,
         "doc_max_length": doc_max_length, "dtype": dtype, "batch_size": batch_size, "encode_chunk": encode_chunk,
         "domain": domain, "device": next(model.parameters()).device.type,
     }  # fmt: skip
@@ -244,22 +244,17 @@ def prune_reuse_cache(folder: Path, model) -> int:
     return kept
 
 
-def _stat(path: Path) -> list:
-    st = path.stat()
-    return [path.name, st.st_size, st.st_mtime_ns]
-
-
 def cache_key(source: str, model, data_dir: Path, n_docs: int, doc_max_length: int, dtype: str,
               batch_size: int) -> dict:  # fmt: skip
     """What a corpus' embeddings depend on: the model (its folder's files by size and mtime, its config:
     pooling, inference mode, ...), the corpus file, its size, truncation, autocast dtype, batch size
     (padding changes the last bits) and the device type."""
     folder = Path(source)
-    files = sorted(_stat(p) for p in folder.iterdir() if p.is_file()) if folder.is_dir() else None
+    files = file_stats(folder) if folder.is_dir() else None
     device = next(model.parameters()).device.type
     return {
         "model": str(folder.resolve()) if folder.is_dir() else source, "model_files": files,
         "config": model.config.to_dict(), "data_dir": str(Path(data_dir).resolve()),
-        "corpus_file": _stat(corpus_path(data_dir)), "n_docs": n_docs, "doc_max_length": doc_max_length,
+        "corpus_file": file_stat(corpus_path(data_dir)), "n_docs": n_docs, "doc_max_length": doc_max_length,
         "dtype": dtype, "batch_size": batch_size, "device": device,
     }  # fmt: skip

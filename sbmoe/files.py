@@ -22,6 +22,18 @@ def cache_name(key, length: int = 16) -> str:
     return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
+def file_stats(folder: Path | str, suffixes: tuple[str, ...] | None = None) -> list[list]:
+    """[name, size, mtime_ns] of each file in `folder` (of these `suffixes`), by name: a model folder's identity
+    in a cache key, cheap to compute and changed by any rewrite."""
+    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and (suffixes is None or p.suffix in suffixes))
+    return [file_stat(p) for p in files]
+
+
+def file_stat(path: Path) -> list:
+    st = Path(path).stat()
+    return [Path(path).name, st.st_size, st.st_mtime_ns]
+
+
 def write_trec(path: Path, results: dict[str, dict[str, float]], tag: str, top_k: int) -> None:
     """TREC run `qid Q0 docid rank score tag`; scores as repr so reading them back is lossless.
 

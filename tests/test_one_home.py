@@ -81,6 +81,7 @@ def test_every_disk_cache_is_named_by_the_one_key_function(tmp_path):
     assert encoding.EmbeddingCache(tmp_path / "e", {"x": 1}).dir.name == cache_name({"x": 1})
     negatives.cached_negatives(tmp_path / "n", "bm25_negatives", ["k"], lambda: {"q": ["d"]})
     assert (tmp_path / "n" / f"bm25_negatives_{cache_name(['k'], 12)}.json").is_file()
+    assert frozen.backbone_fingerprint(str(tmp_path / "n"))[1][0] == f"bm25_negatives_{cache_name(['k'], 12)}.json"
     feats = frozen.Features(*(np.zeros(n, dtype=np.float32) for n in (2, 2, 2, 3)))
     frozen.cached_features(tmp_path / "f", ["k"], lambda: feats)
     assert (tmp_path / "f" / cache_name(["k"]) / "pooled.npy").is_file()

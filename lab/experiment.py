@@ -346,7 +346,8 @@ class Runner:
         info = {"fuse": run.fuse, **how.info(weight_from)}
         for split in self.exp.splits:
             qrels, runs = load_qrels(self.folder / "qrels" / f"{split}.tsv"), read(split)
-            fused = Hybrid(*map(Runs, runs), how.weight, run.fusion).search(None, dict.fromkeys([*runs[0], *runs[1]]), MAX_CUTOFF)
+            queries = dict.fromkeys([*runs[0], *runs[1]])  # every query of the run files
+            fused = Hybrid(*map(Runs, runs), how.weight, run.fusion).search(None, queries, MAX_CUTOFF)
             depths = [max(map(len, r.values()), default=0) for r in runs]  # what the run files kept (trec_depth)
             an.write_evaluation(self.layout.split_dir(run, seed, split), run.tag, fused, qrels,
                                 self.exp.trec_depth.get(split, MAX_CUTOFF),

@@ -158,7 +158,7 @@ def encode_all(model: BiEncoder, feats: Features, batch_size: int = 256) -> np.n
 
 
 class CachedHead:
-    """A head on a frozen backbone as a retriever (retrievers.Retriever's `search(corpus, queries, top_k)`): the
+    """A head on a frozen backbone as a retriever (sbmoe.retrieval.Retriever's `search(corpus, queries, top_k)`): the
     head applied once to the cached features of every document and query, then the exact search of search.py."""
 
     def __init__(self, model, doc_ids: list[str], doc_feats: Features, q_feats: Features, q_rows: dict[str, int]):

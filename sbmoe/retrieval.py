@@ -52,7 +52,7 @@ class Retriever(Protocol):
 
 
 class Dense:
-    """Exact inner-product search with a bi-encoder (eval.retrieve: chunked, length-sorted encoding)."""
+    """Exact inner-product search with a bi-encoder (`retrieve`: chunked, length-sorted encoding)."""
 
     def __init__(self, model, tokenizer, **options):
         self.model, self.tokenizer, self.options = model, tokenizer, options  # options: retrieve_topk's
@@ -73,7 +73,7 @@ class Runs:
 
 
 class BM25:
-    """bm25s (Lucene variant, English stopwords, Snowball stemming), as utils.bm25_search."""
+    """bm25s (Lucene variant, English stopwords, Snowball stemming): `bm25_search`."""
 
     def search(self, corpus: dict, queries: dict[str, str], top_k: int = 100) -> Run:
         return bm25_search(corpus, queries, top_k)

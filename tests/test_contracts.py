@@ -184,8 +184,8 @@ def test_frozen_head_trains_at_the_head_rate_keeps_its_best_dev_epoch_on_dev_que
     start = VARIANTS["sbmoe"].from_backbone(str(tiny_backbone), pooling="mean", num_experts=4).state_dict()
     changed = {k for k, v in snaps[0].items() if not torch.equal(v, start[k])}
     assert any(".router." in k for k in changed) and any(".experts." in k for k in changed)  # gate and experts train
-    _, _, train_qrels, dev_qrels, *_ = __import__("train").load_data(
-        __import__("train").DataArguments(data_dir=str(tiny_beir), dev_fraction=0.2), 42)
+    from sbmoe.data import load_data
+    _, _, train_qrels, dev_qrels, _ = load_data(tiny_beir, dev_fraction=0.2, seed=42)
     assert qids[0] == sorted(dev_qrels)
     assert len(list((tmp_path / "cache").iterdir())) == 2  # documents and queries cached apart
 

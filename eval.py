@@ -37,7 +37,16 @@ import torch
 import torch.distributed as dist
 
 from model import VARIANTS, BiEncoder, checkpoint_digest, load_model, load_tokenizer
-from sbmoe.data import DEV_FRACTION, DEV_SEED, Corpus, DataError, load_corpus, load_eval_data, resolve_data_dir
+from sbmoe.data import (
+    DEV_FRACTION,
+    DEV_SEED,
+    Corpus,
+    DataError,
+    dev_fraction_error,
+    load_corpus,
+    load_eval_data,
+    resolve_data_dir,
+)
 from sbmoe.device import init_distributed
 from sbmoe.encoding import (
     BATCH_SIZE,
@@ -132,8 +141,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.hybrid_weight is not None and not (args.hybrid and args.hybrid_fusion == "interpolate"
                                                and 0 <= args.hybrid_weight <= 1):  # fmt: skip
         p.error(f"--hybrid_weight {args.hybrid_weight}: needs --hybrid, interpolation and a weight in [0, 1]")
-    if not 0 < args.dev_fraction < 1:
-        p.error(f"--dev_fraction {args.dev_fraction} must be in (0, 1)")
+    if error := dev_fraction_error(args.dev_fraction):
+        p.error(error)
     if args.backend != "torch" and (args.bf16 or args.fp16):
         p.error(f"--backend {args.backend}: --bf16/--fp16 apply to --backend torch only")
     if args.dataset is None and args.data_dir is None:

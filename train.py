@@ -27,7 +27,7 @@ from transformers import HfArgumentParser, ProgressCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from model import VARIANTS, BiEncoder, Setting, load_tokenizer
-from sbmoe.data import DEV_FRACTION, DataError, data_dirs, dataset_name, load_data
+from sbmoe.data import DEV_FRACTION, DataError, data_dirs, dataset_name, dev_fraction_error, load_data
 from sbmoe.encoding import BATCH_SIZE, DOC_MAX_LENGTH, QUERY_MAX_LENGTH, REUSE_DIR, prune_reuse_cache
 from sbmoe.files import FolderLock, atomic_write_text
 from sbmoe.metrics import PRIMARY_METRIC
@@ -197,8 +197,8 @@ def parse(kind: str | None, argv: list[str] | None, extra: tuple = ()):
         fail(f"--negative_source {dargs.negative_source!r}: expected bm25 or dense")
     if dargs.hard_negatives > dargs.negative_depth:
         fail(f"--hard_negatives {dargs.hard_negatives} exceeds --negative_depth {dargs.negative_depth}")
-    if not 0 < dargs.dev_fraction < 1:
-        fail(f"--dev_fraction {dargs.dev_fraction} must be in (0, 1)")
+    if error := dev_fraction_error(dargs.dev_fraction):
+        fail(error)
     if dargs.sampling not in SAMPLINGS:
         fail(f"--sampling {dargs.sampling!r}: expected one of {', '.join(SAMPLINGS)}")
     if dargs.dev_split is not None and dargs.dev_split == dargs.train_split:

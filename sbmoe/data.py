@@ -261,6 +261,11 @@ def load_split(data_dir: str | Path, split: str, doc_ids, queries: dict[str, str
 DEV_FRACTION, DEV_SEED = 0.1, 42  # the slice's share of the train queries, and training's default seed
 
 
+def dev_fraction_error(fraction: float) -> str | None:
+    """A one-line message unless the slice's share is in (0, 1)."""
+    return None if 0 < fraction < 1 else f"--dev_fraction {fraction} must be in (0, 1)"
+
+
 def split_dev(qrels: dict, dev_fraction: float, seed: int) -> tuple[dict, dict]:
     """Hold out a seeded fraction of the (train) queries for model selection."""
     qids = sorted(qrels)

@@ -20,6 +20,11 @@ def test_the_dev_split_is_one_seeded_slice_that_training_tuning_and_the_runner_s
     args = evaluation.parse_args(["--model", "baseline"])
     assert (args.dev_fraction, args.dev_seed) == (data.DEV_FRACTION, [data.DEV_SEED])
     assert experiment.DEV_FRACTION is data.DEV_FRACTION
+    assert data.dev_fraction_error(0.1) is None and data.dev_fraction_error(1.0) == "--dev_fraction 1.0 must be in (0, 1)"
+    for fails in (lambda: train.parse(None, ["--dev_fraction", "0"]),
+                  lambda: evaluation.parse_args(["--model", "baseline", "--dev_fraction", "1"])):  # fmt: skip
+        with pytest.raises(SystemExit):
+            fails()
     (tiny_beir / "qrels" / "dev.tsv").unlink(missing_ok=True)
     _, _, train_qrels, dev, info = data.load_data(tiny_beir, dev_split="none", dev_fraction=0.2, seed=7)
     tuned, source = data.dev_qrels(tiny_beir, [7], 0.2)  # what eval.py and the runner tune a hybrid on

@@ -12,23 +12,24 @@ weights): from `--checkpoint DIR` when DIR is an export folder (`export.py CKPT 
 otherwise exported on the fly from the checkpoint (or the zero-shot backbone) into a temporary
 folder for this run. Search and metrics are the same either way.
 
-Writes `<tag>.trec.gz` (the run), `<tag>.perquery.json.gz` and `metrics.json` per split (analysis.write_evaluation).
+Writes `<tag>.trec.gz` (the run), `<tag>.perquery.json.gz` and `metrics.json` per split
+(sbmoe.results.write_evaluation).
 
-`--hybrid bm25` also writes `<tag>+bm25`: the model's run fused with BM25's (retrievers.py), the model's weight
-chosen on dev (`--split dev` means the official dev split, else training's seeded slice of the train queries;
-its queries are searched in the same corpus pass) unless `--hybrid_weight` fixes it.
+`--hybrid bm25` also writes `<tag>+bm25`: the model's run fused with BM25's (sbmoe.retrieval.Hybrid), the
+model's weight chosen on dev (`--split dev` means the official dev split, else training's seeded slice of the
+train queries, sbmoe.data.dev_qrels; its queries are searched in the same corpus pass) unless `--hybrid_weight`
+fixes it.
 
-`retrieve` and `evaluate_model` are also what train.py calls for its dev evaluation.
-
-Encoding and the embedding cache live in encode.py, exact chunked search in search.py; this file is
-the retrieval loop over both (`retrieve_topk`) and the command line.
+The library does the work: encoding and the embedding cache in sbmoe/encoding.py, exact chunked search in
+sbmoe/search.py, the retrieval loop over both in sbmoe/retrieval.py (`retrieve_topk`; its `evaluate_model` is
+also train.py's dev evaluation). This file is the command line and `load_retriever`, the one way a model is
+loaded for evaluation.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import random
 import time
 from pathlib import Path
 
@@ -37,54 +38,38 @@ import torch.distributed as dist
 
 from model import VARIANTS, BiEncoder, load_model
 from sbmoe.data import (
+    DEV_FRACTION,
+    DEV_SEED,
     Corpus,
     DataError,
-    dataset_name,
-    iter_corpus,
+    dev_fraction_error,
     load_corpus,
-    load_queries,
-    load_split,
+    load_eval_data,
     resolve_data_dir,
 )
 from sbmoe.device import init_distributed
-from sbmoe.encoding import REUSE_DIR, EmbeddingCache, cache_key, content_key, routing_counts
-from sbmoe.files import read_trec
+from sbmoe.encoding import (
+    BATCH_SIZE,
+    DOC_MAX_LENGTH,
+    QUERY_MAX_LENGTH,
+    REUSE_DIR,
+    EmbeddingCache,
+    cache_key,
+    content_key,
+    model_domain,
+    routing_record,
+)
 from sbmoe.hub import checkpoint_digest, load_tokenizer
-from sbmoe.metrics import (
-    MAX_CUTOFF,
-    METRICS,
-    TABLE_COLUMNS,
-    format_table,
-    mean_metrics,
-    per_query_metrics,
-)
-from sbmoe.results import write_evaluation, write_metrics, write_routing
-from sbmoe.retrieval import (
-    BM25,
-    DEV_FRACTION,
-    DEV_SEED,
-    FUSIONS,
-    SELECT_METRIC,
-    RetrieveOptions,
-    choose_weight,
-    dev_qrels,
-    fuse,
-    retrieve_topk,
-)
-from sbmoe.search import (
-    ENCODE_CHUNK,
-    to_results,
-)
+from sbmoe.metrics import MAX_CUTOFF, TABLE_COLUMNS, format_table
+from sbmoe.results import trec_depths, verify_run, write_evaluation, write_metrics, write_routing
+from sbmoe.retrieval import BM25, FUSIONS, Hybrid, RetrieveOptions, Runs, retrieve_topk
+from sbmoe.search import ENCODE_CHUNK, to_results
 from utils import check_output, entry_point, fail
-
-# --------------------------------------------------------------------------------------------
-# Sharded retrieval: encode (or read cached) chunks, search them, gather the top-k on rank 0
-
 
 # --------------------------------------------------------------------------------------------
 # Command line
 
-DEFAULT_LENGTHS = {"query_max_length": RetrieveOptions.query_max_length, "doc_max_length": RetrieveOptions.doc_max_length}
+DEFAULT_LENGTHS = {"query_max_length": QUERY_MAX_LENGTH, "doc_max_length": DOC_MAX_LENGTH}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -107,7 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--doc_max_length", type=int, default=None,
                    help=f"default: an export folder's, else {DEFAULT_LENGTHS['doc_max_length']} (at most the "
                         "backbone's positions)")  # fmt: skip
-    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--batch_size", type=int, default=BATCH_SIZE)
     p.add_argument("--encode_chunk", type=int, default=ENCODE_CHUNK,
                    help="documents encoded and searched at a time (memory bound); the same value gives the same "
                         "run with any number of processes")  # fmt: skip
@@ -151,17 +136,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag} {getattr(args, flag)}: must be at least 1")
     try:
-        args.trec_depth = {k: int(v) for k, v in (x.split("=") for x in args.trec_depth)}
-    except ValueError:
-        p.error(f"--trec_depth {' '.join(args.trec_depth)}: expected SPLIT=K entries")
-    for split, depth in args.trec_depth.items():
-        if split not in args.split or depth < 1:
-            p.error(f"--trec_depth {split}={depth}: needs a split of --split and K >= 1")
+        args.trec_depth = trec_depths(args.trec_depth, args.split)
+    except ValueError as exc:
+        p.error(str(exc))
     if args.hybrid_weight is not None and not (args.hybrid and args.hybrid_fusion == "interpolate"
                                                and 0 <= args.hybrid_weight <= 1):  # fmt: skip
         p.error(f"--hybrid_weight {args.hybrid_weight}: needs --hybrid, interpolation and a weight in [0, 1]")
-    if not 0 < args.dev_fraction < 1:
-        p.error(f"--dev_fraction {args.dev_fraction} must be in (0, 1)")
+    if error := dev_fraction_error(args.dev_fraction):
+        p.error(error)
     if args.backend != "torch" and (args.bf16 or args.fp16):
         p.error(f"--backend {args.backend}: --bf16/--fp16 apply to --backend torch only")
     if args.dataset is None and args.data_dir is None:
@@ -183,6 +165,29 @@ def resolve_lengths(model: BiEncoder, args, exported: dict | None) -> tuple[dict
         if given is not None and saved is not None and given != saved:
             changed[flag] = {"export": saved, "used": given}
     return lengths, changed
+
+
+def load_retriever(kind: str | None, source: str, pooling: str = "auto") -> BiEncoder:
+    """A PyTorch model to evaluate (as loaded: on the CPU, not yet in eval mode), or a one-line DataError: `kind`
+    zeroshot is the backbone `source` (hub name or folder) untrained, any other the checkpoint folder `source` of
+    that kind (None: of any kind)."""
+    if kind == "zeroshot":
+        try:
+            return BiEncoder.from_backbone(source, pooling=pooling)
+        except ValueError as exc:  # neither a local folder nor on the hub
+            raise DataError(str(exc).splitlines()[0]) from None
+        except OSError as exc:
+            raise DataError(f"--model_name_or_path {source}: cannot load an encoder ({str(exc).splitlines()[0]})") from None
+    if not (Path(source) / "config.json").is_file():
+        raise DataError(f"{source}: no checkpoint (config.json missing); train it first or pass --checkpoint")
+    try:
+        model = load_model(source)
+    except (OSError, ValueError) as exc:
+        raise DataError(str(exc).splitlines()[0]) from None
+    if kind is not None and model.config.kind != kind:  # the row is labelled with what was loaded, never with what was asked
+        raise DataError(f"{source}: holds a {model.config.kind} checkpoint, not {kind} "
+                        f"(evaluate it as --model {model.config.kind})")  # fmt: skip
+    return model
 
 
 def load_for_eval(name: str, checkpoint: str | None, args) -> tuple[BiEncoder, object, str, dict]:
@@ -213,25 +218,8 @@ def load_for_eval(name: str, checkpoint: str | None, args) -> tuple[BiEncoder, o
                      "checkpoint_sha1": info.get("checkpoint_sha1"), "export": str(checkpoint),
                      **({"changed_from_export": changed} if changed else {})}  # fmt: skip
             return model, tokenizer, checkpoint, facts
-    if name == "zeroshot":
-        source = args.model_name_or_path
-        try:
-            model = BiEncoder.from_backbone(source, pooling=args.pooling)
-        except ValueError as exc:  # neither a local folder nor on the hub
-            raise DataError(str(exc).splitlines()[0]) from None
-        except OSError as exc:
-            raise DataError(f"--model_name_or_path {source}: cannot load an encoder ({str(exc).splitlines()[0]})") from None
-    else:
-        source = checkpoint or f"checkpoints/{name}"
-        if not (Path(source) / "config.json").is_file():
-            raise DataError(f"{source}: no checkpoint (config.json missing); train it first or pass --checkpoint")
-        try:
-            model = load_model(source)
-        except (OSError, ValueError) as exc:
-            raise DataError(str(exc).splitlines()[0]) from None
-        if model.config.kind != name:  # the row is labelled with what was loaded, never with what was asked
-            raise DataError(f"{source}: holds a {model.config.kind} checkpoint, not {name} "
-                            f"(evaluate it as --model {model.config.kind})")  # fmt: skip
+    source = args.model_name_or_path if name == "zeroshot" else checkpoint or f"checkpoints/{name}"
+    model = load_retriever(name, source, args.pooling)
     if args.inference_mode:
         model.config.inference_mode = args.inference_mode
     try:
@@ -252,8 +240,13 @@ def load_for_eval(name: str, checkpoint: str | None, args) -> tuple[BiEncoder, o
     return model.to(device).eval(), tokenizer, source, facts
 
 
+def tunes_hybrid(args) -> bool:
+    return bool(args.hybrid) and args.hybrid_fusion == "interpolate" and args.hybrid_weight is None
+
+
 def load_data(args, rank: int, world: int):
-    """The corpus (ids, texts streamed) and each split's queries and qrels; rank 0 downloads first."""
+    """The folder, the corpus (ids, texts streamed), each split's queries and qrels, and where dev came from
+    (sbmoe.data.load_eval_data); rank 0 downloads first. Dev is also read to tune --hybrid's weight."""
     if world > 1 and rank != 0:
         dist.barrier()  # rank 0 resolves (and downloads) the dataset first
     try:
@@ -261,36 +254,10 @@ def load_data(args, rank: int, world: int):
     finally:
         if world > 1 and rank == 0:
             dist.barrier()
-    corpus = Corpus(data_dir)
-    queries = load_queries(data_dir)
-    splits = {split: load_split(data_dir, split, corpus.ids, queries) for split in args.split if split != "dev"}
-    dev = None
-    if "dev" in args.split or tunes_hybrid(args):  # searched in the same corpus pass; written if asked for
-        dev = load_dev(data_dir, args, corpus.ids, queries)
-        splits["dev"] = dev[:2]
-    splits = {s: splits[s] for s in [*args.split, "dev"] if s in splits}  # the order asked for
-    corpus.ids.drop_lookup()  # only the checks above needed it
-    return data_dir, corpus, splits, dev and dev[2]
-
-
-def tunes_hybrid(args) -> bool:
-    return bool(args.hybrid) and args.hybrid_fusion == "interpolate" and args.hybrid_weight is None
-
-
-def load_dev(data_dir: Path, args, doc_ids, queries: dict) -> tuple[dict, dict, str]:
-    """Split dev: qrels/dev.tsv, else training's seeded slice of the train queries; and which it is."""
-    if (data_dir / "qrels" / "dev.tsv").is_file():
-        return (*load_split(data_dir, "dev", doc_ids, queries), "split dev")
     why = ("--split dev" if "dev" in args.split else
            f"--hybrid {args.hybrid} chooses --hybrid_weight on dev (give --hybrid_weight W to fix it instead)")  # fmt: skip
-    if not (data_dir / "qrels" / "train.tsv").is_file():
-        raise DataError(f"{data_dir / 'qrels'}: neither dev.tsv nor train.tsv to slice a dev split from; {why}")
-    train_queries, _ = load_split(data_dir, "train", doc_ids, queries)  # checked as any split is
-    qrels, source = dev_qrels(data_dir, args.dev_seed, args.dev_fraction)
-    if not qrels:
-        raise DataError(f"{data_dir / 'qrels' / 'train.tsv'}: the dev {source} has no queries "
-                        f"({len(train_queries)} train queries; raise --dev_fraction); {why}")  # fmt: skip
-    return {q: train_queries[q] for q in qrels}, qrels, source
+    dev = (args.dev_seed, args.dev_fraction, why) if "dev" in args.split or tunes_hybrid(args) else None
+    return (data_dir, *load_eval_data(data_dir, args.split, dev))
 
 
 @entry_point
@@ -323,7 +290,7 @@ def main(argv=None) -> dict:
         depth = args.trec_depth.get(split, args.top_k)
 
         def verify(path: Path, metrics: dict) -> None:
-            worst = verify_trec(path, qrels, metrics, depth)
+            worst = verify_run(path, qrels, metrics, depth)
             print(f"{tag}/{split}: metrics match pytrec_eval on the run file (max |diff| {worst:.1e})")
 
         try:  # every file is written whole (temp file, then rename) or not at all
@@ -378,7 +345,8 @@ def main(argv=None) -> dict:
             queries = splits[args.split[0]][0]
             record_routing(model, tokenizer, args, data_dir, corpus, queries, domain, tag)
         if args.hybrid:
-            bm25 = bm25 or bm25_runs(data_dir, corpus, splits, args.top_k)
+            bm25 = bm25 or BM25().search(load_corpus(data_dir), {q: t for qs, _ in splits.values() for q, t in qs.items()},
+                                         args.top_k)  # one index for every split's queries
             fused, hybrid[f"{tag}+bm25"] = fuse_runs(args, tag, runs, bm25, splits, dev_source)
             how = hybrid[f"{tag}+bm25"]
             weight = f", {tag} weight {how['weight']:g} ({how['weight_from']})" if "weight" in how else ""
@@ -399,69 +367,28 @@ def main(argv=None) -> dict:
     return summaries[args.split[0]] if len(summaries) == 1 else summaries
 
 
-def model_domain(model: BiEncoder, data_dir: Path) -> int | None:
-    """The index of the dataset being evaluated among the model's training datasets (`config.domains`), or None.
-    Under `--routing domain` that index is the expert its queries and documents go to; a dataset the model was
-    not trained on (zero-shot transfer) has no expert of its own, and gets every expert at 1/E (said here)."""
-    domains = getattr(model.config, "domains", None) or []
-    name = dataset_name(data_dir)
-    if name in domains:
-        return domains.index(name)
-    if getattr(model.config, "routing", None) == "domain":
-        print(f"{name}: not one of the training datasets {domains}; --routing domain gives every expert 1/E")
-    return None
-
-
-ROUTING_SAMPLE_SEED = 0
-
-
 def record_routing(model: BiEncoder, tokenizer, args, data_dir: Path, corpus: Corpus, queries: dict,
                    domain: int | None, tag: str) -> None:  # fmt: skip
     """`<tag>.routing.json`: first-choice expert counts per block on the queries and on a seeded sample of
-    --routing_docs documents (analysis.routing_summary turns them into shares and mutual information)."""
-    n = len(corpus)
-    picked = sorted(random.Random(ROUTING_SAMPLE_SEED).sample(range(n), min(args.routing_docs, n)))
-    wanted = set(picked)
-    texts = [t for i, (_, t) in enumerate(iter_corpus(data_dir)) if i in wanted]
-    kw = dict(batch_size=args.batch_size, bf16=args.bf16, fp16=args.fp16, domain=domain)
-    counts = {"queries": routing_counts(model, tokenizer, list(queries.values()), args.query_max_length, **kw),
-              "documents": routing_counts(model, tokenizer, texts, args.doc_max_length, **kw)}  # fmt: skip
-    write_routing(split_dir(args, args.split[0]), tag, {
-        "dataset": dataset_name(data_dir), "domain": domain, "queries": len(queries), "documents": len(texts),
-        "sample_seed": ROUTING_SAMPLE_SEED, "unit": "tokens" if model.head_on_tokens() or model.config.kind == "moe"
-        else "inputs", **{k: v.tolist() for k, v in counts.items()}})  # fmt: skip
-
-
-def bm25_runs(data_dir: Path, corpus: Corpus, splits: dict, top_k: int) -> dict[str, dict]:
-    """BM25's run of every split's queries (one index for all of them)."""
-    docs = load_corpus(data_dir)
-    run = BM25().search(docs, {q: t for queries, _ in splits.values() for q, t in queries.items()}, top_k)
-    return {split: {q: run[q] for q in queries} for split, (queries, _) in splits.items()}
+    --routing_docs documents (sbmoe.results.routing_summary turns them into shares and mutual information)."""
+    record = routing_record(model, tokenizer, data_dir, len(corpus), list(queries.values()), args.routing_docs,
+                            (args.query_max_length, args.doc_max_length), domain, batch_size=args.batch_size,
+                            bf16=args.bf16, fp16=args.fp16)  # fmt: skip
+    write_routing(split_dir(args, args.split[0]), tag, record)
 
 
 def fuse_runs(args, tag: str, dense: dict, bm25: dict, splits: dict, dev_source: str | None) -> tuple[dict, dict]:
-    """The model's run fused with BM25's on every split asked for, and how (recorded in metrics.json):
-    the model's weight, fixed by --hybrid_weight or chosen on dev."""
-    info = {"fuse": [tag, "bm25"], "fusion": args.hybrid_fusion}
-    weight = 0.5 if args.hybrid_weight is None else args.hybrid_weight
+    """The model's run fused with BM25's on every split asked for (sbmoe.retrieval.Hybrid over the runs already
+    made), and how (metrics.json's `hybrid`): the model's weight fixed by --hybrid_weight or chosen on dev."""
+    def hybrid(split: str, weight: float | None) -> Hybrid:
+        return Hybrid(Runs(dense[split]), Runs(bm25), weight, args.hybrid_fusion)
+
+    how = hybrid(args.split[0], args.hybrid_weight)
     if tunes_hybrid(args):
-        dev_qrels = splits["dev"][1]
-        weight, scores = choose_weight(dense["dev"], bm25["dev"], dev_qrels, args.top_k)
-        info.update(weight=weight, weight_from=f"dev: {dev_source}, {len(dev_qrels)} queries")
-        info[f"dev {SELECT_METRIC}"] = {f"{w:g}": s for w, s in scores.items()}
-    elif args.hybrid_fusion == "interpolate":
-        info.update(weight=weight, weight_from="--hybrid_weight")
-    return {s: fuse(dense[s], bm25[s], args.hybrid_fusion, weight, args.top_k) for s in args.split}, info
-
-
-def verify_trec(path: Path, qrels: dict, metrics: dict[str, float], depth: int, tol: float = 1e-6) -> float:
-    """Re-read the written run and score it again; fail if any metric the file is deep enough for differs."""
-    again = mean_metrics(per_query_metrics(qrels, read_trec(path)))
-    names = [m.name for m in METRICS if m.cutoff <= depth]
-    worst = max(abs(again[m] - metrics[m]) for m in names)
-    if worst > tol:
-        fail(f"{path}: metrics differ from pytrec_eval on the run file by {worst:.2e}")
-    return worst
+        how = hybrid("dev", None).fit(None, *splits["dev"], args.top_k)
+    weight_from = f"dev: {dev_source}, {len(splits['dev'][1])} queries" if tunes_hybrid(args) else "--hybrid_weight"
+    fused = {s: hybrid(s, how.weight).search(None, splits[s][0], args.top_k) for s in args.split}
+    return fused, {"fuse": [tag, "bm25"], **how.info(weight_from)}
 
 
 def split_dir(args, split: str) -> Path:

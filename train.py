@@ -18,48 +18,34 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import sys
 from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 
 import torch
-from transformers import HfArgumentParser, ProgressCallback, Trainer, TrainingArguments
+from transformers import HfArgumentParser, ProgressCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from model import VARIANTS, BiEncoder
 from sbmoe.config import Setting
-from sbmoe.data import (
-    DataError,
-    dataset_name,
-    load_beir,
-    load_split,
-    resolve_data_dir,
-    resolve_dataset,
-    split_dev,
-)
-from sbmoe.encoding import REUSE_DIR, prune_reuse_cache
+from sbmoe.data import DEV_FRACTION, DataError, data_dirs, dataset_name, dev_fraction_error, load_data
+from sbmoe.encoding import BATCH_SIZE, DOC_MAX_LENGTH, QUERY_MAX_LENGTH, REUSE_DIR, prune_reuse_cache
 from sbmoe.files import FolderLock, atomic_write_text
 from sbmoe.hub import load_tokenizer
 from sbmoe.metrics import PRIMARY_METRIC
-from sbmoe.negatives import (
-    cached_negatives,
-    corpus_digest,
-    default_cache_dir,
-    mine_bm25_negatives,
-    negatives_from_run,
-)
+from sbmoe.negatives import default_cache_dir, mine_bm25_negatives, mine_dense_negatives
 from sbmoe.results import DEV_METRIC, write_log_history
-from sbmoe.retrieval import retrieve
 from sbmoe.trainer import (
     SAMPLINGS,
     ContrastiveCollator,
     ContrastiveDataset,
     ContrastiveTrainer,
+    DevSet,
     EpochCallback,
     MixedDataset,
     NonFiniteLossError,
     namespaced,
+    save_final,
     unwrap,
 )
 from utils import check_writable, fail
@@ -116,7 +102,7 @@ class DataArguments:
     )  # fmt: skip
     data_dir: str | None = field(default=None, metadata={"help": "a BEIR folder (overrides --dataset)"})
     train_split: str = field(default="train", metadata={"help": "qrels split to train on"})
-    dev_fraction: float = field(default=0.1, metadata={"help": "fraction of train queries held out for selection"})
+    dev_fraction: float = field(default=DEV_FRACTION, metadata={"help": "fraction of train queries held out for selection"})
     dev_split: str | None = field(
         default=None,
         metadata={"help": "qrels split that selects the best epoch (default: dev when qrels/dev.tsv exists, "
@@ -133,10 +119,11 @@ class DataArguments:
         default="bm25", metadata={"help": "bm25 | dense (the starting model's own top documents, mined once)"}
     )
     negative_depth: int = field(default=30, metadata={"help": "hard negatives are sampled from this depth"})
-    query_max_length: int = field(default=64, metadata={"help": "query truncation (tokens)"})
-    doc_max_length: int = field(default=256, metadata={"help": "document truncation (tokens)"})
+    query_max_length: int = field(default=QUERY_MAX_LENGTH, metadata={"help": "query truncation (tokens)"})
+    doc_max_length: int = field(default=DOC_MAX_LENGTH, metadata={"help": "document truncation (tokens)"})
     eval_doc_max_length: int | None = field(
-        default=None, metadata={"help": "dev evaluation document truncation (default --doc_max_length; eval.py uses 256)"}
+        default=None,
+        metadata={"help": f"dev evaluation document truncation (default --doc_max_length; eval.py uses {DOC_MAX_LENGTH})"},
     )
     cache_dir: str | None = field(
         default=None, metadata={"help": "hard-negatives cache (default $RETRIEVAL_CACHE_DIR or ./cache, /negatives/<dataset>)"}
@@ -162,15 +149,7 @@ class RetrievalTrainingArguments(TrainingArguments):
     report_to: None | str | list[str] = field(default="none", metadata={"help": "none | tensorboard | ..."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "the dict collator needs every column"})
     dataloader_drop_last: bool = field(default=True, metadata={"help": "equal batches on every rank"})
-    eval_batch_size: int = field(default=128, metadata={"help": "encoding batch size for dev evaluation"})
-
-
-# --------------------------------------------------------------------------------------------
-# Data
-
-
-# --------------------------------------------------------------------------------------------
-# Trainer
+    eval_batch_size: int = field(default=BATCH_SIZE, metadata={"help": "encoding batch size for dev evaluation"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,8 +199,8 @@ def parse(kind: str | None, argv: list[str] | None, extra: tuple = ()):
         fail(f"--negative_source {dargs.negative_source!r}: expected bm25 or dense")
     if dargs.hard_negatives > dargs.negative_depth:
         fail(f"--hard_negatives {dargs.hard_negatives} exceeds --negative_depth {dargs.negative_depth}")
-    if not 0 < dargs.dev_fraction < 1:
-        fail(f"--dev_fraction {dargs.dev_fraction} must be in (0, 1)")
+    if error := dev_fraction_error(dargs.dev_fraction):
+        fail(error)
     if dargs.sampling not in SAMPLINGS:
         fail(f"--sampling {dargs.sampling!r}: expected one of {', '.join(SAMPLINGS)}")
     if dargs.dev_split is not None and dargs.dev_split == dargs.train_split:
@@ -279,98 +258,16 @@ def build_model(margs: ModelArguments) -> BiEncoder:
         fail(f"--model_name_or_path {margs.model_name_or_path}: cannot load a backbone ({str(exc).splitlines()[0]})")
 
 
-@dataclass
-class DevSet:
-    """One dataset's dev split, searched over its own corpus at each dev evaluation."""
-
-    name: str
-    data_dir: Path
-    corpus: dict
-    queries: dict
-    qrels: dict
-    domain: int | None = None  # its index among several training datasets (expert d of --routing domain)
-
-
-def data_dirs(dargs: DataArguments) -> list[Path]:
-    """The training datasets' folders: --data_dir, else each --dataset (a name or a folder); names distinct."""
-    dirs = [resolve_data_dir(None, dargs.data_dir)] if dargs.data_dir else [resolve_dataset(d) for d in dargs.dataset]
-    names = [dataset_name(d) for d in dirs]
-    if len(set(names)) < len(names):
-        raise DataError(f"--dataset {' '.join(dargs.dataset)}: two datasets share a name ({', '.join(names)}); "
-                        "each needs its own (it names its dev scores and its expert)")  # fmt: skip
-    return dirs
-
-
-def load_data(dargs: DataArguments, seed: int, data_dir: Path | None = None):
-    """Corpus, queries (train and dev), train and dev qrels, the negatives cache and where dev came from, of
-    `data_dir` (default: the one training dataset).
-
-    Dev is the official split (`--dev_split`, by default `dev` when qrels/dev.tsv exists; then every train
-    query trains) or else a seeded `--dev_fraction` slice of the train queries (`--dev_split none`).
-    """
-    data_dir = data_dir or data_dirs(dargs)[0]
-    corpus, queries, qrels = load_beir(data_dir, dargs.train_split)
-    name = dargs.dev_split
-    if name is None and dargs.train_split != "dev" and (data_dir / "qrels" / "dev.tsv").is_file():
-        name = "dev"
-    if name is None or name.lower() == "none":
-        train_qrels, dev_qrels = split_dev(qrels, dargs.dev_fraction, seed)
-        if not train_qrels or not dev_qrels:
-            raise DataError(f"{data_dir}: {len(qrels)} train queries are too few for a train/dev split")
-        dev = {"source": f"slice of {dargs.train_split} ({dargs.dev_fraction * 100:g}%, seed {seed})"}
-    else:
-        dev_qrels, dev_queries = load_dev_split(data_dir, name, corpus)
-        queries = {**queries, **dev_queries}
-        train_qrels = {q: docs for q, docs in qrels.items() if q not in dev_qrels}  # dev stays held out
-        if not train_qrels:
-            raise DataError(f"--dev_split {name}: every {dargs.train_split} query is also a dev query")
-        dev = {"source": f"split {name}"}
-        if len(train_qrels) < len(qrels):
-            dev["left_out_of_training"] = len(qrels) - len(train_qrels)
-    dev["queries"] = len(dev_qrels)
-    cache = Path(dargs.cache_dir) if dargs.cache_dir else default_cache_dir(data_dir)
-    return corpus, queries, train_qrels, dev_qrels, cache, dev
-
-
-def load_dev_split(data_dir: Path, name: str, corpus: dict) -> tuple[dict, dict]:
-    """qrels/<name>.tsv and its queries, checked as load_beir checks a split (without reading the corpus again)."""
-    if not (data_dir / "qrels" / f"{name}.tsv").is_file():
-        raise DataError(f"--dev_split {name}: {data_dir / 'qrels' / f'{name}.tsv'} does not exist")
-    queries, qrels = load_split(data_dir, name, corpus)
-    return qrels, queries
-
-
 def mine_negatives(model, tokenizer, corpus, queries, train_qrels, cache, margs, dargs, targs) -> dict:
     """BM25 negatives, or the starting model's own (every variant starts as the pretrained retriever)."""
-    depth = dargs.negative_depth
     if dargs.negative_source == "bm25":
-        return mine_bm25_negatives(corpus, queries, train_qrels, depth, cache)
-
-    def mine():
-        model.to(targs.device)
-        run = retrieve(
-            model, tokenizer, corpus, {q: queries[q] for q in train_qrels}, top_k=depth + 20,
-            query_max_length=dargs.query_max_length, doc_max_length=dargs.doc_max_length,
-            batch_size=targs.eval_batch_size, bf16=targs.bf16, fp16=targs.fp16, show_progress=False,
-        )  # fmt: skip
-        return negatives_from_run(run, train_qrels, depth)
-
-    key = [sorted(train_qrels), corpus_digest(corpus), depth, str(margs.model_name_or_path), margs.pooling,
-           dargs.doc_max_length]  # fmt: skip
-    return cached_negatives(cache, "dense_negatives", key, mine)
-
-
-def save_final(trainer: Trainer, out: str) -> None:
-    """The final model as the checkpoints are saved: into a staging folder, then renamed in (config.json
-    last), so a full disk never leaves a config without its weights."""
-    staging = Path(out) / ".staging-final"
-    if trainer.args.should_save:
-        shutil.rmtree(staging, ignore_errors=True)
-    trainer.save_model(str(staging))
-    if trainer.args.should_save:
-        for name in sorted(os.listdir(staging), key=lambda n: n == "config.json"):
-            os.replace(staging / name, Path(out) / name)
-        staging.rmdir()
+        return mine_bm25_negatives(corpus, queries, train_qrels, dargs.negative_depth, cache)
+    return mine_dense_negatives(
+        model, tokenizer, corpus, queries, train_qrels, dargs.negative_depth, cache, targs.device,
+        [str(margs.model_name_or_path), margs.pooling, dargs.doc_max_length],
+        query_max_length=dargs.query_max_length, doc_max_length=dargs.doc_max_length,
+        batch_size=targs.eval_batch_size, bf16=targs.bf16, fp16=targs.fp16,
+    )  # fmt: skip
 
 
 def check_lengths(model: BiEncoder, dargs: DataArguments) -> None:
@@ -387,8 +284,8 @@ def main(kind: str | None = None, argv: list[str] | None = None) -> None:
     margs, dargs, targs = parse(kind, argv)
     try:
         check_writable(targs.output_dir)
-        dirs = data_dirs(dargs)
-        data = [load_data(dargs, targs.seed, d) for d in dirs]
+        dirs = data_dirs(dargs.dataset, dargs.data_dir)
+        data = [load_data(d, dargs.train_split, dargs.dev_split, dargs.dev_fraction, targs.seed) for d in dirs]
     except DataError as exc:
         fail(str(exc))
     model = build_model(margs)
@@ -410,7 +307,8 @@ def training_data(margs, dargs, targs, model, tokenizer, data: list[tuple], dirs
     corpus, ids namespaced per dataset, a MixedDataset (every batch from one dataset), one dev set each."""
     multi = len(data) > 1
     parts, devs, merged = [], [], ({}, {}, {})
-    for d, (corpus, queries, train_qrels, dev_qrels, cache, _) in enumerate(data):
+    for d, (corpus, queries, train_qrels, dev_qrels, _) in enumerate(data):
+        cache = default_cache_dir(dirs[d], dargs.cache_dir)
         negatives = mine_negatives(model, tokenizer, corpus, queries, train_qrels, cache, margs, dargs, targs)
         devs.append(DevSet(dataset_name(dirs[d]), dirs[d], corpus, {q: queries[q] for q in dev_qrels}, dev_qrels,
                            d if multi else None))  # fmt: skip

@@ -1,9 +1,6 @@
-"""Data, loss, metrics and small helpers shared by train.py, eval.py and the benchmarks.
-
-Data are plain BEIR-shaped dicts (``corpus[doc_id] = {"title", "text"}``,
-``queries[qid] = text``, ``qrels[qid][doc_id] = relevance``); runs are
-``results[qid][doc_id] = score``.
-"""
+"""The command-line helpers the top scripts and the lab share: `fail` (a one-line error, exit 2), `entry_point`
+(interrupts end in one line), and the output checks made before any work starts (`check_output`,
+`check_writable`)."""
 
 from __future__ import annotations
 
@@ -22,29 +19,6 @@ def fail(message: str) -> None:
     """Print a one-line error and exit non-zero; for command-line entry points only."""
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)
-
-
-# --------------------------------------------------------------------------------------------
-# Data loading
-
-
-# Streaming access for corpora too large to hold: ids once, texts by record range, splits without the corpus.
-
-
-# --------------------------------------------------------------------------------------------
-# BM25 and hard negatives
-
-
-# --------------------------------------------------------------------------------------------
-# Contrastive loss across devices
-
-
-# --------------------------------------------------------------------------------------------
-# Metrics (BEIR's definitions, computed by pytrec_eval)
-
-
-# --------------------------------------------------------------------------------------------
-# Run files and small helpers
 
 
 def check_writable(folder: Path | str, flag: str = "--output_dir") -> None:

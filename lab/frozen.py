@@ -33,15 +33,17 @@ from torch import nn
 from model import BiEncoder
 from sbmoe import results as an
 from sbmoe.config import Embedding, RetrieverOutput
-from sbmoe.data import DataError, doc_text, load_split
+from sbmoe.data import DataError, data_dirs, doc_text, load_data, load_split
 from sbmoe.device import set_seed
-from sbmoe.files import FolderLock, atomic_write_text
+from sbmoe.encoding import length_sorted_batches, tokenize
+from sbmoe.files import FolderLock, atomic_write_text, cache_name, file_stats
 from sbmoe.hub import load_tokenizer
 from sbmoe.layers import sequence_keys, token_keys
 from sbmoe.metrics import MAX_CUTOFF, PRIMARY_METRIC, mean_metrics, per_query_metrics
+from sbmoe.negatives import default_cache_dir
 from sbmoe.search import search
 from sbmoe.trainer import ContrastiveDataset, ContrastiveTrainer, EpochCallback, NonFiniteLossError, positive_ids
-from train import build_model, data_dirs, load_data, mine_negatives, parse
+from train import build_model, mine_negatives, parse
 from utils import check_writable, fail
 
 
@@ -90,25 +92,22 @@ class Features:
 
 @torch.inference_mode()
 def encode_features(model: BiEncoder, tokenizer, texts: list[str], max_length: int, batch_size: int = 64) -> Features:
-    """One pass of the backbone, length-sorted batches; the pooled vector is the model's own pooling."""
-    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-    order = np.argsort([-len(x) for x in ids], kind="stable")
-    lengths = np.array([len(x) for x in ids])
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    """One pass of the backbone in sbmoe.encoding's length-sorted batches; the pooled vector is the model's own
+    pooling."""
+    ids, offsets = tokenize(tokenizer, texts, max_length)
+    lengths = np.diff(offsets)
     pooled = np.empty((len(texts), model.config.backbone_config["hidden_size"]), dtype=np.float32)
     tokens = np.empty((offsets[-1], pooled.shape[1]), dtype=np.float16)
     keys = np.empty(offsets[-1], dtype=np.int64)
+    for rows, (input_ids, mask) in length_sorted_batches(model, tokenizer, texts, max_length, batch_size,
+                                                         tokens=(ids, offsets)):  # fmt: skip
+        hidden = model.hidden_states(input_ids, mask)  # (B, T, H)
+        pooled[rows] = model.pool(hidden, mask).float().cpu().numpy()
+        batch_keys = token_keys(input_ids, mask)
+        for i, r in enumerate(rows):
+            tokens[offsets[r] : offsets[r + 1]] = hidden[i, : lengths[r]].to(torch.float16).cpu().numpy()
+            keys[offsets[r] : offsets[r + 1]] = batch_keys[i, : lengths[r]].cpu().numpy()
     model.eval()
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        batch = tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt")
-        hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"])  # (B, T, H)
-        pooled[rows] = model.pool(hidden, batch["attention_mask"]).float().numpy()
-        for i, r in enumerate(rows):
-            tokens[offsets[r] : offsets[r + 1]] = hidden[i, : lengths[r]].to(torch.float16).numpy()
-        batch_keys = token_keys(batch["input_ids"], batch["attention_mask"])
-        for i, r in enumerate(rows):
-            keys[offsets[r] : offsets[r + 1]] = batch_keys[i, : lengths[r]].numpy()
     return Features(pooled, tokens, keys, offsets)
 
 
@@ -118,7 +117,7 @@ def digest(texts: list[str]) -> str:
 
 def cached_features(folder: Path, key: list, compute) -> Features:
     """`compute()` once per key; kept as three .npy files (written to temp names, then renamed), memory-mapped."""
-    folder = folder / hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
+    folder = folder / cache_name(key)
     names = ("pooled", "tokens", "keys", "offsets")
     if not all((folder / f"{n}.npy").is_file() for n in names):
         feats = compute()
@@ -161,7 +160,7 @@ def encode_all(model: BiEncoder, feats: Features, batch_size: int = 256) -> np.n
 
 
 class CachedHead:
-    """A head on a frozen backbone as a retriever (retrievers.Retriever's `search(corpus, queries, top_k)`): the
+    """A head on a frozen backbone as a retriever (sbmoe.retrieval.Retriever's `search(corpus, queries, top_k)`): the
     head applied once to the cached features of every document and query, then the exact search of search.py."""
 
     def __init__(self, model, doc_ids: list[str], doc_feats: Features, q_feats: Features, q_rows: dict[str, int]):
@@ -308,8 +307,7 @@ def backbone_fingerprint(name_or_path: str) -> list:
     folder = Path(name_or_path)
     if not folder.is_dir():
         return [str(name_or_path)]
-    return [str(name_or_path)] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(folder.iterdir())
-                                  if f.is_file() and f.suffix in (".json", ".safetensors", ".bin", ".txt")]  # fmt: skip
+    return [str(name_or_path), *file_stats(folder, (".json", ".safetensors", ".bin", ".txt"))]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -323,19 +321,16 @@ def main(argv: list[str] | None = None) -> None:
         check_writable(out)
         for split in fargs.eval_splits if fargs.eval_output_dir else []:
             check_writable(Path(fargs.eval_output_dir) / split, "--eval_output_dir")
-        depth = {k: int(v) for k, v in (x.split("=") for x in fargs.trec_depth)}
-        if any(k not in fargs.eval_splits or v < 1 for k, v in depth.items()):
-            raise ValueError
-    except ValueError:
-        fail(f"--trec_depth {' '.join(fargs.trec_depth)}: expected SPLIT=K entries, K >= 1, splits of --eval_splits")
-    except DataError as exc:
+        an.trec_depths(fargs.trec_depth, fargs.eval_splits, splits_flag="--eval_splits")
+    except (ValueError, DataError) as exc:
         fail(str(exc))
     try:
-        dirs = data_dirs(dargs)
+        dirs = data_dirs(dargs.dataset, dargs.data_dir)
         if len(dirs) > 1:
             raise DataError(f"--dataset {' '.join(dargs.dataset)}: the frozen-backbone study trains on one dataset")
         data_dir = dirs[0]
-        corpus, queries, train_qrels, dev_qrels, cache, dev_info = load_data(dargs, targs.seed, data_dir)
+        corpus, queries, train_qrels, dev_qrels, dev_info = load_data(data_dir, dargs.train_split, dargs.dev_split,
+                                                                      dargs.dev_fraction, targs.seed)  # fmt: skip
         splits = {s: load_split(data_dir, s, corpus) for s in fargs.eval_splits}  # the corpus read once
     except DataError as exc:
         fail(str(exc))
@@ -374,6 +369,7 @@ def main(argv: list[str] | None = None) -> None:
                 history = an.read_log_history(out) if (out / "log_history.json").is_file() else []
                 print(f"frozen {margs.kind}: head loaded from {saved}", flush=True)
             elif trainable:
+                cache = default_cache_dir(data_dir, dargs.cache_dir)
                 negatives = mine_negatives(model, tokenizer, corpus, queries, train_qrels, cache, margs, dargs, targs)
                 data = (list(corpus), doc_feats, q_feats, q_rows, train_qrels, dev_qrels)
                 history = train_head(model, margs, targs, data, negatives, dargs.hard_negatives, dargs.sampling)
@@ -397,7 +393,7 @@ def evaluate(model, fargs, data, splits: dict, dataset: str, source: str) -> Non
     """eval.py's files in a folder per split: `<tag>.trec.gz`, `<tag>.perquery.json.gz`, `metrics.json`."""
     doc_ids, doc_feats, q_feats, q_rows = data
     tag = fargs.tag or model.config.kind
-    depth = {k: int(v) for k, v in (x.split("=") for x in fargs.trec_depth)}
+    depth = an.trec_depths(fargs.trec_depth, fargs.eval_splits)  # checked in main
     retriever = CachedHead(model, doc_ids, doc_feats, q_feats, q_rows)  # the head on the documents once, every split
     for split, (queries, qrels) in splits.items():
         folder = Path(fargs.eval_output_dir) / split

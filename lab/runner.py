@@ -17,10 +17,10 @@ from lab.settings import flags
 from lab.spec import HYBRID, Run
 from sbmoe import provenance as prov
 from sbmoe import results as an
-from sbmoe.data import DataError, load_corpus, load_qrels, load_queries, load_split
+from sbmoe.data import DEV_FRACTION, DataError, dev_qrels, load_corpus, load_qrels, load_queries, load_split
 from sbmoe.files import read_trec
 from sbmoe.metrics import MAX_CUTOFF
-from sbmoe.retrieval import BM25, DEV_FRACTION, SELECT_METRIC, choose_weight, dev_qrels, fuse
+from sbmoe.retrieval import BM25, Hybrid, Runs
 from utils import fail
 
 ROUTING_DOCS = 1000  # documents per dataset (a seeded sample) whose routing is recorded, with every test query
@@ -113,21 +113,20 @@ class Runner(Cells):
                    if not an.run_path(f, m.tag).is_file()]  # fmt: skip
         if missing:
             return f"no run file {missing[0]}"
-        info: dict = {"fuse": run.fuse, "fusion": run.fusion}
-        if run.fusion == "interpolate" and run.weight is not None:
-            info.update(weight=run.weight, weight_from="the experiment file")
-        elif run.fusion == "interpolate":
+        how, weight_from = Hybrid(None, None, run.weight, run.fusion), "the experiment file"
+        if run.fusion == "interpolate" and run.weight is None:
             qrels, source = dev_qrels(self.folder, *self.dev_slice(next((m for m in members if m.trained), run), seed))
             runs = read("dev") if all(an.run_path(f, m.tag).is_file() for f, m in zip(folders("dev"), members)) else []
             if runs and all(set(qrels) <= set(r) for r in runs):
-                weight, scores = choose_weight(*({q: r[q] for q in qrels} for r in runs), qrels, MAX_CUTOFF)
-                info.update(weight=weight, weight_from=f"dev: {source}, {len(qrels)} queries")
-                info[f"dev {SELECT_METRIC}"] = {f"{w:g}": v for w, v in scores.items()}
+                how = Hybrid(*map(Runs, runs)).fit(None, dict.fromkeys(qrels), qrels, MAX_CUTOFF)
+                weight_from = f"dev: {source}, {len(qrels)} queries"
             else:
-                info.update(weight=0.5, weight_from="equal weight: the fused runs have no dev run files of this dev slice")
+                weight_from = "equal weight: the fused runs have no dev run files of this dev slice"
+        info = {"fuse": run.fuse, **how.info(weight_from)}
         for split in self.exp.splits:
             qrels, runs = load_qrels(self.folder / "qrels" / f"{split}.tsv"), read(split)
-            fused = fuse(*runs, run.fusion, info.get("weight", 0.5), MAX_CUTOFF)
+            queries = dict.fromkeys([*runs[0], *runs[1]])  # every query of the run files
+            fused = Hybrid(*map(Runs, runs), how.weight, run.fusion).search(None, queries, MAX_CUTOFF)
             depths = [max(map(len, r.values()), default=0) for r in runs]  # what the run files kept (trec_depth)
             an.write_evaluation(self.layout.split_dir(run, seed, split), run.tag, fused, qrels,
                                 self.exp.trec_depth.get(split, MAX_CUTOFF),

@@ -254,6 +254,18 @@ def load_split(data_dir: str | Path, split: str, doc_ids, queries: dict[str, str
     return {qid: queries[qid] for qid in qrels}, qrels
 
 
+# --------------------------------------------------------------------------------------------
+# The dev split: the official one (qrels/dev.tsv), else training's seeded slice of the train queries
+
+
+DEV_FRACTION, DEV_SEED = 0.1, 42  # the slice's share of the train queries, and training's default seed
+
+
+def dev_fraction_error(fraction: float) -> str | None:
+    """A one-line message unless the slice's share is in (0, 1)."""
+    return None if 0 < fraction < 1 else f"--dev_fraction {fraction} must be in (0, 1)"
+
+
 def split_dev(qrels: dict, dev_fraction: float, seed: int) -> tuple[dict, dict]:
     """Hold out a seeded fraction of the (train) queries for model selection."""
     qids = sorted(qrels)
@@ -261,6 +273,94 @@ def split_dev(qrels: dict, dev_fraction: float, seed: int) -> tuple[dict, dict]:
     n_dev = int(round(len(qids) * dev_fraction))
     dev = set(qids[:n_dev])
     return ({q: d for q, d in qrels.items() if q not in dev}, {q: d for q, d in qrels.items() if q in dev})
+
+
+def slice_source(split: str, fraction: float, seeds) -> str:
+    """How a dev slice is named in logs and result files: `slice of train (10%, seed 42)`."""
+    seeds = list(seeds)
+    return f"slice of {split} ({fraction * 100:g}%, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})"
+
+
+def dev_qrels(data_dir: str | Path, seeds: list[int] | tuple[int, ...] = (DEV_SEED,),
+              fraction: float = DEV_FRACTION) -> tuple[dict, str]:  # fmt: skip
+    """The dev qrels of a folder and where they come from: the official dev split when it has qrels/dev.tsv,
+    else training's seeded `fraction` slice of the train queries (the union of the slices of several training
+    seeds, for a run that serves them all)."""
+    folder = Path(data_dir)
+    if (folder / "qrels" / "dev.tsv").is_file():
+        return load_qrels(folder / "qrels" / "dev.tsv"), "split dev"
+    train = load_qrels(folder / "qrels" / "train.tsv")
+    qrels = {}
+    for seed in seeds:
+        qrels.update(split_dev(train, fraction, seed)[1])
+    return qrels, slice_source("train", fraction, seeds)
+
+
+def data_dirs(datasets: list[str], data_dir: str | None = None) -> list[Path]:
+    """The training datasets' folders: `data_dir`, else each of `datasets` (a name or a folder); names distinct."""
+    dirs = [resolve_data_dir(None, data_dir)] if data_dir else [resolve_dataset(d) for d in datasets]
+    names = [dataset_name(d) for d in dirs]
+    if len(set(names)) < len(names):
+        raise DataError(f"--dataset {' '.join(datasets)}: two datasets share a name ({', '.join(names)}); "
+                        "each needs its own (it names its dev scores and its expert)")  # fmt: skip
+    return dirs
+
+
+def load_data(data_dir: Path, train_split: str = "train", dev_split: str | None = None,
+              dev_fraction: float = DEV_FRACTION, seed: int = DEV_SEED):  # fmt: skip
+    """What training reads of one dataset: corpus, queries (train and dev), train and dev qrels, and where dev
+    came from (run_info.json's `dev`).
+
+    Dev is the official split (`dev_split`, by default `dev` when qrels/dev.tsv exists; then every train
+    query trains) or else a seeded `dev_fraction` slice of the train queries (`dev_split` "none").
+    """
+    corpus, queries, qrels = load_beir(data_dir, train_split)
+    name = dev_split
+    if name is None and train_split != "dev" and (data_dir / "qrels" / "dev.tsv").is_file():
+        name = "dev"
+    if name is None or name.lower() == "none":
+        train_qrels, dev = split_dev(qrels, dev_fraction, seed)
+        if not train_qrels or not dev:
+            raise DataError(f"{data_dir}: {len(qrels)} train queries are too few for a train/dev split")
+        info = {"source": slice_source(train_split, dev_fraction, [seed])}
+    else:
+        if not (data_dir / "qrels" / f"{name}.tsv").is_file():
+            raise DataError(f"--dev_split {name}: {data_dir / 'qrels' / f'{name}.tsv'} does not exist")
+        dev_queries, dev = load_split(data_dir, name, corpus)
+        queries = {**queries, **dev_queries}
+        train_qrels = {q: docs for q, docs in qrels.items() if q not in dev}  # dev stays held out
+        if not train_qrels:
+            raise DataError(f"--dev_split {name}: every {train_split} query is also a dev query")
+        info = {"source": f"split {name}"}
+        if len(train_qrels) < len(qrels):
+            info["left_out_of_training"] = len(qrels) - len(train_qrels)
+    info["queries"] = len(dev)
+    return corpus, queries, train_qrels, dev, info
+
+
+def load_eval_data(data_dir: Path, splits: list[str], dev: tuple[list[int], float, str] | None = None):
+    """What eval.py reads: the corpus (ids, texts streamed), each split's (queries, qrels) in the order asked,
+    and where dev came from. Split dev is the official one, else training's slice (`dev`: its seeds, fraction
+    and why it is needed, for the error); it is also read when `dev` is given without `dev` in `splits`."""
+    corpus = Corpus(data_dir)
+    queries = load_queries(data_dir)
+    out = {split: load_split(data_dir, split, corpus.ids, queries) for split in splits if split != "dev"}
+    source = None
+    if dev is not None or "dev" in splits:
+        seeds, fraction, why = dev or ([DEV_SEED], DEV_FRACTION, "--split dev")
+        if (data_dir / "qrels" / "dev.tsv").is_file():
+            out["dev"], source = load_split(data_dir, "dev", corpus.ids, queries), "split dev"
+        elif not (data_dir / "qrels" / "train.tsv").is_file():
+            raise DataError(f"{data_dir / 'qrels'}: neither dev.tsv nor train.tsv to slice a dev split from; {why}")
+        else:
+            train_queries, _ = load_split(data_dir, "train", corpus.ids, queries)  # checked as any split is
+            qrels, source = dev_qrels(data_dir, seeds, fraction)
+            if not qrels:
+                raise DataError(f"{data_dir / 'qrels' / 'train.tsv'}: the dev {source} has no queries "
+                                f"({len(train_queries)} train queries; raise --dev_fraction); {why}")  # fmt: skip
+            out["dev"] = {q: train_queries[q] for q in qrels}, qrels
+    corpus.ids.drop_lookup()  # only the checks above needed it
+    return corpus, {s: out[s] for s in [*splits, "dev"] if s in out}, source
 
 
 def unseen_document_queries(train_qrels: dict, test_qrels: dict) -> list[str]:

@@ -8,6 +8,7 @@ import hashlib
 import itertools
 import json
 import os
+import random
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,15 +17,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sbmoe.data import corpus_path
+from sbmoe.data import corpus_path, dataset_name, iter_corpus
 from sbmoe.device import autocast
-from sbmoe.files import atomic_write_text
+from sbmoe.files import atomic_write_text, cache_name, file_stat, file_stats
+
+# The lengths (tokens) and the encoding batch of every command line's defaults: train.py, eval.py, frozen.py, export.py
+QUERY_MAX_LENGTH, DOC_MAX_LENGTH, BATCH_SIZE = 64, 256, 128
 
 # --------------------------------------------------------------------------------------------
 # Encoding
 
 
-def _tokenize(tokenizer, texts: list[str], max_length: int, step: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+def tokenize(tokenizer, texts: list[str], max_length: int, step: int = 2048) -> tuple[np.ndarray, np.ndarray]:
     """Token ids of every text as one flat int32 array and offsets (4 bytes a token, not a Python int)."""
     flat, lengths = [], []
     for start in range(0, len(texts), step):
@@ -51,11 +55,14 @@ def _pad(ids: np.ndarray, offsets: np.ndarray, rows: np.ndarray, pad_id: int, le
     return torch.from_numpy(input_ids), torch.from_numpy(mask)
 
 
-def _batches(model, tokenizer, texts: list[str], max_length: int, batch_size: int, domain: int | None,
-             desc: str, show_progress: bool):  # fmt: skip
-    """(rows, model inputs) of length-sorted batches, on the model's device; the model in eval mode meanwhile."""
+def length_sorted_batches(model, tokenizer, texts: list[str], max_length: int, batch_size: int,
+                          domain: int | None = None, desc: str = "encode", show_progress: bool = False,
+                          tokens: tuple[np.ndarray, np.ndarray] | None = None):  # fmt: skip
+    """(rows, model inputs) of length-sorted batches, on the model's device; the model in eval mode meanwhile.
+    The one length-sorted batching of the project (encode_texts, routing_counts, the frozen study's backbone
+    pass); `tokens`: the texts' `tokenize` output, when the caller needs it too."""
     device = next(model.parameters()).device
-    ids, offsets = _tokenize(tokenizer, texts, max_length)
+    ids, offsets = tokens if tokens is not None else tokenize(tokenizer, texts, max_length)
     order = np.argsort(-np.diff(offsets), kind="stable")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     left = getattr(tokenizer, "padding_side", "right") == "left"
@@ -79,7 +86,7 @@ def encode_texts(
     tokenizer,
     texts: list[str],
     max_length: int,
-    batch_size: int = 128,
+    batch_size: int = BATCH_SIZE,
     bf16: bool = False,
     fp16: bool = False,
     desc: str = "encode",
@@ -90,7 +97,7 @@ def encode_texts(
     every text is routed to under SB-MoE's `--routing domain` (None: no dataset of the model's)."""
     device = next(model.parameters()).device
     out = np.empty((len(texts), model.config.backbone_config["hidden_size"]), dtype=np.float32)
-    for rows, args in _batches(model, tokenizer, texts, max_length, batch_size, domain, desc, show_progress):
+    for rows, args in length_sorted_batches(model, tokenizer, texts, max_length, batch_size, domain, desc, show_progress):
         with autocast(device, bf16=bf16, fp16=fp16):
             reps = model.encode(*args)
         out[rows] = reps.float().cpu().numpy()
@@ -98,7 +105,7 @@ def encode_texts(
 
 
 @torch.inference_mode()
-def routing_counts(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 128,
+def routing_counts(model, tokenizer, texts: list[str], max_length: int, batch_size: int = BATCH_SIZE,
                    bf16: bool = False, fp16: bool = False, domain: int | None = None) -> np.ndarray:  # fmt: skip
     """(blocks, experts) how many routed units (inputs for a pooled SB-MoE head, non-padding tokens for the
     per-token designs and the token-level MoE) chose each expert first, as the router decides in top-1 mode
@@ -108,7 +115,7 @@ def routing_counts(model, tokenizer, texts: list[str], max_length: int, batch_si
     counts = np.zeros((len(blocks), max(len(b.experts) for b in blocks)), dtype=np.int64)
     mode, model.config.inference_mode = model.config.inference_mode, "top1"
     try:
-        for _, args in _batches(model, tokenizer, texts, max_length, batch_size, domain, "routing", False):
+        for _, args in length_sorted_batches(model, tokenizer, texts, max_length, batch_size, domain, "routing"):
             with autocast(device, bf16=bf16, fp16=fp16):
                 routings = model.embed_with(*args[:2], args[2] if len(args) > 2 else None).routings
             for b, routing in enumerate(routings):
@@ -117,6 +124,35 @@ def routing_counts(model, tokenizer, texts: list[str], max_length: int, batch_si
     finally:
         model.config.inference_mode = mode
     return counts
+
+
+def model_domain(model, data_dir: Path) -> int | None:
+    """The index of the dataset being evaluated among the model's training datasets (`config.domains`), or None.
+    Under `--routing domain` that index is the expert its queries and documents go to; a dataset the model was
+    not trained on (zero-shot transfer) has no expert of its own, and gets every expert at 1/E (said here)."""
+    domains = getattr(model.config, "domains", None) or []
+    name = dataset_name(data_dir)
+    if name in domains:
+        return domains.index(name)
+    if getattr(model.config, "routing", None) == "domain":
+        print(f"{name}: not one of the training datasets {domains}; --routing domain gives every expert 1/E")
+    return None
+
+
+ROUTING_SAMPLE_SEED = 0
+
+
+def routing_record(model, tokenizer, data_dir: Path, n_docs: int, queries: list[str], sample: int,
+                   lengths: tuple[int | None, int | None], domain: int | None, **kw) -> dict:  # fmt: skip
+    """A `<tag>.routing.json` record: first-choice expert counts per block (`routing_counts`) on the queries and
+    on a seeded sample of `sample` of the corpus' `n_docs` documents, at (query, document) `lengths`."""
+    picked = set(random.Random(ROUTING_SAMPLE_SEED).sample(range(n_docs), min(sample, n_docs)))
+    texts = [t for i, (_, t) in enumerate(iter_corpus(data_dir)) if i in picked]
+    counts = {"queries": routing_counts(model, tokenizer, queries, lengths[0], domain=domain, **kw),
+              "documents": routing_counts(model, tokenizer, texts, lengths[1], domain=domain, **kw)}  # fmt: skip
+    return {"dataset": dataset_name(data_dir), "domain": domain, "queries": len(queries), "documents": len(texts),
+            "sample_seed": ROUTING_SAMPLE_SEED, "unit": "tokens" if model.head_on_tokens() or model.config.kind == "moe"
+            else "inputs", **{k: v.tolist() for k, v in counts.items()}}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,8 +164,7 @@ class EmbeddingCache:
     back as memory maps. The key names everything the embeddings depend on (see `cache_key`)."""
 
     def __init__(self, root: str | Path, key: dict, readonly: bool = False):
-        text = json.dumps(key, sort_keys=True, default=str)
-        self.dir = Path(root) / hashlib.sha1(text.encode()).hexdigest()[:16]
+        self.dir = Path(root) / cache_name(key)
         self.readonly = readonly  # reads what is there, writes nothing (eval.py on a checkpoint's dev passes)
         if not readonly:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -191,7 +226,7 @@ def content_key(model, data_dir: Path, n_docs: int, doc_max_length: int, dtype: 
     config = model.config.to_dict()
     return {
         "weights": weights_digest(model), "config": {k: config.get(k) for k in ENCODING_CONFIG},
-        "data_dir": str(Path(data_dir).resolve()), "corpus_file": _stat(corpus_path(data_dir)), "n_docs": n_docs,
+        "data_dir": str(Path(data_dir).resolve()), "corpus_file": file_stat(corpus_path(data_dir)), "n_docs": n_docs,
         "doc_max_length": doc_max_length, "dtype": dtype, "batch_size": batch_size, "encode_chunk": encode_chunk,
         "domain": domain, "device": next(model.parameters()).device.type,
     }  # fmt: skip
@@ -209,22 +244,17 @@ def prune_reuse_cache(folder: Path, model) -> int:
     return kept
 
 
-def _stat(path: Path) -> list:
-    st = path.stat()
-    return [path.name, st.st_size, st.st_mtime_ns]
-
-
 def cache_key(source: str, model, data_dir: Path, n_docs: int, doc_max_length: int, dtype: str,
               batch_size: int) -> dict:  # fmt: skip
     """What a corpus' embeddings depend on: the model (its folder's files by size and mtime, its config:
     pooling, inference mode, ...), the corpus file, its size, truncation, autocast dtype, batch size
     (padding changes the last bits) and the device type."""
     folder = Path(source)
-    files = sorted(_stat(p) for p in folder.iterdir() if p.is_file()) if folder.is_dir() else None
+    files = file_stats(folder) if folder.is_dir() else None
     device = next(model.parameters()).device.type
     return {
         "model": str(folder.resolve()) if folder.is_dir() else source, "model_files": files,
         "config": model.config.to_dict(), "data_dir": str(Path(data_dir).resolve()),
-        "corpus_file": _stat(corpus_path(data_dir)), "n_docs": n_docs, "doc_max_length": doc_max_length,
+        "corpus_file": file_stat(corpus_path(data_dir)), "n_docs": n_docs, "doc_max_length": doc_max_length,
         "dtype": dtype, "batch_size": batch_size, "device": device,
     }  # fmt: skip

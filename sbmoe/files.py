@@ -1,8 +1,11 @@
-"""Files: atomic, byte-stable writes (temp file, then rename), stale temp cleanup, folder locks, TREC run files."""
+"""Files: atomic, byte-stable writes (temp file, then rename), stale temp cleanup, folder locks, TREC run files,
+the names of cache entries."""
 
 from __future__ import annotations
 
 import gzip
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -11,6 +14,24 @@ from pathlib import Path
 
 from sbmoe.data import DataError, read_lines
 from sbmoe.metrics import truncate_run
+
+
+def cache_name(key, length: int = 16) -> str:
+    """The one name of a disk cache entry (the embedding cache, hard negatives, the frozen study's backbone
+    outputs): a hash of its key, everything the cached values depend on, as canonical JSON."""
+    return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
+def file_stats(folder: Path | str, suffixes: tuple[str, ...] | None = None) -> list[list]:
+    """[name, size, mtime_ns] of each file in `folder` (of these `suffixes`), by name: a model folder's identity
+    in a cache key, cheap to compute and changed by any rewrite."""
+    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and (suffixes is None or p.suffix in suffixes))
+    return [file_stat(p) for p in files]
+
+
+def file_stat(path: Path) -> list:
+    st = Path(path).stat()
+    return [Path(path).name, st.st_size, st.st_mtime_ns]
 
 
 def write_trec(path: Path, results: dict[str, dict[str, float]], tag: str, top_k: int) -> None:

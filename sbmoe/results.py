@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from sbmoe.files import atomic_write_bytes, atomic_write_text, write_trec
-from sbmoe.metrics import PRIMARY_METRIC, mean_metrics, per_query_metrics
+from sbmoe.data import DataError
+from sbmoe.files import atomic_write_bytes, atomic_write_text, read_trec, write_trec
+from sbmoe.metrics import METRICS, PRIMARY_METRIC, mean_metrics, per_query_metrics
 
 DEV_METRIC = PRIMARY_METRIC.lower()  # the Trainer's metric_for_best_model; logged as eval_<metric>
 DEV_KEY = f"eval_{DEV_METRIC}"
@@ -30,9 +31,9 @@ SHARE_PREFIX = "expert_share/"
 
 
 def per_query_path(folder: Path | str, tag: str) -> Path:
-    """`<tag>.perquery.json.gz` (compact JSON, gzip), or the plain `.json` older runs wrote."""
-    plain = Path(folder) / f"{tag}.perquery.json"
-    return plain if plain.is_file() else Path(folder) / f"{tag}.perquery.json.gz"
+    """`<tag>.perquery.json.gz` (compact JSON, gzip; scripts/convert_perquery.py converted the plain `.json`
+    files older runs wrote)."""
+    return Path(folder) / f"{tag}.perquery.json.gz"
 
 
 def run_path(folder: Path | str, tag: str) -> Path:
@@ -42,7 +43,7 @@ def run_path(folder: Path | str, tag: str) -> Path:
 def write_per_query(folder: Path | str, tag: str, per_query: dict) -> None:
     """Compact and compressed (a tenth of the indented text), reproducibly (no timestamp in the header)."""
     data = json.dumps(per_query, separators=(",", ":")).encode("utf-8")
-    atomic_write_bytes(Path(folder) / f"{tag}.perquery.json.gz", gzip.compress(data, mtime=0))
+    atomic_write_bytes(per_query_path(folder, tag), gzip.compress(data, mtime=0))
 
 
 def write_evaluation(folder: Path | str, tag: str, results: dict, qrels: dict, depth: int, meta: dict, *,
@@ -60,6 +61,29 @@ def write_evaluation(folder: Path | str, tag: str, results: dict, qrels: dict, d
     write_per_query(folder, tag, per_query)
     write_metrics(folder, {**(rows or {}), tag: metrics}, meta)
     return metrics
+
+
+def verify_run(path: Path, qrels: dict, metrics: dict[str, float], depth: int, tol: float = 1e-6) -> float:
+    """Re-read a written run and score it again: the largest difference from `metrics` over every metric the file
+    is deep enough for, or a DataError when one exceeds `tol`."""
+    again = mean_metrics(per_query_metrics(qrels, read_trec(path)))
+    worst = max(abs(again[m.name] - metrics[m.name]) for m in METRICS if m.cutoff <= depth)
+    if worst > tol:
+        raise DataError(f"{path}: metrics differ from pytrec_eval on the run file by {worst:.2e}")
+    return worst
+
+
+def trec_depths(entries: list[str], splits: list[str], flag: str = "--trec_depth", splits_flag: str = "--split") -> dict:
+    """`SPLIT=K` entries (how deep each split's run file is written) as {split: K}; a ValueError naming the flag
+    when an entry is not SPLIT=K, names a split not among `splits` or has K < 1."""
+    try:
+        depths = {k: int(v) for k, v in (x.split("=") for x in entries)}
+    except ValueError:
+        raise ValueError(f"{flag} {' '.join(entries)}: expected SPLIT=K entries") from None
+    for split, depth in depths.items():
+        if split not in splits or depth < 1:
+            raise ValueError(f"{flag} {split}={depth}: needs a split of {splits_flag} and K >= 1")
+    return depths
 
 
 def write_metrics(folder: Path | str, rows: dict[str, dict[str, float]], meta: dict) -> None:
@@ -111,7 +135,7 @@ def eval_seconds(folder: Path | str) -> float | None:
     """Wall-clock seconds eval.py spent retrieving (encoding and search) for the split in `folder`."""
     path = Path(folder) / "metrics.json"
     seconds = json.loads(path.read_text(encoding="utf-8")).get("retrieval_seconds") if path.is_file() else None
-    return sum(seconds.values()) if isinstance(seconds, dict) else seconds  # per model evaluated in the one call
+    return None if seconds is None else sum(seconds.values())  # per model evaluated in the one call
 
 
 def dev_dataset_key(dataset: str, metric: str) -> str:

@@ -1,9 +1,9 @@
 """One retrieval interface, BEIR's BaseSearch: `search(corpus, queries, top_k) -> results[qid][doc_id] = score`.
 
-    Dense.load("checkpoints/sbmoe").search(corpus, queries, 100)      # any checkpoint
-    Dense.load(M, zeroshot=True).search(corpus, queries, 100)         # the backbone, untrained
+    Dense(model, tokenizer).search(corpus, queries, 100)              # a model (eval.load_for_eval loads one)
     BM25().search(corpus, queries, 100)
-    Hybrid(BM25(), Dense.load(...)).fit(corpus, dev_queries, dev_qrels).search(corpus, queries, 100)
+    Hybrid(BM25(), Dense(...)).fit(corpus, dev_queries, dev_qrels).search(corpus, queries, 100)
+    Hybrid(Runs(model_run), Runs(bm25_run)).fit(None, ...)            # runs already made (eval.py, the runner)
 
 A hybrid fuses two runs the way Pyserini's hybrid search does: each run's scores min-max normalised per
 query, then `weight * first + (1 - weight) * second`, a document missing from one run counting 0 for it;
@@ -19,18 +19,13 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
 
-from sbmoe.data import (
-    doc_text,
-    load_qrels,
-    split_dev,
-)
-from sbmoe.encoding import EmbeddingCache, encode_texts
+from sbmoe.data import doc_text
+from sbmoe.encoding import BATCH_SIZE, DOC_MAX_LENGTH, QUERY_MAX_LENGTH, EmbeddingCache, encode_texts
 from sbmoe.metrics import PRIMARY_METRIC, evaluate_run, truncate_run
 from sbmoe.search import (
     ENCODE_CHUNK,
@@ -47,7 +42,6 @@ from sbmoe.search import (
 RRF_K = 60
 WEIGHTS = tuple(round(0.1 * i, 1) for i in range(11))  # the dev grid of the first run's weight
 SELECT_METRIC = PRIMARY_METRIC  # what the weight is chosen by
-DEV_FRACTION, DEV_SEED = 0.1, 42  # training's defaults: its dev slice of the train queries
 FUSIONS = ("interpolate", "rrf")
 
 Run = dict[str, dict[str, float]]
@@ -58,7 +52,7 @@ class Retriever(Protocol):
 
 
 class Dense:
-    """Exact inner-product search with a bi-encoder (eval.retrieve: chunked, length-sorted encoding)."""
+    """Exact inner-product search with a bi-encoder (`retrieve`: chunked, length-sorted encoding)."""
 
     def __init__(self, model, tokenizer, **options):
         self.model, self.tokenizer, self.options = model, tokenizer, options  # options: retrieve_topk's
@@ -67,8 +61,19 @@ class Dense:
         return retrieve(self.model, self.tokenizer, corpus, queries, top_k, **self.options)
 
 
+class Runs:
+    """Runs already made (a corpus pass that served several query sets, or run files read back) as a retriever:
+    `search` gives each query's run as it is (already cut to its depth); the corpus is not read."""
+
+    def __init__(self, run: Run):
+        self.run = run
+
+    def search(self, corpus: dict | None, queries: dict[str, str], top_k: int = 100) -> Run:
+        return {q: self.run[q] for q in queries if q in self.run}
+
+
 class BM25:
-    """bm25s (Lucene variant, English stopwords, Snowball stemming), as utils.bm25_search."""
+    """bm25s (Lucene variant, English stopwords, Snowball stemming): `bm25_search`."""
 
     def search(self, corpus: dict, queries: dict[str, str], top_k: int = 100) -> Run:
         return bm25_search(corpus, queries, top_k)
@@ -128,22 +133,6 @@ def choose_weight(first: Run, second: Run, qrels: dict, top_k: int | None = None
     return min((w for w, s in scores.items() if s >= best - 1e-12), key=lambda w: (abs(w - 0.5), w)), scores
 
 
-def dev_qrels(data_dir: str | Path, seeds: list[int] | tuple[int, ...] = (DEV_SEED,),
-              fraction: float = DEV_FRACTION) -> tuple[dict, str]:  # fmt: skip
-    """The qrels that tune a hybrid's weight and where they come from: the official dev split when the
-    folder has qrels/dev.tsv, else training's seeded `fraction` slice of the train queries (the union of
-    the slices of several training seeds, for a run that serves them all)."""
-    folder = Path(data_dir)
-    if (folder / "qrels" / "dev.tsv").is_file():
-        return load_qrels(folder / "qrels" / "dev.tsv"), "split dev"
-    train = load_qrels(folder / "qrels" / "train.tsv")
-    qrels = {}
-    for seed in seeds:
-        qrels.update(split_dev(train, fraction, seed)[1])
-    seeds_text = ", ".join(map(str, seeds))
-    return qrels, f"slice of train ({fraction * 100:g}%, seed{'s' if len(seeds) > 1 else ''} {seeds_text})"
-
-
 class Hybrid:
     """Two retrievers' runs fused; `fit` chooses the interpolation weight on dev unless one is given."""
 
@@ -163,6 +152,16 @@ class Hybrid:
     def search(self, corpus: dict, queries: dict[str, str], top_k: int = 100) -> Run:
         a, b = self.first.search(corpus, queries, top_k), self.second.search(corpus, queries, top_k)
         return fuse(a, b, self.fusion, 0.5 if self.weight is None else self.weight, top_k)
+
+    def info(self, weight_from: str) -> dict:
+        """How the runs are fused, as result files record it (metrics.json's `hybrid`): the fusion and, for an
+        interpolation, the first run's weight, where it came from and the dev scores it was chosen by."""
+        if self.fusion != "interpolate":
+            return {"fusion": self.fusion}
+        info = {"fusion": self.fusion, "weight": 0.5 if self.weight is None else self.weight, "weight_from": weight_from}
+        if self.dev_scores:
+            info[f"dev {SELECT_METRIC}"] = {f"{w:g}": v for w, v in self.dev_scores.items()}
+        return info
 
 
 def bm25_search(corpus: dict, queries: dict, top_k: int = 100) -> dict[str, dict[str, float]]:
@@ -193,9 +192,9 @@ def bm25_search(corpus: dict, queries: dict, top_k: int = 100) -> dict[str, dict
 class RetrieveOptions:
     """How to encode and search: the keyword arguments of `retrieve` and `evaluate_model`."""
 
-    query_max_length: int = 64
-    doc_max_length: int = 256
-    batch_size: int = 128
+    query_max_length: int = QUERY_MAX_LENGTH
+    doc_max_length: int = DOC_MAX_LENGTH
+    batch_size: int = BATCH_SIZE
     bf16: bool = False
     fp16: bool = False
     show_progress: bool = True

@@ -6,6 +6,8 @@ import math
 import os
 import random
 import shutil
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -167,6 +169,18 @@ class ContrastiveCollator:
         }
 
 
+@dataclass
+class DevSet:
+    """One dataset's dev split, searched over its own corpus at each dev evaluation."""
+
+    name: str
+    data_dir: Path
+    corpus: dict
+    queries: dict
+    qrels: dict
+    domain: int | None = None  # its index among several training datasets (expert d of --routing domain)
+
+
 class NonFiniteLossError(RuntimeError):
     pass
 
@@ -305,3 +319,18 @@ def unwrap(model):
     while hasattr(model, "module"):
         model = model.module
     return getattr(model, "_orig_mod", model)
+
+
+
+
+def save_final(trainer: Trainer, out: str) -> None:
+    """The final model as the checkpoints are saved: into a staging folder, then renamed in (config.json
+    last), so a full disk never leaves a config without its weights."""
+    staging = Path(out) / ".staging-final"
+    if trainer.args.should_save:
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.save_model(str(staging))
+    if trainer.args.should_save:
+        for name in sorted(os.listdir(staging), key=lambda n: n == "config.json"):
+            os.replace(staging / name, Path(out) / name)
+        staging.rmdir()

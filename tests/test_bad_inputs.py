@@ -19,6 +19,7 @@ from conftest import ROOT, one_line_error, write_tiny_beir
 
 import eval as evaluation
 import sbmoe.data
+import sbmoe.results
 import sbmoe.retrieval
 import train
 from lab import compare, experiment, runner, stages
@@ -815,7 +816,7 @@ def test_a_data_error_inside_verify_or_a_runner_job_is_one_line(tiny_backbone, t
     def unreadable(path):
         raise DataError(f"{path}:1: expected 6 columns in a TREC run, got 7")
 
-    monkeypatch.setattr(evaluation, "read_trec", unreadable)
+    monkeypatch.setattr(sbmoe.results, "read_trec", unreadable)
     assert exits(evaluation.main, eval_zeroshot(tiny_backbone, tiny_beir, tmp_path / "out", "--verify")) == 2
     one_line_error(capsys, "zeroshot.trec.gz:1: expected 6 columns")
     assert not (tmp_path / "out" / "metrics.json").exists()

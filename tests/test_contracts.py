@@ -124,17 +124,18 @@ def test_randomisation_test_is_two_sided_and_significance_needs_both_tests():
 
 
 def test_verify_covers_every_metric_the_file_is_deep_enough_for(tmp_path):
-    import eval as evaluation
+    from sbmoe.data import DataError
     from sbmoe.files import write_trec
     from sbmoe.metrics import mean_metrics, per_query_metrics
+    from sbmoe.results import verify_run
     qrels = {"q1": {"a": 1, "b": 1}, "q2": {"c": 1}}
     run = {"q1": {d: float(100 - i) for i, d in enumerate(["x", "a"] + [f"z{i}" for i in range(98)])}, "q2": {"c": 1.0}}
     write_trec(tmp_path / "r.trec.gz", run, "t", 100)
     for name in ("MAP@100", "Recall@100"):
         means = mean_metrics(per_query_metrics(qrels, run))
         means[name] += 0.01
-        with pytest.raises(SystemExit):
-            evaluation.verify_trec(tmp_path / "r.trec.gz", qrels, means, depth=100)
+        with pytest.raises(DataError, match="metrics differ"):
+            verify_run(tmp_path / "r.trec.gz", qrels, means, depth=100)
 
 
 def test_gzip_files_are_byte_reproducible(tmp_path, monkeypatch):
@@ -183,8 +184,8 @@ def test_frozen_head_trains_at_the_head_rate_keeps_its_best_dev_epoch_on_dev_que
     start = VARIANTS["sbmoe"].from_backbone(str(tiny_backbone), pooling="mean", num_experts=4).state_dict()
     changed = {k for k, v in snaps[0].items() if not torch.equal(v, start[k])}
     assert any(".router." in k for k in changed) and any(".experts." in k for k in changed)  # gate and experts train
-    _, _, train_qrels, dev_qrels, *_ = __import__("train").load_data(
-        __import__("train").DataArguments(data_dir=str(tiny_beir), dev_fraction=0.2), 42)
+    from sbmoe.data import load_data
+    _, _, train_qrels, dev_qrels, _ = load_data(tiny_beir, dev_fraction=0.2, seed=42)
     assert qids[0] == sorted(dev_qrels)
     assert len(list((tmp_path / "cache").iterdir())) == 2  # documents and queries cached apart
 

@@ -7,6 +7,8 @@ import pytest
 import pytrec_eval
 
 import sbmoe.metrics
+import sbmoe.results
+from sbmoe.data import DataError
 from sbmoe.files import read_trec, write_trec
 from sbmoe.metrics import evaluate_run, per_query_metrics, truncate_run
 
@@ -76,21 +78,19 @@ def test_trec_round_trip_keeps_every_metric(tmp_path, name):
 
 
 def test_every_metric_comes_from_the_one_list_and_a_new_entry_flows_through(tmp_path, monkeypatch):
-    import eval as evaluation
-
     qrels, run = random_case(3)
     extra = sbmoe.metrics.Metric("NDCG@5", "ndcg_cut", 5)
     monkeypatch.setattr(sbmoe.metrics, "METRICS", (*sbmoe.metrics.METRICS, extra))
-    monkeypatch.setattr(evaluation, "METRICS", sbmoe.metrics.METRICS)
+    monkeypatch.setattr(sbmoe.results, "METRICS", sbmoe.metrics.METRICS)
     per_query = per_query_metrics(qrels, run, metrics=sbmoe.metrics.METRICS)
     ev = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.5"}).evaluate(run)
     assert all(per_query[q]["NDCG@5"] == pytest.approx(ev[q]["ndcg_cut_5"]) for q in ev)
     write_trec(tmp_path / "r.trec.gz", run, "t", 100)
     means = sbmoe.metrics.mean_metrics(per_query)
-    assert evaluation.verify_trec(tmp_path / "r.trec.gz", qrels, means, depth=100) < 1e-9  # no KeyError
+    assert sbmoe.results.verify_run(tmp_path / "r.trec.gz", qrels, means, depth=100) < 1e-9  # no KeyError
     means["NDCG@5"] += 0.01
-    with pytest.raises(SystemExit):
-        evaluation.verify_trec(tmp_path / "r.trec.gz", qrels, means, depth=100)
+    with pytest.raises(DataError, match="metrics differ"):
+        sbmoe.results.verify_run(tmp_path / "r.trec.gz", qrels, means, depth=100)
 
 
 def test_compare_pairs_per_query_files_and_rejects_mismatched_queries(tmp_path, capsys):

@@ -7,8 +7,8 @@ import pytest
 from conftest import ZEROSHOT_AND_BASELINE
 
 from lab.runner import Runner
-from sbmoe.data import load_beir, split_dev
-from sbmoe.retrieval import BM25, WEIGHTS, Hybrid, choose_weight, dev_qrels, fuse, interpolate, min_max, rrf
+from sbmoe.data import dev_qrels, load_beir, split_dev
+from sbmoe.retrieval import BM25, WEIGHTS, Hybrid, choose_weight, fuse, interpolate, min_max, rrf
 
 FIRST = {"q1": {"d1": 3.0, "d2": 2.0, "d3": 1.0}}  # min-max: d1 1, d2 0.5, d3 0
 SECOND = {"q1": {"d2": 10.0, "d4": 0.0}}  # min-max: d2 1, d4 0

@@ -6,7 +6,7 @@ import pytest
 
 import eval as evaluation
 import train
-from lab import experiment, frozen
+from lab import frozen, runner
 from sbmoe import data, encoding, negatives, results, retrieval
 from sbmoe.data import DataError
 from sbmoe.files import cache_name
@@ -19,7 +19,7 @@ def test_the_dev_split_is_one_seeded_slice_that_training_tuning_and_the_runner_s
     assert train.DataArguments().dev_fraction == data.DEV_FRACTION
     args = evaluation.parse_args(["--model", "baseline"])
     assert (args.dev_fraction, args.dev_seed) == (data.DEV_FRACTION, [data.DEV_SEED])
-    assert experiment.DEV_FRACTION is data.DEV_FRACTION
+    assert runner.DEV_FRACTION is data.DEV_FRACTION
     assert data.dev_fraction_error(0.1) is None and data.dev_fraction_error(1.0) == "--dev_fraction 1.0 must be in (0, 1)"
     for fails in (lambda: train.parse(None, ["--dev_fraction", "0"]),
                   lambda: evaluation.parse_args(["--model", "baseline", "--dev_fraction", "1"])):  # fmt: skip
@@ -47,7 +47,7 @@ def test_eval_and_the_runner_fuse_through_the_hybrid_retriever(monkeypatch):
     fused, info = evaluation.fuse_runs(args, "m", {"test": first}, second, {"test": ({"q": ""}, {})}, None)
     assert calls and info == {"fuse": ["m", "bm25"], "fusion": "interpolate", "weight": 0.3,
                               "weight_from": "--hybrid_weight"}  # fmt: skip
-    assert experiment.Hybrid is retrieval.Hybrid and experiment.Runs is retrieval.Runs
+    assert runner.Hybrid is retrieval.Hybrid and runner.Runs is retrieval.Runs
 
 
 def test_training_and_the_frozen_study_load_data_from_the_library():

@@ -66,11 +66,29 @@ def deltas(int8_file: Path, fp32_file: Path, dataset: str) -> dict:
     return out
 
 
+def table(summary: dict) -> list[str]:
+    """quality.json as a markdown table: one row per recipe and target, the four deltas to fp32 (p of the paired
+    t-test in brackets where it is below 0.05), the largest |delta| marked when it exceeds 0.005."""
+    cols = ["NDCG@10 all", "NDCG@10 unseen", "Recall@100 all", "Recall@100 unseen"]
+    lines = ["| recipe | model | dataset | " + " | ".join(f"Δ {c}" for c in cols) + " | within 0.005 |",
+             "|---|---|---|" + "---:|" * len(cols) + "---|"]  # fmt: skip
+    for recipe, targets in summary.items():
+        for target, row in targets.items():
+            cells = []
+            for c in cols:
+                d = row["deltas"].get(c)
+                cells.append("" if d is None else f"{d['delta']:+.4f}" + (f" (p {d['p_t']:.3f})" if d["p_t"] < 0.05 else ""))
+            ok = all(abs(d["delta"]) <= 0.005 for d in row["deltas"].values())
+            lines.append(f"| {recipe} | {target} | {row['dataset']} | " + " | ".join(cells) + f" | {'yes' if ok else 'no'} |")
+    return lines
+
+
 @entry_point
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipe", required=True)
-    p.add_argument("--backbone", required=True, help="the zero-shot backbone (a local folder)")
+    p.add_argument("--recipe", required=False, help="the recipe to measure (without it: --table only)")
+    p.add_argument("--table", action="store_true", help="print OUTPUT/quality.json as a table (OUTPUT/quality.md)")
+    p.add_argument("--backbone", default=None, help="the zero-shot backbone (a local folder)")
     p.add_argument("--checkpoints", default="checkpoints/table1-fresh/scifact",
                    help="holds <kind>/seed42 for the fine-tuned targets")  # fmt: skip
     p.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS)
@@ -78,6 +96,16 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     import export
 
+    if args.table and not args.recipe:
+        path = Path(args.output) / "quality.json"
+        if not path.is_file():
+            fail(f"{path}: no such file (measure a recipe first)")
+        lines = table(json.loads(path.read_text()))
+        print("\n".join(lines))
+        atomic_write_text(path.with_name("quality.md"), "\n".join(lines) + "\n")
+        return {}
+    if not args.recipe or not args.backbone:
+        p.error("--recipe and --backbone are needed to measure (or --table alone)")
     if args.recipe not in export.INT8_RECIPES:
         fail(f"--recipe {args.recipe}: not one of {', '.join(export.INT8_RECIPES)}")
     out = Path(args.output)

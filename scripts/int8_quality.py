@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -39,7 +40,8 @@ METRICS = ("NDCG@10", "Recall@100")
 def run(cmd: list[str], log: list[str], shown: str) -> None:
     log.append(f"$ {shown}")
     proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True)
-    lines = [x for x in proc.stdout.splitlines() if x.strip()]
+    scratch = re.escape(tempfile.gettempdir())  # the scratch exports: named, not located (logs name no machine paths)
+    lines = [re.sub(scratch + r"/tmp\w+/", "EXPORT/", x) for x in proc.stdout.splitlines() if x.strip()]
     log += lines[-4:]
     print("\n".join([f"$ {shown}", *lines[-4:]]), flush=True)
     if proc.returncode:
@@ -78,7 +80,7 @@ def table(summary: dict) -> list[str]:
             for c in cols:
                 d = row["deltas"].get(c)
                 cells.append("" if d is None else f"{d['delta']:+.4f}" + (f" (p {d['p_t']:.3f})" if d["p_t"] < 0.05 else ""))
-            ok = all(abs(d["delta"]) <= 0.005 for d in row["deltas"].values())
+            ok = all(abs(round(d["delta"], 4)) <= 0.005 for d in row["deltas"].values())  # at the precision shown
             lines.append(f"| {recipe} | {target} | {row['dataset']} | " + " | ".join(cells) + f" | {'yes' if ok else 'no'} |")
     return lines
 
@@ -153,13 +155,16 @@ def main(argv=None) -> dict:
                         f"python export.py checkpoints/table1-fresh/scifact/{kind}/seed42 EXPORT --int8 --int8_recipe "
                         f"{args.recipe} --metrics results/table1-fresh/scifact/{kind}/seed42/test/metrics.json")  # fmt: skip
                 folder = out / tag
-                run(["eval.py", "--model", kind, "--checkpoint", str(exported), "--backend", "onnx-int8", "--dataset",
-                     dataset, "--output_dir", str(folder), "--tag", tag], log,
-                    f"python eval.py --model {kind} --checkpoint EXPORT --backend onnx-int8 --dataset {dataset} "
-                    f"--output_dir {folder} --tag {tag}")  # fmt: skip
+                if (folder / f"{tag}.perquery.json.gz").is_file():  # evaluated by an earlier run of this command
+                    log.append(f"(reused {folder}: evaluated by an earlier run of this command, same recipe and model)")
+                else:
+                    run(["eval.py", "--model", kind, "--checkpoint", str(exported), "--backend", "onnx-int8", "--dataset",
+                         dataset, "--output_dir", str(folder), "--tag", tag], log,
+                        f"python eval.py --model {kind} --checkpoint EXPORT --backend onnx-int8 --dataset {dataset} "
+                        f"--output_dir {folder} --tag {tag}")  # fmt: skip
                 d = deltas(folder / f"{tag}.perquery.json.gz", ref, dataset)
                 info = json.loads((exported / "onnx/export.json").read_text())["int8"]
-                summary.setdefault(args.recipe, {})[target] = {"dataset": dataset, "fp32_run": str(ref.relative_to(ROOT)),
+                summary.setdefault(args.recipe, {})[target] = {"dataset": dataset, "fp32_run": str(ref.resolve().relative_to(ROOT)),
                                                                "export": info, "deltas": d}  # fmt: skip
                 for k, v in d.items():
                     line = (f"{target} {k}: int8 {v['int8']:.4f}, fp32 {v['fp32']:.4f}, delta {v['delta']:+.4f} "

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import sbmoe.onnx
 from model import VARIANTS, BiEncoder, load_model
 from sbmoe.data import (
     DEV_FRACTION,
@@ -196,19 +197,18 @@ def load_for_eval(name: str, checkpoint: str | None, args) -> tuple[BiEncoder, o
     precision = {"onnx": "fp32", "onnx-int8": "int8 weights, fp32 activations"}.get(
         backend, "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32")  # fmt: skip
     if checkpoint and name != "zeroshot":
-        from lab import export
 
-        if export.is_export(checkpoint):  # export.py's folder: its graphs (no PyTorch checkpoint in it)
+        if sbmoe.onnx.is_export(checkpoint):  # export.py's folder: its graphs (no PyTorch checkpoint in it)
             if backend == "torch":
                 raise DataError(f"{checkpoint}: an export folder; evaluate it with --backend onnx or onnx-int8")
-            model = export.load_onnx_retriever(checkpoint, backend)
+            model = sbmoe.onnx.load_onnx_retriever(checkpoint, backend)
             if model.config.kind != name:
                 raise DataError(f"{checkpoint}: holds a {model.config.kind} export, not {name}")
             mode = model.config.inference_mode
             if args.inference_mode and args.inference_mode != mode and model.config.kind == "sbmoe":
                 raise DataError(f"--inference_mode {args.inference_mode}: {checkpoint} is a graph traced with "
                                 f"inference mode {mode}; evaluate the checkpoint itself for {args.inference_mode}")  # fmt: skip
-            info = export.read_export_info(checkpoint)
+            info = sbmoe.onnx.read_export_info(checkpoint)
             lengths, changed = resolve_lengths(model, args, info)
             try:
                 tokenizer = load_tokenizer(checkpoint)
@@ -230,10 +230,9 @@ def load_for_eval(name: str, checkpoint: str | None, args) -> tuple[BiEncoder, o
     facts = {"backend": backend, "precision": precision, **lengths, "inference_mode": model.config.inference_mode,
              "checkpoint_sha1": None if name == "zeroshot" else checkpoint_digest(source)}  # fmt: skip
     if backend != "torch":
-        from lab import export
 
         try:
-            return export.onnx_retriever(model.eval(), backend), tokenizer, source, facts
+            return sbmoe.onnx.onnx_retriever(model.eval(), backend), tokenizer, source, facts
         except RuntimeError as exc:
             raise DataError(f"{source}: ONNX export failed ({str(exc).splitlines()[0]})") from None
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 
-from lab import export
+import sbmoe.onnx
+from eval import load_retriever
 from model import VARIANTS, BiEncoder
 from sbmoe.config import backbone_flops
 from sbmoe.data import DataError, doc_text, load_beir, resolve_data_dir
@@ -112,15 +113,39 @@ def flags(dtype: str) -> dict:
 
 
 def cpu_peaks() -> dict:
-    """Rough peak rates of this CPU from its clock and ISA (per core: 2 FMA pipes of 8 fp32 lanes; int8 on AVX2
-    without VNNI: vpmaddubsw + vpmaddwd share those pipes, 32 multiply-adds a cycle; with AVX512-VNNI 128)."""
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    mhz = next((float(x.split(":")[1]) for x in flags.splitlines() if x.startswith("cpu MHz")), float("nan"))
+    """Rough peak rates of this CPU from its clock and ISA, per core and cycle: 2 FMA pipes of 8 fp32 lanes (AVX2)
+    or 16 (AVX-512 at full width; CPUs that split 512-bit ops in two reach half); int8 multiply-adds: 32 on AVX2
+    without VNNI (vpmaddubsw + vpmaddwd share those pipes), 64 with AVX-VNNI, 128 with AVX512-VNNI (vpdpbusd on two
+    pipes of 64 lanes). One multiply-add counts as 2 operations."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    mhz = next((float(x.split(":")[1]) for x in info.splitlines() if x.startswith("cpu MHz")), float("nan"))
+    flags = set(next((x.split(":", 1)[1].split() for x in info.splitlines() if x.startswith("flags")), []))
     cores = torch.get_num_threads()
-    vnni = "avx512_vnni" in flags or "avx_vnni" in flags
-    int8_macs = 128 if vnni else 32
-    return {"mhz": mhz, "cores": cores, "vnni": vnni, "avx512": "avx512f" in flags,
-            "fp32_gflops": cores * mhz * 1e-3 * 32, "int8_gops": cores * mhz * 1e-3 * 2 * int8_macs}  # fmt: skip
+    avx512, vnni = "avx512f" in flags, "avx512_vnni" in flags or "avx_vnni" in flags
+    int8_macs = 128 if "avx512_vnni" in flags else 64 if "avx_vnni" in flags else 32
+    fp32_fmas = 32 if avx512 else 16
+    return {"mhz": mhz, "cores": cores, "vnni": vnni, "avx512": avx512, "avx512_vnni": "avx512_vnni" in flags,
+            "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_int8" in flags,
+            "fp32_gflops": cores * mhz * 1e-3 * 2 * fp32_fmas, "int8_gops": cores * mhz * 1e-3 * 2 * int8_macs}  # fmt: skip
+
+
+def int8_quality(path: Path, recipe: str, kind: str) -> dict | None:
+    """The recipe's retrieval deltas to fp32 (lab/scripts/int8_quality.py's quality.json): for a baseline row the
+    zero-shot backbone (SciFact, NFCorpus) and the fine-tuned baseline, for an SB-MoE row the fine-tuned SB-MoE;
+    the largest |delta| of NDCG@10 and of Recall@100 over those (all and unseen-document queries), and where."""
+    try:
+        measured = json.loads(path.read_text()).get(recipe, {})
+    except (OSError, ValueError, AttributeError):
+        return None
+    targets = ["zeroshot", "zeroshot-nfcorpus", "baseline"] if kind == "baseline" else [kind]
+    out = {}
+    for metric in ("NDCG@10", "Recall@100"):
+        cells = [(t, k, v["delta"]) for t in targets if t in measured
+                 for k, v in measured[t]["deltas"].items() if k.startswith(metric)]  # fmt: skip
+        if cells:
+            t, k, d = max(cells, key=lambda c: abs(c[2]))
+            out[metric] = {"delta": d, "where": f"{t} {k.split()[-1]}", "of": sorted({c[0] for c in cells})}
+    return out or None
 
 
 ANCHOR_ONNX = ("sentence-transformers onnx", "sentence-transformers onnx-int8")
@@ -207,12 +232,12 @@ def bench_encode(args) -> dict:
     corpus, _, _ = load_data(args)
     texts = [doc_text(d) for d in corpus.values()]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    ours = BiEncoder.from_backbone(args.model_name_or_path, pooling="mean").to(device).eval()
+    ours = load_retriever("zeroshot", args.model_name_or_path, "mean").to(device).eval()
     tok = AutoTokenizer.from_pretrained(args.model_name_or_path)
     lengths = [len(x) for x in tok(texts, truncation=True, max_length=args.doc_max_length)["input_ids"]]
     L = args.doc_max_length
     fns = {"ours torch fp32": lambda: encode_texts(ours, tok, texts, L, args.batch_size, show_progress=False)}
-    if "bf16" in args.dtypes.split(","):  # ~6x slower than fp32 on CPUs without bf16 units: only when asked
+    if "bf16" in dtypes(args):  # on CPUs without bf16 units (no AVX512-BF16 or AMX) ~6x slower than fp32
         fns["ours torch bf16"] = lambda: encode_texts(ours, tok, texts, L, args.batch_size, show_progress=False,
                                                       bf16=True)  # fmt: skip
     tmp = Path(tempfile.mkdtemp(prefix="bench-onnx-"))
@@ -220,9 +245,25 @@ def bench_encode(args) -> dict:
     if args.anchor_python:  # started first: it loads, exports and quantises while we export our graphs
         anchor = AnchorWorker(args.anchor_python, args.model_name_or_path, texts, L, args.batch_size, device,
                               tmp / "anchor")  # fmt: skip
-    export.export_graphs(ours, tmp, int8=True)
-    graphs = {"ours onnx fp32": export.OnnxRetriever(tmp / export.ONNX_FP32, ours.config),
-              "ours onnx int8": export.OnnxRetriever(tmp / export.ONNX_INT8, ours.config)}  # fmt: skip
+    kinds = [k for k in (args.kinds or ["baseline", "sbmoe"]) if k != "baseline"]
+    recipes = {"baseline": args.int8_recipes or [sbmoe.onnx.INT8_BY_KIND["baseline"]]}
+    for kind in kinds:  # each MoE variant with its own chosen recipe and the baseline's (compared with it)
+        recipes[kind] = list(dict.fromkeys([sbmoe.onnx.INT8_BY_KIND[kind], sbmoe.onnx.INT8_BY_KIND["baseline"]]))
+    models = {"baseline": ours, **{k: build(k, args.model_name_or_path) for k in kinds}}
+    graphs, row_recipe = {}, {}
+    for kind, model in models.items():
+        folder = tmp / kind
+        sbmoe.onnx.export_graphs(model, folder, int8=False)
+        prefix = "ours" if kind == "baseline" else f"ours {kind}"
+        if kind == "baseline":
+            graphs["ours onnx fp32"] = sbmoe.onnx.OnnxRetriever(folder / sbmoe.onnx.ONNX_FP32, model.config)
+        for name in recipes[kind]:
+            path = folder / f"int8-{name}.onnx"
+            applied, _ = sbmoe.onnx.quantize_int8(folder / sbmoe.onnx.ONNX_FP32, path, model.config, sbmoe.onnx.INT8_RECIPES[name])
+            if sbmoe.onnx.graph_recipe(path) != applied:
+                raise RuntimeError(f"the int8 graph of recipe {name} is not that recipe")
+            graphs[f"{prefix} onnx int8 {name}"] = sbmoe.onnx.OnnxRetriever(path, model.config)
+            row_recipe[f"{prefix} onnx int8 {name}"] = (name, kind)
     for name, g in graphs.items():
         fns[name] = lambda g=g: encode_texts(g, tok, texts, L, args.batch_size, show_progress=False)
     notes = []
@@ -262,9 +303,11 @@ def bench_encode(args) -> dict:
                      f"export_dynamic_quantized_onnx_model '{info['quantization']}' ({info['int8_file']})")  # fmt: skip
     ref = fns["ours torch fp32"]()
     agree = {}
-    for name, fn in fns.items():  # warm-up, and agreement with the project's fp32 encoder
+    refs = {k: encode_texts(m, tok, texts, L, args.batch_size, show_progress=False) for k, m in models.items()}
+    for name, fn in fns.items():  # warm-up, and agreement with the project's fp32 encoder (of the same variant)
         emb = np.asarray(embedders.get(name, fn)(), dtype=np.float32)
-        agree[name] = {"max_abs_diff": float(np.abs(emb - ref).max()), "min_cosine": float((emb * ref).sum(1).min())}
+        r = refs[row_recipe[name][1]] if name in row_recipe else ref
+        agree[name] = {"max_abs_diff": float(np.abs(emb - r).max()), "min_cosine": float((emb * r).sum(1).min())}
     t = interleaved(fns, args.repeats)
     peaks = cpu_peaks()
     flops = float(np.mean([backbone_flops(ours.config, n) for n in lengths]))
@@ -274,8 +317,11 @@ def bench_encode(args) -> dict:
     for name, row in rows.items():
         row["ratio_to_fastest_anchor"] = row["docs_per_s"] / rows[best]["docs_per_s"]
         row["gops"] = row["docs_per_s"] * flops / 1e9
-        peak = peaks["int8_gops"] if "int8" in name else peaks["fp32_gflops"]
-        row["fraction_of_peak"] = row["gops"] / peak
+        row["fraction_of_int8_peak"] = row["gops"] / peaks["int8_gops"]
+        if name in row_recipe:
+            row["recipe"], row["kind"] = row_recipe[name]
+            row["recipe_settings"] = sbmoe.onnx.INT8_RECIPES[row["recipe"]]
+            row["quality"] = int8_quality(Path(args.quality), *row_recipe[name])
     report = {"machine": machine(), "docs": len(texts), "max_length": L, "mean_tokens": float(np.mean(lengths)),
               "batch_size": args.batch_size, "gflop_per_doc": flops / 1e9, "peaks": peaks, "fastest_anchor": best,
               "rows": rows, "notes": notes}  # fmt: skip
@@ -284,16 +330,34 @@ def bench_encode(args) -> dict:
                             "worker_median_s": {k: statistics.median(v[1:]) for k, v in anchor.seconds.items()},
                             "round_trip_median_s": {k: t[k] for k in ANCHOR_ONNX}}  # fmt: skip
         anchor.close()
-    isa = "AVX-512 VNNI" if peaks["vnni"] else "AVX2 only, no VNNI (int8 dot products through vpmaddubsw/vpmaddwd)"
+    isa = ("AMX" if peaks["amx"] else "AVX-512 VNNI" + (" and BF16, no AMX" if peaks["avx512_bf16"] else ", no AMX")
+           if peaks["avx512_vnni"] else "AVX-VNNI" if peaks["vnni"]
+           else "AVX2 only, no VNNI (int8 dot products through vpmaddubsw/vpmaddwd)")  # fmt: skip
+    report["cpu"] = sbmoe.onnx.cpu_description()
     lines = [f"{report['machine']}; {len(texts)} SciFact docs, max {L} tokens (mean {report['mean_tokens']:.0f}), batch "
              f"{args.batch_size}, {args.repeats} interleaved repeats (median); {flops / 1e9:.2f} GFLOP/doc",
-             f"CPU: {peaks['cores']} cores at {peaks['mhz']:.0f} MHz, {isa}; peak ~{peaks['fp32_gflops']:.0f} GFLOP/s fp32, "
-             f"~{peaks['int8_gops']:.0f} GOP/s int8",
-             "| encoder | docs/s | ratio to fastest anchor | GOP/s | fraction of peak | max abs diff | min cosine |",
-             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+             f"CPU: {report['cpu']}; {peaks['cores']} cores at {peaks['mhz']:.0f} MHz, {isa}; peak "
+             f"~{peaks['fp32_gflops']:.0f} GFLOP/s fp32, ~{peaks['int8_gops']:.0f} GOP/s int8",
+             "| encoder | docs/s | ratio to fastest anchor | GOP/s | fraction of int8 peak | max abs diff | min cosine "
+             "| ΔNDCG@10 to fp32 (largest) | ΔRecall@100 (largest) |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---|"]  # fmt: skip
+
+    def delta(r, metric):
+        q = (r.get("quality") or {}).get(metric)
+        return f"{q['delta']:+.4f} ({q['where']})" if q else ("not measured" if "int8" in r.get("name", "") else "")
+
     for name, r in rows.items():
+        r["name"] = name
         lines.append(f"| {name} | {r['docs_per_s']:.1f} | {r['ratio_to_fastest_anchor']:.2f} | {r['gops']:.1f} | "
-                     f"{r['fraction_of_peak']:.1%} | {r['max_abs_diff']:.1e} | {r['min_cosine']:.4f} |")  # fmt: skip
+                     f"{r['fraction_of_int8_peak']:.1%} | {r['max_abs_diff']:.1e} | {r['min_cosine']:.4f} | "
+                     f"{delta(r, 'NDCG@10')} | {delta(r, 'Recall@100')} |")  # fmt: skip
+        del r["name"]
+    if row_recipe:
+        lines.append(f"int8 rows: ours onnx int8 <recipe> (sbmoe.onnx.INT8_RECIPES; chosen per variant: "
+                     f"{', '.join(f'{k} {v}' for k, v in sbmoe.onnx.INT8_BY_KIND.items())}, on {sbmoe.onnx.INT8_CHOSEN_ON}); "
+                     f"SB-MoE rows: bench.build('sbmoe'), live experts; deltas: {args.quality}, largest |delta| over "
+                     "the zero-shot backbone (SciFact, NFCorpus) and the fine-tuned baseline for baseline rows, the "
+                     "fine-tuned SB-MoE for SB-MoE rows, all and unseen-document queries")  # fmt: skip
     lines += [f"fastest anchor: {best}", *notes]
     print("\n".join(lines), flush=True)
     report["table"] = lines
@@ -412,12 +476,12 @@ def bench_latency(args) -> dict:
     corpus, queries, _ = load_data(args)
     tok = AutoTokenizer.from_pretrained(args.model_name_or_path)
     torch.manual_seed(0)
-    models = {k: build(k, args.model_name_or_path) for k in args.kinds}
+    models = {k: build(k, args.model_name_or_path) for k in (args.kinds or list(VARIANTS))}
     q_texts = list(queries.values())[: args.latency_queries]
     one = [tok(q, truncation=True, max_length=64, return_tensors="pt") for q in q_texts]
     diff = {}
     if args.backend != "torch":  # the graphs eval.py --backend runs (the token-level MoE's computes every expert)
-        graphs = {k: export.onnx_retriever(m, args.backend) for k, m in models.items()}
+        graphs = {k: sbmoe.onnx.onnx_retriever(m, args.backend) for k, m in models.items()}
         with torch.inference_mode():
             for k, m in models.items():
                 ids, mask = one[0]["input_ids"], one[0]["attention_mask"]
@@ -475,7 +539,7 @@ def bench_pipeline(args) -> dict:
     from beir.retrieval.search.dense import DenseRetrievalExactSearch
 
     corpus, queries, qrels = load_data(args)
-    ours = BiEncoder.from_backbone(args.model_name_or_path, pooling="mean").eval()
+    ours = load_retriever("zeroshot", args.model_name_or_path, "mean").eval()
     tok = AutoTokenizer.from_pretrained(args.model_name_or_path)
     sbert = beir_models.SentenceBERT(args.model_name_or_path)
     sbert.q_model.max_seq_length = sbert.doc_model.max_seq_length = args.doc_max_length
@@ -609,7 +673,7 @@ def scale_one(backbone: str, size: int, n_queries: int, words: int, chunk: int, 
     from sbmoe.search import make_searcher
 
     tok = AutoTokenizer.from_pretrained(backbone)
-    model = BiEncoder.from_backbone(backbone, pooling="mean").eval()
+    model = load_retriever("zeroshot", backbone, "mean").eval()
     queries = {f"q{j}": t for j, t in enumerate(synthetic_texts(0, n_queries, QUERY_WORDS, seed=1))}
     warm = encode_texts(model, tok, synthetic_texts(0, 256, words, seed=2), words + 2, batch_size, show_progress=False)
     make_searcher(warm, "faiss", verbose=False).topk(warm[:8], 10)  # libraries loaded before the baseline
@@ -769,8 +833,15 @@ def main(argv=None) -> None:
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--latency_queries", type=int, default=50)
-    p.add_argument("--kinds", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="latency: variants")
-    p.add_argument("--backend", default="torch", choices=export.BACKENDS,
+    p.add_argument("--kinds", nargs="+", default=None, choices=list(VARIANTS),
+                   help="latency: variants (default all); encode: the variants whose int8 graphs are timed beside the "
+                        "baseline's (default baseline sbmoe)")  # fmt: skip
+    p.add_argument("--int8_recipes", nargs="+", default=None, choices=list(sbmoe.onnx.INT8_RECIPES),
+                   help="encode: the baseline's int8 recipes to time (default: its chosen one, sbmoe.onnx.INT8_BY_KIND); "
+                        "the other variants are timed with their chosen recipe")
+    p.add_argument("--quality", default="results/export/int8_quality/quality.json",
+                   help="encode: lab/scripts/int8_quality.py's deltas to fp32, shown beside each int8 row")
+    p.add_argument("--backend", default="torch", choices=sbmoe.onnx.BACKENDS,
                    help="latency: PyTorch, or the ONNX graphs export.py writes (fp32 or int8)")
     p.add_argument("--dtypes", default="cpu", help="'cpu' = fp32,bf16 (plus fp16 on a GPU), or a list")
     p.add_argument("--output", default=None, help="JSON report path (default results/bench/<what>.json)")

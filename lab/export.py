@@ -14,9 +14,10 @@ test metrics of that checkpoint and their unseen-document subset (the per-query 
 
 `--onnx` adds `onnx/encoder.onnx`: ids and attention mask in, the normalised embedding out (backbone,
 pooling, head and normalisation in one graph; dynamic batch and length), traced from the same model,
-MoE blocks dispatching densely (`sbmoe.layers.dispatch` while traced). `--int8` adds `onnx/encoder_int8.onnx`: its MatMul
-weights quantised to int8 per output channel with onnxruntime (dynamic quantisation: activations
-quantised per call); see `INT8` for the settings and results/export/ for how they were chosen. `eval.py --backend onnx | onnx-int8` evaluates through these graphs.
+MoE blocks dispatching densely (`sbmoe.layers.dispatch` while traced). `--int8` adds `onnx/encoder_int8.onnx`, built with onnxruntime by
+the recipe chosen for the checkpoint's kind (`INT8_BY_KIND`; `--int8_recipe` names another of `INT8_RECIPES`);
+onnx/export.json records the recipe as applied and the CPU it was chosen on, and the recipe read back from the graph
+(`graph_recipe`) must equal it, at export and whenever `eval.py --backend onnx-int8` loads the folder.
 
 Nothing is half-written: the folder is built next to OUT_DIR and renamed into place when complete.
 """
@@ -29,44 +30,24 @@ import os
 import re
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 from transformers import AutoTokenizer
 
-from model import BiEncoder, load_model
+from eval import load_retriever
+from model import BiEncoder
 from sbmoe.config import RetrieverConfig
 from sbmoe.data import DataError
-from sbmoe.files import atomic_write_text, follow_umask, make_temp_dir, remove_stale_temps, temp_prefix
+from sbmoe.files import follow_umask, make_temp_dir, remove_stale_temps, temp_prefix
 from sbmoe.hub import checkpoint_digest
+from sbmoe.onnx import INT8_RECIPES, ONNX_FP32, ONNX_INT8, export_graphs, read_json
 from utils import check_output, entry_point, fail
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-ONNX_FP32, ONNX_INT8, ONNX_INFO = "onnx/encoder.onnx", "onnx/encoder_int8.onnx", "onnx/export.json"
-FILES = {"onnx": ONNX_FP32, "onnx-int8": ONNX_INT8}
-BACKENDS = ("torch", "onnx", "onnx-int8")
-# Dynamic int8 quantisation, chosen by measurement on an AVX2 CPU without VNNI (results/export/int8_choice.log):
-# signed int8 weights per output channel (per-tensor loses too much: min cosine 0.90 against 0.99), MatMul only
-# (embedding tables stay fp32); reduce_range and uint8 weights were slower. Not fused: traced with
-# eager attention, onnxruntime's BERT optimizer fuses attention and the embeddings and the int8 graph encodes
-# 1.13x sentence-transformers' int8, but it lost 0.018 NDCG@10 on SciFact's unseen-document queries (paired
-# p = 0.01; the unfused graph -0.002, inside the noise): results/export/zeroshot-onnx-int8-fused.log.
-# Only MatMuls with a constant B (the weights; onnxruntime's dynamic default, pinned here): quantising the attention
-# scores (activation x activation) too lowered the minimum cosine to fp32 of a fine-tuned SB-MoE from 0.989 to 0.981
-# on 64 SciFact documents, for about a tenth of the multiply-adds at 256 tokens.
-# The first encoder layer's MatMuls stay fp32: quantising every layer cost a fine-tuned SB-MoE 0.0086 NDCG@10 on
-# SciFact test (unseen-document queries 0.0109), outside the 0.005 bound; excluding one group at a time showed the
-# first layer carries most of the loss (results/export/int8_layers.log), and with it in fp32 the loss is 0.0033
-# (unseen 0.0038) at the all-int8 speed (results/export/int8_first_layer.log). The MoE routers stay fp32 too (a
-# hidden x experts product, a few thousandths of the work): an int8 router could pick other experts than fp32's.
-INT8 = dict(optimize=False, per_channel=True, reduce_range=False, weight_type="QInt8", const_b_only=True,
-            fp32_nodes=("/encoder/layer.0/", "/router/"))
 TOLERANCE = 1e-5  # max |difference| per embedding coordinate, export vs eval.py, fp32
-ONNX_TOLERANCE = 1e-4  # onnxruntime fp32 vs torch (another summation order; fused kernels)
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,10 +69,7 @@ def load_checkpoint(path: str | Path) -> BiEncoder:
     if model_type != RetrieverConfig.model_type:
         raise DataError(f"{path}: not a checkpoint of this project (model_type {model_type!r}, expected "
                         f"{RetrieverConfig.model_type!r}; export.py takes what train.py writes)")  # fmt: skip
-    try:
-        return load_model(path).eval()
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
-        raise DataError(f"{path}: cannot load the checkpoint ({str(exc).splitlines()[0]})") from None
+    return load_retriever(None, str(path)).eval()
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,207 +145,61 @@ def check_sentence_transformer(folder: Path, model: BiEncoder, tokenizer, query_
 # ONNX: the whole encoder in one graph, and its int8 version
 
 
-class EncoderGraph(nn.Module):
-    """What the graph computes: eval.py's `model.encode(input_ids, attention_mask)`."""
-
-    def __init__(self, model: BiEncoder):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model.encode(input_ids, attention_mask)
 
 
-def probe_batch(vocab_size: int, batch: int = 3, length: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random ids (special ids 0..4 avoided) with ragged right padding."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, vocab_size, (batch, length), generator=g)
-    mask = torch.ones_like(ids)
-    for r in range(1, batch):
-        mask[r, length - 3 * r :] = 0
-    return ids.masked_fill(mask == 0, 0), mask
 
 
-def export_onnx(model: BiEncoder, path: Path, opset: int = 17) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ids, mask = probe_batch(model.config.backbone_config["vocab_size"], batch=4, length=16)
-    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
-            "sentence_embedding": {0: "batch"}}  # fmt: skip
-    model.eval()
-    with torch.no_grad(), warnings.catch_warnings():  # traced: MoE blocks dispatch densely
-        warnings.simplefilter("ignore")  # tracer notes on Python values: the checks after export are what count
-        torch.onnx.export(EncoderGraph(model).eval(), (ids, mask), str(path), dynamo=False, opset_version=opset,
-                          input_names=["input_ids", "attention_mask"], output_names=["sentence_embedding"],
-                          dynamic_axes=axes, do_constant_folding=True)  # fmt: skip
 
 
-def fp32_matmuls(path: Path, patterns) -> list[str]:
-    """The MatMul nodes of the traced graph whose names contain one of `patterns` (as `/encoder/layer.0/`)."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    return [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and any(p in n.name for p in patterns)]
 
 
-def quantize_int8(src: Path, dst: Path, config: RetrieverConfig, optimize: bool = True, per_channel: bool = True,
-                  reduce_range: bool = True, weight_type: str = "QInt8", const_b_only: bool = True,
-                  fp32_nodes=()) -> list[str]:  # fmt: skip
-    """Dynamic int8 quantisation of the MatMul weights, after onnxruntime's BERT graph fusions when `optimize`;
-    `const_b_only`: only MatMuls whose B is a weight (False: the attention scores' MatMuls too); the MatMuls whose
-    names contain one of `fp32_nodes` stay fp32 (not with `optimize`: the fusions rename them); returns their names."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    if fp32_nodes and optimize:
-        raise ValueError("fp32_nodes: not with optimize (the fusions rename the nodes)")
-    keep = fp32_matmuls(src, fp32_nodes)
-
-    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
-        source = src
-        if optimize:
-            from onnxruntime.transformers.optimizer import optimize_model
-
-            c = config.backbone_config
-            opt = optimize_model(str(src), model_type="bert", num_heads=c["num_attention_heads"],
-                                 hidden_size=c["hidden_size"], opt_level=1)  # fmt: skip
-            source = Path(tmp) / "optimized.onnx"
-            opt.save_model_to_file(str(source))
-        quantize_dynamic(str(source), str(dst), weight_type=getattr(QuantType, weight_type), per_channel=per_channel,
-                         reduce_range=reduce_range, op_types_to_quantize=["MatMul"], nodes_to_exclude=keep,
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT,  # fused ops lack shape inference
-                                        "MatMulConstBOnly": const_b_only})  # fmt: skip
-    return keep
 
 
-def session(path: Path, threads: int | None = None):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-class OnnxRetriever(nn.Module):
-    """An exported graph behind the interface eval.py's `encode_texts` uses: `encode`, `config`, a device."""
-
-    def __init__(self, path: Path, config: RetrieverConfig, threads: int | None = None):
-        super().__init__()
-        self.config = config
-        self.device_anchor = nn.Parameter(torch.empty(0), requires_grad=False)  # the device encode_texts reads (CPU)
-        self.session = session(path, threads)
-
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        feed = {"input_ids": input_ids.cpu().numpy().astype(np.int64),
-                "attention_mask": attention_mask.cpu().numpy().astype(np.int64)}  # fmt: skip
-        return torch.from_numpy(self.session.run(None, feed)[0])
 
 
-def check_onnx(path: Path, model: BiEncoder) -> float:
-    """Max |difference| between the graph and `model.encode` on ragged batches of other shapes than the trace's."""
-    graph = OnnxRetriever(path, model.config)
-    worst = 0.0
-    for batch, length, seed in ((1, 5, 1), (3, 12, 2), (7, 33, 3)):
-        ids, mask = probe_batch(model.config.backbone_config["vocab_size"], batch, length, seed)
-        with torch.no_grad():
-            ref = model.encode(ids, mask)
-        worst = max(worst, float((graph.encode(ids, mask) - ref).abs().max()))
-    return worst
 
 
-def export_graphs(model: BiEncoder, folder: Path, int8: bool, texts: list[str] | None = None, tokenizer=None,
-                  length: int = 256, settings: dict | None = None) -> dict:
-    """onnx/encoder.onnx (+ encoder_int8.onnx) under `folder`, checked; returns what onnx/export.json records,
-    `settings` (what eval.py evaluates the folder with: lengths, the checkpoint's identity) among it."""
-    fp32 = folder / ONNX_FP32
-    export_onnx(model, fp32)
-    info = {"config": model.config.to_dict(), "inputs": ["input_ids", "attention_mask"], "output": "sentence_embedding",
-            **(settings or {}), "fp32_max_abs_diff_vs_torch": check_onnx(fp32, model)}  # fmt: skip
-    if info["fp32_max_abs_diff_vs_torch"] > ONNX_TOLERANCE:
-        raise RuntimeError(f"ONNX graph differs from the model by {info['fp32_max_abs_diff_vs_torch']:.1e}")
-    if int8:
-        kept = quantize_int8(fp32, folder / ONNX_INT8, model.config, **INT8)
-        info["int8"] = dict(INT8, fp32_matmuls=len(kept))
-        if texts and tokenizer is not None:  # agreement on real text: cosine of each int8 embedding to fp32
-            from sbmoe.encoding import encode_texts
-
-            a = encode_texts(OnnxRetriever(fp32, model.config), tokenizer, texts, length, 16, show_progress=False)
-            b = encode_texts(OnnxRetriever(folder / ONNX_INT8, model.config), tokenizer, texts, length, 16,
-                             show_progress=False)  # fmt: skip
-            cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-            info["int8"]["min_cosine_to_fp32"] = float(cos.min())
-            info["int8"]["mean_cosine_to_fp32"] = float(cos.mean())
-    atomic_write_text(folder / ONNX_INFO, json.dumps(info, indent=1, default=str))
-    return info
 
 
-def is_export(folder: str | Path) -> bool:
-    """export.py's folder (a sentence-transformers folder, with or without onnx/), not a checkpoint."""
-    return (Path(folder) / "modules.json").is_file() or (Path(folder) / ONNX_INFO).is_file()
 
 
-def read_export_info(folder: str | Path) -> dict:
-    """onnx/export.json of an export folder, or a one-line DataError naming what is missing or broken."""
-    folder = Path(folder)
-    path = folder / ONNX_INFO
-    if not path.is_file():
-        raise DataError(f"{folder}: an export without {ONNX_INFO} (export it with export.py --onnx to evaluate it)")
-    info = _read_json(path)
-    if not isinstance(info, dict) or not isinstance(info.get("config"), dict):
-        raise DataError(f"{path}: not export.py's export.json (unreadable JSON or no config)")
-    try:
-        RetrieverConfig(**info["config"])
-    except (TypeError, ValueError) as exc:
-        raise DataError(f"{path}: its config does not build a model ({str(exc).splitlines()[0]})") from None
-    return info
 
 
-def load_onnx_retriever(folder: str | Path, backend: str) -> OnnxRetriever:
-    """The graph of an export folder for `eval.py --backend onnx | onnx-int8`."""
-    folder = Path(folder)
-    info = read_export_info(folder)
-    path = folder / FILES[backend]
-    if not path.is_file():
-        raise DataError(f"{folder}: no {FILES[backend]} (export it with export.py {'--int8' if 'int8' in backend else '--onnx'})")
-    try:
-        return OnnxRetriever(path, RetrieverConfig(**info["config"]))
-    except Exception as exc:  # onnxruntime raises its own types for a corrupt or truncated graph
-        raise DataError(f"{path}: not a loadable ONNX graph ({str(exc).splitlines()[0][:200]})") from None
 
 
-def onnx_retriever(model: BiEncoder, backend: str) -> OnnxRetriever:
-    """Export `model` on the fly (a temporary folder, gone once the session holds the graph; one left by a
-    process killed with SIGKILL is removed by the next)."""
-    anchor = Path(tempfile.gettempdir()) / "moe-retrieval-onnx"
-    remove_stale_temps(anchor)
-    tmp = make_temp_dir(anchor)
-    try:
-        export_graphs(model, tmp, int8=backend == "onnx-int8")
-        return OnnxRetriever(tmp / FILES[backend], model.config)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
 
 
 # --------------------------------------------------------------------------------------------
 # The model card
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def training_recipe(checkpoint: Path) -> dict:
     """What the checkpoint folder says about its training (run_info.json, log_history.json, training_args.bin)."""
     recipe: dict = {}
-    run_info = _read_json(checkpoint / "run_info.json")
+    run_info = read_json(checkpoint / "run_info.json")
     if isinstance(run_info, dict):
         recipe.update(run_info)
-    history = _read_json(checkpoint / "log_history.json")
+    history = read_json(checkpoint / "log_history.json")
     if isinstance(history, list) and history:
         from sbmoe.results import best_dev, train_seconds
 
@@ -396,7 +228,7 @@ def checkpoint_metrics(path: Path, checkpoint: Path) -> dict:
     per-query file beside it when the dataset's qrels are at hand."""
     if not path.is_file():
         raise DataError(f"--metrics {path}: no such file")
-    data = _read_json(path)
+    data = read_json(path)
     if not isinstance(data, dict):
         raise DataError(f"--metrics {path}: not eval.py's metrics.json (not a JSON object)")
     rows = {k: v for k, v in data.items() if isinstance(v, dict) and "NDCG@10" in v}
@@ -509,9 +341,13 @@ def model_card(model: BiEncoder, recipe: dict, metrics: dict | None, query_max_l
         lines += ["", "## ONNX", "", f"`{ONNX_FP32}`: the whole encoder (ids and mask in, normalised embedding out), "
                   f"max |difference| to PyTorch {onnx['fp32_max_abs_diff_vs_torch']:.1e}."]  # fmt: skip
         if "int8" in onnx:
-            settings = "; ".join(f"{k} {_card_value(v)}" for k, v in onnx["int8"].items())
-            lines.append(f"`{ONNX_INT8}`: dynamic int8 quantisation of the MatMul weights with onnxruntime ({settings}); "
-                         "the MatMuls whose names contain one of fp32_nodes stay fp32.")  # fmt: skip
+            q = onnx["int8"]
+            recipe = "; ".join(f"{k} {_card_value(v) if v != [] else 'none'}" for k, v in q["recipe"].items())
+            lines.append(f"`{ONNX_INT8}`: int8 with onnxruntime, recipe `{q['recipe_name']}` ({recipe}; "
+                         f"{q['fp32_nodes']} weight MatMuls kept fp32), chosen by measurement on {q['chosen_on']}; "
+                         f"exported on {q['exported_on']}."
+                         + (f" Cosine of int8 to fp32 embeddings on sample texts: min {q['min_cosine_to_fp32']:.4f}, "
+                            f"mean {q['mean_cosine_to_fp32']:.4f}." if "min_cosine_to_fp32" in q else ""))  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -527,7 +363,8 @@ SAMPLE_TEXTS = [
 
 
 def export(checkpoint: Path, out: Path, onnx: bool = False, int8: bool = False, overwrite: bool = False,
-           metrics: Path | None = None, query_max_length: int = 64, doc_max_length: int = 256) -> dict:  # fmt: skip
+           metrics: Path | None = None, query_max_length: int = 64, doc_max_length: int = 256,
+           int8_recipe: str | None = None) -> dict:  # fmt: skip
     """Build the whole folder beside `out`, check it, then rename it into place."""
     extra = len(temp_prefix(out)) - len(out.name) + 8  # the temporary sibling's longer name (mkdtemp adds 8)
     check_output(out, "OUT_DIR", inputs=[checkpoint, metrics], file=out.is_file(), extra_name=extra)  # a file: --overwrite
@@ -554,7 +391,7 @@ def export(checkpoint: Path, out: Path, onnx: bool = False, int8: bool = False, 
         if report["sentence_transformers_max_abs_diff"] > TOLERANCE:
             raise RuntimeError(f"the exported folder encodes {report['sentence_transformers_max_abs_diff']:.1e} away "
                                "from eval.py")  # fmt: skip
-        graphs = export_graphs(model, tmp, int8, SAMPLE_TEXTS, tokenizer, doc_max_length, settings) \
+        graphs = export_graphs(model, tmp, int8, SAMPLE_TEXTS, tokenizer, doc_max_length, settings, int8_recipe) \
             if onnx or int8 else None  # fmt: skip
         if graphs:
             report["onnx"] = graphs
@@ -584,17 +421,22 @@ def main(argv=None) -> dict:
     p.add_argument("out_dir", help="the sentence-transformers folder to write (must not exist, unless --overwrite)")
     p.add_argument("--onnx", action="store_true", help="also onnx/encoder.onnx: the whole encoder, fp32")
     p.add_argument("--int8", action="store_true", help="also onnx/encoder_int8.onnx (implies --onnx)")
+    p.add_argument("--int8_recipe", default=None, choices=list(INT8_RECIPES),
+                   help="with --int8: this recipe instead of the one chosen for the checkpoint's kind (INT8_BY_KIND)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--metrics", default=None, help="eval.py's metrics.json of this checkpoint, for the model card")
     p.add_argument("--query_max_length", type=int, default=64)
     p.add_argument("--doc_max_length", type=int, default=256)
     args = p.parse_args(argv)
+    if args.int8_recipe and not args.int8:
+        p.error("--int8_recipe: only with --int8")
     for flag in ("query_max_length", "doc_max_length"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} {getattr(args, flag)}: must be at least 1")
     try:
         report = export(Path(args.checkpoint), Path(args.out_dir), args.onnx, args.int8, args.overwrite,
-                        Path(args.metrics) if args.metrics else None, args.query_max_length, args.doc_max_length)  # fmt: skip
+                        Path(args.metrics) if args.metrics else None, args.query_max_length, args.doc_max_length,
+                        args.int8_recipe)  # fmt: skip
     except DataError as exc:
         fail(str(exc))
     except RuntimeError as exc:

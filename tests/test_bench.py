@@ -14,10 +14,13 @@ import pytest
 import torch
 from conftest import one_line_error
 
+import sbmoe.onnx
 from lab import bench
 
 ANCHOR_PYTHON = os.environ.get("BENCH_ANCHOR_PYTHON")
-OURS = ["ours torch fp32", "ours onnx fp32", "ours onnx int8"]
+BY_KIND = sbmoe.onnx.INT8_BY_KIND
+OURS = ["ours torch fp32", "ours torch bf16", "ours onnx fp32", f"ours onnx int8 {BY_KIND['baseline']}",
+        *[f"ours sbmoe onnx int8 {r}" for r in dict.fromkeys([BY_KIND["sbmoe"], BY_KIND["baseline"]])]]  # fmt: skip
 
 
 def run_encode(backbone: Path, data: Path, out: Path, *extra: str) -> dict:
@@ -48,6 +51,10 @@ def check_report(report: dict, stdout: str, expected: list[str]) -> None:
         assert row["docs_per_s"] > 0 and -1.0001 <= row["min_cosine"] <= 1.0001
     assert rows[best]["ratio_to_fastest_anchor"] == pytest.approx(1.0)
     assert rows["ours torch fp32"]["max_abs_diff"] == 0.0  # the reference itself
+    for name, row in rows.items():  # each int8 row names its recipe, as export.py builds it
+        if "int8" in name and name.startswith("ours"):
+            assert row["recipe_settings"] == sbmoe.onnx.INT8_RECIPES[row["recipe"]] and name.endswith(row["recipe"])
+            assert row["fraction_of_int8_peak"] == pytest.approx(row["gops"] / report["peaks"]["int8_gops"])
     printed = table_rows(stdout)
     assert list(printed) == expected
     for name, cells in printed.items():  # docs/s and ratio as written
@@ -168,3 +175,18 @@ def test_backend_only_for_latency(tiny_backbone, capsys):
         bench.main(["encode", "--model_name_or_path", str(tiny_backbone), "--backend", "onnx"])
     assert exc.value.code != 0
     one_line_error(capsys, "--backend onnx: only for latency")
+
+
+def test_int8_rows_show_the_recipes_quality_deltas(tiny_backbone, tiny_beir, tmp_path, capsys):
+    """Beside each int8 row: the largest |delta| to fp32 that lab/scripts/int8_quality.py measured for its recipe."""
+    name = BY_KIND["baseline"]
+    deltas = {"NDCG@10 all": {"delta": 0.001}, "NDCG@10 unseen": {"delta": -0.0042}, "Recall@100 all": {"delta": 0.003}}
+    quality = {name: {"zeroshot": {"deltas": deltas}, "sbmoe": {"deltas": {"NDCG@10 all": {"delta": 0.0071}}}}}
+    (tmp_path / "quality.json").write_text(json.dumps(quality))
+    report = run_encode(tiny_backbone, tiny_beir, tmp_path / "encode.json", "--kinds", "baseline", "--quality",
+                        str(tmp_path / "quality.json"))  # fmt: skip
+    row = table_rows(capsys.readouterr().out)[f"ours onnx int8 {name}"]
+    assert row[-2:] == ["-0.0042 (zeroshot unseen)", "+0.0030 (zeroshot all)"]
+    assert report["rows"][f"ours onnx int8 {name}"]["quality"]["NDCG@10"]["delta"] == -0.0042
+    assert [k for k in report["rows"] if k.startswith("ours")] == OURS[:4]  # --kinds baseline: no SB-MoE rows
+    assert table_rows("\n".join(report["table"]))["ours onnx fp32"][-2:] == ["", ""]  # no deltas for fp32 rows

@@ -10,6 +10,8 @@ import torch
 from conftest import write_tiny_beir
 from transformers import AutoTokenizer
 
+import eval as evaluation
+import sbmoe.onnx
 from lab import export
 from model import VARIANTS
 from sbmoe.encoding import encode_texts
@@ -104,33 +106,91 @@ def test_onnx_graph_and_int8_agree_with_the_model(checkpoints, tmp_path):
     ckpt, model = checkpoints["moe"]
     out = tmp_path / "st"
     report = export.export(ckpt, out, onnx=True, int8=True, **LENGTHS)
-    assert report["onnx"]["fp32_max_abs_diff_vs_torch"] < export.ONNX_TOLERANCE
+    assert report["onnx"]["fp32_max_abs_diff_vs_torch"] < sbmoe.onnx.ONNX_TOLERANCE
     tok = AutoTokenizer.from_pretrained(ckpt)
     ref = project_embeddings(model, ckpt, 64)
-    fp32 = encode_texts(export.load_onnx_retriever(out, "onnx"), tok, TEXTS, 64, 2, show_progress=False)
-    int8 = encode_texts(export.load_onnx_retriever(out, "onnx-int8"), tok, TEXTS, 64, 2, show_progress=False)
-    assert np.abs(fp32 - ref).max() < export.ONNX_TOLERANCE
+    fp32 = encode_texts(sbmoe.onnx.load_onnx_retriever(out, "onnx"), tok, TEXTS, 64, 2, show_progress=False)
+    int8 = encode_texts(sbmoe.onnx.load_onnx_retriever(out, "onnx-int8"), tok, TEXTS, 64, 2, show_progress=False)
+    assert np.abs(fp32 - ref).max() < sbmoe.onnx.ONNX_TOLERANCE
     assert (int8 * ref).sum(1).min() > INT8_MIN_COSINE
     assert np.abs(int8 - ref).max() > 0  # it is quantised
+    q = report["onnx"]["int8"]
+    assert q["recipe_name"] == sbmoe.onnx.INT8_BY_KIND["moe"] and q["chosen_on"] == sbmoe.onnx.INT8_CHOSEN_ON
+    card = (out / "README.md").read_text()  # the card names the recipe and the CPU it was chosen on
+    assert f"recipe `{q['recipe_name']}`" in card and sbmoe.onnx.INT8_CHOSEN_ON in card
+
+
+def int8_nodes(path):
+    """The graph's int8 weight products by op, and its float weight MatMuls, read straight from the ONNX file."""
     import onnx
 
-    graph = onnx.load(str(out / export.ONNX_INT8)).graph
-    weights = {t.name for t in graph.initializer}
-    integer = [n for n in graph.node if n.op_type == "MatMulInteger"]
-    float_matmuls = [n for n in graph.node if n.op_type == "MatMul"]
-    assert integer and all(n.input[1] in weights for n in integer)  # only weights are int8 ...
-    kept = [n for n in float_matmuls if n.input[1] in weights]  # ... but the first layer's and the routers' stay fp32
-    first = [n for n in kept if "/encoder/layer.0/" in n.name]
-    routers = [n for n in kept if "/router/" in n.name]
-    assert len(first) == 6 and len(routers) == model.config.backbone_config["num_hidden_layers"] // 2
-    assert len(kept) == len(first) + len(routers)
-    assert not any("/encoder/layer.0/" in n.name or "/router/" in n.name for n in integer)
-    assert sum("/experts." in n.name for n in integer) == 2 * 4 * len(routers)  # every expert's two weights
-    scores = [n for n in float_matmuls if n not in kept]
-    assert scores and not any(n.input[1] in weights for n in scores)  # ... as do the attention scores
-    assert report["onnx"]["int8"]["fp32_matmuls"] == len(first) + 2 + len(routers)  # + layer 0's attention scores
-    card = (out / "README.md").read_text()  # the card says which MatMuls stayed fp32
-    assert f"fp32_nodes `/encoder/layer.0/`, `/router/`; fp32_matmuls {len(first) + 2 + len(routers)}" in card
+    graph = onnx.load(str(path)).graph
+    inits = {t.name: t for t in graph.initializer}
+    integer = [n for n in graph.node if n.op_type == "MatMulInteger" and n.input[1] in inits]
+    scores = [n for n in graph.node if n.op_type == "MatMulInteger" and n.input[1] not in inits]
+    qattention = [n for n in graph.node if n.op_type == "QAttention"]
+    float_weights = [n for n in graph.node if n.op_type in ("MatMul", "Attention") and n.input[1] in inits]
+    zero_points = [int(np.prod(inits[n.input[3]].dims)) for n in integer] + \
+                  [int(np.prod(inits[n.input[7]].dims)) for n in qattention if len(n.input) > 7 and n.input[7] in inits]  # fmt: skip
+    return {"ops": {n.op_type for n in graph.node}, "integer": integer, "scores": scores, "qattention": qattention,
+            "float_weights": float_weights, "zero_points": zero_points}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(sbmoe.onnx.INT8_RECIPES))
+def test_int8_graph_is_the_recipe_export_json_records(name, checkpoints, tmp_path):
+    """What export.json (and so the model card) says of the int8 graph is what the graph holds: each recipe key
+    checked against the graph's own ops and scales here, independently of sbmoe.onnx.graph_recipe."""
+    ckpt, model = checkpoints["moe"]
+    out = tmp_path / "st"
+    report = export.export(ckpt, out, int8=True, int8_recipe=name, **LENGTHS)
+    recorded = json.loads((out / sbmoe.onnx.ONNX_INFO).read_text())["int8"]
+    assert recorded == json.loads(json.dumps(report["onnx"]["int8"]))
+    recipe, wanted = recorded["recipe"], sbmoe.onnx.INT8_RECIPES[name]
+    assert recorded["recipe_name"] == name and {k: v for k, v in recipe.items() if k != "fp32"} == \
+        {k: v for k, v in wanted.items() if k != "fp32"}  # fmt: skip
+    assert recipe["fp32"] == sorted(wanted["fp32"])  # this MoE has both a first layer and routers
+    g = int8_nodes(out / sbmoe.onnx.ONNX_INT8)
+    layers = model.config.backbone_config["num_hidden_layers"]
+    assert recipe["fusions"] == ("SkipLayerNormalization" in g["ops"])
+    assert recipe["attention"] == bool(g["qattention"])
+    if recipe["attention"]:
+        assert len(g["qattention"]) == layers - ("first_layer" in recipe["fp32"])
+    assert recipe["scores"] == bool(g["scores"])
+    assert g["zero_points"] and all((z > 1) == (recipe["weights"] == "per-channel") for z in g["zero_points"])
+    assert recipe["activations"] == "dynamic" and "DynamicQuantizeLinear" in g["ops"]
+    kept = {n.name for n in g["float_weights"]}
+    assert any("/router/" in n for n in kept) == ("routers" in recipe["fp32"])
+    assert any("/layer.0/" in n for n in kept) == ("first_layer" in recipe["fp32"])
+    for group in recipe["fp32"]:
+        assert not any(sbmoe.onnx.FP32_GROUPS[group] in n.name for n in g["integer"] + g["qattention"])
+    assert recorded["fp32_nodes"] == len(kept)
+    assert sbmoe.onnx.graph_recipe(out / sbmoe.onnx.ONNX_INT8) == recipe
+
+
+def test_a_graph_that_is_not_its_recorded_recipe_is_refused(checkpoints, tiny_beir, tmp_path, capsys):
+    """A graph swapped or a record edited after export: eval.py will not evaluate it under the wrong name."""
+    ckpt, _ = checkpoints["sbmoe"]
+    names = list(sbmoe.onnx.INT8_RECIPES)
+    a, b = tmp_path / "a", tmp_path / "b"
+    export.export(ckpt, a, int8=True, int8_recipe=names[0], **LENGTHS)
+    export.export(ckpt, b, int8=True, int8_recipe=names[1], **LENGTHS)
+    sbmoe.onnx.load_onnx_retriever(a, "onnx-int8")  # as written: accepted
+    (a / sbmoe.onnx.ONNX_INT8).write_bytes((b / sbmoe.onnx.ONNX_INT8).read_bytes())
+    with pytest.raises(export.DataError, match="is not the recipe"):
+        sbmoe.onnx.load_onnx_retriever(a, "onnx-int8")
+    info = json.loads((b / sbmoe.onnx.ONNX_INFO).read_text())
+    info["int8"]["recipe"]["weights"] = "per-tensor"  # the record edited, the graph per-channel
+    (b / sbmoe.onnx.ONNX_INFO).write_text(json.dumps(info))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        evaluation.main(["--model", "sbmoe", "--checkpoint", str(b), "--backend", "onnx-int8", "--data_dir", str(tiny_beir),
+                 "--output_dir", str(tmp_path / "eval")])
+    assert exc.value.code != 0
+    err = capsys.readouterr().err  # (progress bars of the libraries aside) one error line, no traceback
+    lines = [x for x in err.splitlines() if x.startswith("error:")]
+    assert "Traceback" not in err and len(lines) == 1
+    assert "weights 'per-tensor' recorded, 'per-channel' in the graph" in lines[0]
+
 
 @pytest.mark.parametrize("kind,design", [("sbmoe", "seed"), ("sbmoe", "sokli"), ("moe", None)])
 def test_random_routing_controls_trace_to_onnx_exactly(kind, design, tiny_backbone, tmp_path):
@@ -138,10 +198,10 @@ def test_random_routing_controls_trace_to_onnx_exactly(kind, design, tiny_backbo
     settings = dict(routing="random", **({"design": design} if design else {}))
     model = make_checkpoint(tmp_path / "ckpt", tiny_backbone, kind, **settings)
     report = export.export(tmp_path / "ckpt", tmp_path / "st", onnx=True, **LENGTHS)
-    assert report["onnx"]["fp32_max_abs_diff_vs_torch"] < export.ONNX_TOLERANCE
+    assert report["onnx"]["fp32_max_abs_diff_vs_torch"] < sbmoe.onnx.ONNX_TOLERANCE
     tok = AutoTokenizer.from_pretrained(tmp_path / "ckpt")
-    got = encode_texts(export.load_onnx_retriever(tmp_path / "st", "onnx"), tok, TEXTS, 64, 3, show_progress=False)
-    assert np.abs(got - project_embeddings(model, tmp_path / "ckpt", 64)).max() < export.ONNX_TOLERANCE
+    got = encode_texts(sbmoe.onnx.load_onnx_retriever(tmp_path / "st", "onnx"), tok, TEXTS, 64, 3, show_progress=False)
+    assert np.abs(got - project_embeddings(model, tmp_path / "ckpt", 64)).max() < sbmoe.onnx.ONNX_TOLERANCE
 
 
 def test_eval_backends_give_the_same_metrics(checkpoints, tmp_path):

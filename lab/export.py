@@ -40,9 +40,9 @@ from eval import load_retriever
 from model import BiEncoder
 from sbmoe.config import RetrieverConfig
 from sbmoe.data import DataError
-from sbmoe.files import follow_umask, make_temp_dir, remove_stale_temps, temp_prefix
+from sbmoe.files import follow_umask, make_temp_dir, read_json, remove_stale_temps, temp_prefix
 from sbmoe.hub import checkpoint_digest
-from sbmoe.onnx import INT8_RECIPES, ONNX_FP32, ONNX_INT8, export_graphs, read_json
+from sbmoe.onnx import INT8_RECIPES, ONNX_FP32, ONNX_INT8, export_graphs
 from utils import check_output, entry_point, fail
 
 HERE = Path(__file__).resolve().parent

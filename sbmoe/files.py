@@ -64,6 +64,14 @@ def read_trec(path: Path) -> dict[str, dict[str, float]]:
     return run
 
 
+def read_json(path: Path):
+    """A JSON file's content, or None when it is missing or not JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def atomic_write_text(path: Path | str, text: str) -> None:
     """Write to a temp file in the same folder, then rename: readers never see half a file."""
     atomic_write_bytes(path, text.encode("utf-8"))

@@ -16,17 +16,9 @@ import torch.nn as nn
 
 from sbmoe.config import RetrieverConfig
 from sbmoe.data import DataError
-from sbmoe.files import atomic_write_text, make_temp_dir, remove_stale_temps
+from sbmoe.files import atomic_write_text, make_temp_dir, read_json, remove_stale_temps
 
 ONNX_FP32 = "onnx/encoder.onnx"
-
-
-def read_json(path: Path):
-    """A JSON file's content, or None when it is missing or not JSON."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 ONNX_INT8 = "onnx/encoder_int8.onnx"

@@ -189,7 +189,7 @@ def maker_note(recorded: dict) -> tuple[str, str]:
     return commit, describe_machine(m.get("machine", UNKNOWN))
 
 
-if __name__ == "__main__":  # python provenance.py FOLDER...: the identity of models or datasets
+if __name__ == "__main__":  # python -m sbmoe.provenance FOLDER...: the identity of models or datasets
     for arg in sys.argv[1:]:
         p = Path(arg)
         ident = dataset_identity(p) if (p / "qrels").is_dir() else backbone_identity(arg)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -266,3 +268,36 @@ def test_a_failed_export_leaves_nothing_and_overwrite_replaces(checkpoints, tmp_
     monkeypatch.undo()
     export.export(ckpt, out, overwrite=True, **LENGTHS)
     assert not (out / "stale.txt").exists() and (out / "modules.json").is_file()
+
+
+SHIPPED = """import importlib.util, json, sys, torch
+sys.path.insert(0, sys.argv[1])
+assert importlib.util.find_spec("sbmoe") is None and importlib.util.find_spec("model") is None
+import modeling_moe_retriever as m
+ids = torch.tensor([[1, 5, 7, 9, 2], [1, 6, 2, 0, 0]])
+mask = (ids > 0).long()
+out = []
+for path in sys.argv[2:]:
+    with torch.no_grad():
+        out.append(m.load_model(path).eval().encode(ids, mask).tolist())
+print(json.dumps(out))
+"""
+
+
+def test_the_exported_modeling_file_runs_without_the_project(checkpoints, tmp_path):
+    """modeling_moe_retriever.py travels alone: in a process that cannot import the project it rebuilds every
+    variant's checkpoint and encodes as the project does."""
+    from model import load_model
+
+    folder = tmp_path / "shipped"
+    folder.mkdir()
+    (folder / "modeling_moe_retriever.py").write_text(export.modeling_source(), encoding="utf-8")
+    paths = [str(p) for p, _ in checkpoints.values()]
+    proc = subprocess.run([sys.executable, "-I", "-c", SHIPPED, str(folder), *paths], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ids = torch.tensor([[1, 5, 7, 9, 2], [1, 6, 2, 0, 0]])
+    for path, theirs in zip(paths, json.loads(proc.stdout.splitlines()[-1])):
+        with torch.no_grad():
+            ours = load_model(path).eval().encode(ids, (ids > 0).long())
+        assert torch.allclose(ours, torch.tensor(theirs), atol=1e-6), path

@@ -191,7 +191,7 @@ def load_retriever(kind: str | None, source: str, pooling: str = "auto") -> BiEn
     return model
 
 
-def load_for_eval(name: str, checkpoint: str | None, args) -> tuple[BiEncoder, object, str, dict]:
+def load_for_eval(name: str, checkpoint: str | None, args, data_dir: Path) -> tuple[BiEncoder, object, str, dict]:
     """The model, its tokenizer, where it came from and what shapes its numbers (metrics.json's `settings`)."""
     backend = getattr(args, "backend", "torch")
     precision = {"onnx": "fp32", "onnx-int8": "int8 weights, fp32 activations"}.get(
@@ -232,7 +232,10 @@ def load_for_eval(name: str, checkpoint: str | None, args) -> tuple[BiEncoder, o
     if backend != "torch":
 
         try:
-            return sbmoe.onnx.onnx_retriever(model.eval(), backend), tokenizer, source, facts
+            calibration = None
+            if backend == "onnx-int8":  # a recipe that calibrates does so on the corpus being searched
+                calibration = (f"{data_dir.name} corpus", sbmoe.onnx.calibration_texts([data_dir]))
+            return sbmoe.onnx.onnx_retriever(model.eval(), backend, tokenizer, calibration), tokenizer, source, facts
         except RuntimeError as exc:
             raise DataError(f"{source}: ONNX export failed ({str(exc).splitlines()[0]})") from None
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -303,7 +306,7 @@ def main(argv=None) -> dict:
 
     for i, name in enumerate(args.model):
         try:
-            model, tokenizer, source, facts = load_for_eval(name, args.checkpoint[i] if args.checkpoint else None, args)
+            model, tokenizer, source, facts = load_for_eval(name, args.checkpoint[i] if args.checkpoint else None, args, data_dir)
         except DataError as exc:
             fail(str(exc))
         tag = args.tag if args.tag and len(args.model) == 1 else name

@@ -39,10 +39,11 @@ from transformers import AutoTokenizer
 from eval import load_retriever
 from model import BiEncoder
 from sbmoe.config import RetrieverConfig
-from sbmoe.data import DataError
+from sbmoe.data import DataError, dataset_name, resolve_dataset
 from sbmoe.files import follow_umask, make_temp_dir, read_json, remove_stale_temps, temp_prefix
 from sbmoe.hub import checkpoint_digest
-from sbmoe.onnx import INT8_RECIPES, ONNX_FP32, ONNX_INT8, export_graphs
+from sbmoe.onnx import CALIBRATION_DOCS, INT8_RECIPES, ONNX_FP32, ONNX_INT8, calibration_texts, export_graphs
+from sbmoe.onnx import int8_recipe as recipe_for
 from utils import check_output, entry_point, fail
 
 HERE = Path(__file__).resolve().parent
@@ -362,9 +363,34 @@ SAMPLE_TEXTS = [
 ]  # fmt: skip
 
 
+def training_datasets(checkpoint: Path) -> list[str]:
+    """The datasets the checkpoint was trained on, as its provenance.json names them (none if it has none)."""
+    record = read_json(checkpoint / "provenance.json")
+    entry = record.get("inputs", {}).get("dataset") if isinstance(record, dict) else None
+    entries = entry if isinstance(entry, list) else [entry] if entry else []
+    return [e["name"] for e in entries if isinstance(e, dict) and isinstance(e.get("name"), str)]
+
+
+def calibration_corpora(checkpoint: Path, wanted: list[str] | None) -> tuple[str, list[str]]:
+    """(where they come from, documents) for a recipe that calibrates: `--calibration`'s datasets (names or
+    folders), or else the checkpoint's training datasets found here."""
+    names = wanted or training_datasets(checkpoint)
+    if not names:
+        raise DataError(f"{checkpoint}: records no training dataset to calibrate int8 on; name one with --calibration")
+    try:
+        folders = [resolve_dataset(name, download=False) for name in names]
+    except DataError as exc:
+        flag = "--calibration" if wanted else "--calibration (the checkpoint's training data is not here)"
+        raise DataError(f"{flag}: {exc}") from None
+    texts = calibration_texts(folders)
+    if not texts:
+        raise DataError(f"--calibration {' '.join(names)}: no corpus documents")
+    return f"{' + '.join(dataset_name(f) for f in folders)} corpus", texts
+
+
 def export(checkpoint: Path, out: Path, onnx: bool = False, int8: bool = False, overwrite: bool = False,
            metrics: Path | None = None, query_max_length: int = 64, doc_max_length: int = 256,
-           int8_recipe: str | None = None) -> dict:  # fmt: skip
+           int8_recipe: str | None = None, calibration: list[str] | None = None) -> dict:  # fmt: skip
     """Build the whole folder beside `out`, check it, then rename it into place."""
     extra = len(temp_prefix(out)) - len(out.name) + 8  # the temporary sibling's longer name (mkdtemp adds 8)
     check_output(out, "OUT_DIR", inputs=[checkpoint, metrics], file=out.is_file(), extra_name=extra)  # a file: --overwrite
@@ -377,6 +403,11 @@ def export(checkpoint: Path, out: Path, onnx: bool = False, int8: bool = False, 
             raise DataError(f"--{flag} {value}: the backbone has {limit} positions")
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     facts = checkpoint_metrics(metrics, checkpoint) if metrics else None
+    documents = None
+    if int8:
+        recipe = recipe_for(model.config.kind, int8_recipe)[1]
+        if recipe["smoothing"] is not None or recipe["activations"] == "static":
+            documents = calibration_corpora(checkpoint, calibration)
     settings = {"query_max_length": query_max_length, "doc_max_length": doc_max_length,
                 "checkpoint_sha1": checkpoint_digest(checkpoint)}  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -391,8 +422,8 @@ def export(checkpoint: Path, out: Path, onnx: bool = False, int8: bool = False, 
         if report["sentence_transformers_max_abs_diff"] > TOLERANCE:
             raise RuntimeError(f"the exported folder encodes {report['sentence_transformers_max_abs_diff']:.1e} away "
                                "from eval.py")  # fmt: skip
-        graphs = export_graphs(model, tmp, int8, SAMPLE_TEXTS, tokenizer, doc_max_length, settings, int8_recipe) \
-            if onnx or int8 else None  # fmt: skip
+        graphs = export_graphs(model, tmp, int8, SAMPLE_TEXTS, tokenizer, doc_max_length, settings, int8_recipe,
+                               documents) if onnx or int8 else None  # fmt: skip
         if graphs:
             report["onnx"] = graphs
         card = model_card(model, training_recipe(checkpoint), facts, query_max_length, doc_max_length, graphs)
@@ -423,6 +454,10 @@ def main(argv=None) -> dict:
     p.add_argument("--int8", action="store_true", help="also onnx/encoder_int8.onnx (implies --onnx)")
     p.add_argument("--int8_recipe", default=None, choices=list(INT8_RECIPES),
                    help="with --int8: this recipe instead of the one chosen for the checkpoint's kind (INT8_BY_KIND)")
+    p.add_argument("--calibration", nargs="+", metavar="DATASET", default=None,
+                   help="with --int8, for a recipe that calibrates (smoothing): the BEIR datasets (names or folders) "
+                        f"whose corpus documents ({CALIBRATION_DOCS}, spread evenly) set the activation ranges; by "
+                        "default the checkpoint's training datasets")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--metrics", default=None, help="eval.py's metrics.json of this checkpoint, for the model card")
     p.add_argument("--query_max_length", type=int, default=64)
@@ -430,13 +465,15 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.int8_recipe and not args.int8:
         p.error("--int8_recipe: only with --int8")
+    if args.calibration and not args.int8:
+        p.error("--calibration: only with --int8")
     for flag in ("query_max_length", "doc_max_length"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} {getattr(args, flag)}: must be at least 1")
     try:
         report = export(Path(args.checkpoint), Path(args.out_dir), args.onnx, args.int8, args.overwrite,
                         Path(args.metrics) if args.metrics else None, args.query_max_length, args.doc_max_length,
-                        args.int8_recipe)  # fmt: skip
+                        args.int8_recipe, args.calibration)  # fmt: skip
     except DataError as exc:
         fail(str(exc))
     except RuntimeError as exc:

@@ -40,18 +40,21 @@ BACKENDS = ("torch", "onnx", "onnx-int8")
 INT8_RECIPES = {
     # the earlier recipe, chosen on an AVX2 CPU without VNNI: unfused, the first layer (and routers) fp32
     "unfused-l0fp32": {"fusions": False, "attention": False, "scores": False, "weights": "per-channel",
-                       "activations": "dynamic", "fp32": ["first_layer", "routers"]},
+                       "activations": "dynamic", "fp32": ["first_layer", "routers"], "smoothing": None},
     # every weight MatMul int8 (routers aside), unfused
     "unfused": {"fusions": False, "attention": False, "scores": False, "weights": "per-channel",
-                "activations": "dynamic", "fp32": ["routers"]},
+                "activations": "dynamic", "fp32": ["routers"], "smoothing": None},
     # sentence-transformers' own int8 export: also the attention scores' products (routers aside)
     "unfused-scores": {"fusions": False, "attention": False, "scores": True, "weights": "per-channel",
-                       "activations": "dynamic", "fp32": ["routers"]},
+                       "activations": "dynamic", "fp32": ["routers"], "smoothing": None},
     # onnxruntime's BERT fusions, then every weight MatMul int8, the fused attention's QKV too (QAttention)
     "fused": {"fusions": True, "attention": True, "scores": False, "weights": "per-channel",
-              "activations": "dynamic", "fp32": ["routers"]},
+              "activations": "dynamic", "fp32": ["routers"], "smoothing": None},
     "fused-l0fp32": {"fusions": True, "attention": True, "scores": False, "weights": "per-channel",
-                     "activations": "dynamic", "fp32": ["first_layer", "routers"]},
+                     "activations": "dynamic", "fp32": ["first_layer", "routers"], "smoothing": None},
+    # unfused-l0fp32 with SmoothQuant's migration of activation outliers into the weights (alpha 0.7), calibrated
+    "smooth-l0fp32": {"fusions": False, "attention": False, "scores": False, "weights": "per-channel",
+                      "activations": "dynamic", "fp32": ["first_layer", "routers"], "smoothing": 0.7},
 }  # fmt: skip
 
 
@@ -119,9 +122,13 @@ def export_onnx(model, path: Path, opset: int = 17) -> None:
 #   weights     per-channel (one scale per output column) or per-tensor
 #   activations dynamic (quantised per call from their own range) or static (ranges calibrated on corpus documents)
 #   fp32        groups of weight MatMuls kept in fp32: "first_layer" (encoder layer 0), "routers" (MoE routers)
+#   smoothing   None, or SmoothQuant's alpha: before quantising, each int8 MatMul's input is divided per channel by
+#               s = max|x|^alpha / max|W row|^(1 - alpha) (x's range measured on calibration documents) and W's rows
+#               are multiplied by s, the same function in fp32 with the activations' outlier channels moved into
+#               the per-channel weights, so that one per-tensor activation scale loses less (Xiao et al., 2023)
 # Weights are signed int8, activations unsigned (results/export/int8_choice.log: reduce_range and uint8 weights
 # were slower).
-RECIPE_KEYS = ("fusions", "attention", "scores", "weights", "activations", "fp32")
+RECIPE_KEYS = ("fusions", "attention", "scores", "weights", "activations", "fp32", "smoothing")
 
 
 FP32_GROUPS = {"first_layer": "/layer.0/", "routers": "/router/"}
@@ -141,6 +148,11 @@ def check_recipe(recipe: dict) -> dict:
         raise ValueError(f"int8 recipe {recipe}: int8 scores only unfused and dynamic")
     if recipe["attention"] and recipe["activations"] == "static":
         raise ValueError(f"int8 recipe {recipe}: a fused Attention is quantised dynamically only (QAttention)")
+    alpha = recipe["smoothing"]
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1):
+        raise ValueError(f"int8 recipe {recipe}: smoothing is None or an alpha strictly between 0 and 1")
+    if alpha is not None and recipe["fusions"]:
+        raise ValueError(f"int8 recipe {recipe}: smoothing only unfused (a fused Attention hides its QKV input)")
     return {k: (sorted(recipe[k]) if k == "fp32" else recipe[k]) for k in RECIPE_KEYS}
 
 
@@ -180,6 +192,22 @@ class Calibration:
         return next(self.feeds, None)
 
 
+CALIBRATION_DOCS = 256  # corpus documents whose activation ranges calibrate a smoothed or static int8 graph
+
+
+def calibration_texts(folders: list[Path], n: int = CALIBRATION_DOCS) -> list[str]:
+    """`n` documents spread evenly over the corpora of `folders` (BEIR folders), the same ones on every call."""
+    from sbmoe.data import iter_corpus, iter_corpus_ids
+
+    texts = []
+    for i, folder in enumerate(folders):  # streamed: a large corpus is never held
+        size = sum(1 for _ in iter_corpus_ids(folder))
+        want = min(n // len(folders) + (i < n % len(folders)), size)
+        picks = set(np.linspace(0, size - 1, num=want).round().astype(int).tolist()) if want else set()
+        texts += [text for j, (_, text) in enumerate(iter_corpus(folder, 0)) if j in picks]
+    return texts
+
+
 def calibration_batches(tokenizer, texts: list[str], length: int, batch_size: int = 16) -> list:
     """Tokenised batches of `texts`, sorted by length as eval.py encodes them."""
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
@@ -191,17 +219,103 @@ def calibration_batches(tokenizer, texts: list[str], length: int, batch_size: in
     return out
 
 
+SMOOTH_SUFFIX = "/Smooth"  # the name of each Mul that `smooth_graph` puts before a group of MatMuls
+
+
+SMOOTH_META = "smoothing_alpha"  # the graph's metadata entry for the alpha the Muls were built with
+
+
+def weight_matmuls(graph) -> list:
+    """The MatMuls and Gemms of `graph` whose B is a weight (an initializer), as (node, transposed B)."""
+    inits = {t.name for t in graph.initializer}
+    out = []
+    for n in graph.node:
+        if n.op_type == "MatMul" and n.input[1] in inits:
+            out.append((n, False))
+        elif n.op_type == "Gemm" and n.input[1] in inits:
+            attrs = {a.name: a.i for a in n.attribute if a.name in ("transA", "transB")}
+            if not attrs.get("transA"):
+                out.append((n, bool(attrs.get("transB"))))
+    return out
+
+
+def input_ranges(path: Path, names: list[str], batches: list) -> dict[str, np.ndarray]:
+    """max |x| per channel (last axis) of the tensors `names` of the graph at `path`, over `batches`."""
+    import onnx
+
+    model = onnx.load(str(path))
+    outputs = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in outputs:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ranges: dict[str, np.ndarray] = {}
+    for ids, mask in batches:
+        values = sess.run(names, {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64)})
+        for name, v in zip(names, values):
+            r = np.abs(v).reshape(-1, v.shape[-1]).max(0)
+            ranges[name] = np.maximum(ranges[name], r) if name in ranges else r
+    return ranges
+
+
+def smooth_graph(src: Path, dst: Path, alpha: float, batches: list, skip: list[str]) -> int:
+    """SmoothQuant's migration (see RECIPE_KEYS) on the weight MatMuls of `src` not named in `skip`: those that
+    read the same tensor share one Mul by 1/s, named <tensor>/Smooth; each one's weight rows are multiplied by s.
+    The fp32 function is unchanged up to rounding. Returns the number of Muls put in."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(src))
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    uses: dict[str, int] = {}
+    for n in graph.node:
+        for x in n.input:
+            uses[x] = uses.get(x, 0) + 1
+    groups: dict[str, list] = {}
+    for node, transposed in weight_matmuls(graph):
+        if node.name not in skip:
+            groups.setdefault(node.input[0], []).append((node, transposed))
+    ranges = input_ranges(src, list(groups), batches)
+    nodes = list(graph.node)
+    for name, members in groups.items():
+        weights = [numpy_helper.to_array(inits[n.input[1]]) for n, _ in members]
+        rows = np.max([np.abs(w.T if t else w).max(1) for w, (_, t) in zip(weights, members)], axis=0)
+        scale = np.clip(ranges[name], 1e-5, None) ** alpha / np.clip(rows, 1e-5, None) ** (1 - alpha)
+        scale = scale.astype(np.float32)
+        mul = onnx.helper.make_node("Mul", [name, name + SMOOTH_SUFFIX + "/inverse"], [name + SMOOTH_SUFFIX],
+                                    name=name + SMOOTH_SUFFIX)  # fmt: skip
+        graph.initializer.append(numpy_helper.from_array((1 / scale).astype(np.float32), mul.input[1]))
+        for (node, transposed), w in zip(members, weights):
+            scaled = (w * scale[None, :]) if transposed else (w * scale[:, None])
+            if uses[node.input[1]] > 1:  # a weight shared with another node gets a copy of its own
+                node.input[1] = node.input[1] + SMOOTH_SUFFIX
+                graph.initializer.append(numpy_helper.from_array(scaled.astype(w.dtype), node.input[1]))
+            else:
+                inits[node.input[1]].CopyFrom(numpy_helper.from_array(scaled.astype(w.dtype), node.input[1]))
+            node.input[0] = mul.output[0]
+        nodes.insert(min(i for i, n in enumerate(nodes) if mul.output[0] in n.input), mul)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, {SMOOTH_META: repr(float(alpha))})
+    onnx.save(model, str(dst))
+    return len(groups)
+
+
 def quantize_int8(src: Path, dst: Path, config: RetrieverConfig, recipe: dict,
                   calibration: list | None = None) -> tuple[dict, list[str]]:  # fmt: skip
     """The int8 graph of `recipe` from the fp32 graph `src`; returns the recipe as applied (its fp32 groups those
     the graph has: a baseline has no routers) and the names of the weight MatMuls (and Attentions) kept fp32.
-    Static activations need `calibration` (`calibration_batches` of corpus documents)."""
+    Static activations and smoothing need `calibration` (`calibration_batches` of corpus documents)."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     recipe = check_recipe(recipe)
-    if recipe["activations"] == "static" and not calibration:
-        raise ValueError("static int8 activations: no calibration documents")
+    if (recipe["activations"] == "static" or recipe["smoothing"] is not None) and not calibration:
+        raise ValueError("static int8 activations or smoothing: no calibration documents")
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
         source = src
         if recipe["fusions"]:
@@ -211,6 +325,10 @@ def quantize_int8(src: Path, dst: Path, config: RetrieverConfig, recipe: dict,
         keep += [f"{name}_MatMul" for name in keep if name.endswith("/Gemm")]  # onnxruntime's Gemm -> MatMul + Add
         weights = fp32_nodes(source, recipe["fp32"], weights_only=True)
         recipe["fp32"] = [g for g in recipe["fp32"] if any(FP32_GROUPS[g] in name for name in weights)]
+        if recipe["smoothing"] is not None:
+            smoothed = Path(tmp) / "smoothed.onnx"
+            smooth_graph(source, smoothed, recipe["smoothing"], calibration, keep)
+            source = smoothed
         ops = ["MatMul", "Attention"] if recipe["attention"] else ["MatMul"]
         extra = {"DefaultTensorType": onnx.TensorProto.FLOAT,  # fused ops lack shape inference
                  "MatMulConstBOnly": not recipe["scores"]}  # fmt: skip
@@ -230,7 +348,8 @@ def graph_recipe(path: Path) -> dict:
     import onnx
     from onnx import numpy_helper
 
-    graph = onnx.load(str(path), load_external_data=False).graph
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     ops = {n.op_type for n in graph.node}
     fused = bool(ops & {"Attention", "QAttention", "SkipLayerNormalization", "EmbedLayerNormalization"})
@@ -262,8 +381,12 @@ def graph_recipe(path: Path) -> dict:
         raise ValueError(f"{path}: no int8 weight MatMul")
     groups = sorted(g for g, p in FP32_GROUPS.items()
                     if any(p in x for x in float_names) and not any(p in x for x in int8_names))  # fmt: skip
+    smoothed = any(n.op_type == "Mul" and n.name.endswith(SMOOTH_SUFFIX) for n in graph.node)
+    alpha = {p.key: p.value for p in model.metadata_props}.get(SMOOTH_META)
+    if smoothed != (alpha is not None):
+        raise ValueError(f"{path}: smoothing Muls {'without' if smoothed else 'but none, with'} the {SMOOTH_META} entry")
     return {"fusions": fused, "attention": "QAttention" in ops, "scores": scores, "weights": "per-channel" if max(scales) > 1 else "per-tensor",
-            "activations": "static" if static else "dynamic", "fp32": groups}
+            "activations": "static" if static else "dynamic", "fp32": groups, "smoothing": float(alpha) if smoothed else None}
 
 
 def session(path: Path, threads: int | None = None):
@@ -329,6 +452,7 @@ def check_int8(folder: str | Path, info: dict | None = None) -> dict:
     recorded = info.get("int8", {}).get("recipe")
     if not isinstance(recorded, dict):
         raise DataError(f"{folder / ONNX_INFO}: records no int8 recipe (export it again with export.py --int8)")
+    recorded = {"smoothing": None, **recorded}  # exports from before smoothing existed record no such key
     try:
         found = graph_recipe(folder / ONNX_INT8)
     except ValueError as exc:
@@ -341,10 +465,12 @@ def check_int8(folder: str | Path, info: dict | None = None) -> dict:
 
 
 def export_graphs(model, folder: Path, int8: bool, texts: list[str] | None = None, tokenizer=None,
-                  length: int = 256, settings: dict | None = None, recipe: str | None = None) -> dict:
+                  length: int = 256, settings: dict | None = None, recipe: str | None = None,
+                  calibration: tuple[str, list[str]] | None = None) -> dict:  # fmt: skip
     """onnx/encoder.onnx (+ encoder_int8.onnx, by `recipe` or the one chosen for the model's kind) under `folder`,
     checked; returns what onnx/export.json records, `settings` (what eval.py evaluates the folder with: lengths,
-    the checkpoint's identity) among it, and the int8 recipe with the CPU it was chosen on and this one."""
+    the checkpoint's identity) among it, and the int8 recipe with the CPU it was chosen on and this one.
+    `calibration`: (where they come from, documents), for a recipe that calibrates (smoothing, static)."""
     fp32 = folder / ONNX_FP32
     export_onnx(model, fp32)
     info = {"config": model.config.to_dict(), "inputs": ["input_ids", "attention_mask"], "output": "sentence_embedding",
@@ -353,9 +479,16 @@ def export_graphs(model, folder: Path, int8: bool, texts: list[str] | None = Non
         raise RuntimeError(f"ONNX graph differs from the model by {info['fp32_max_abs_diff_vs_torch']:.1e}")
     if int8:
         name, wanted = int8_recipe(model.config.kind, recipe)
-        applied, kept = quantize_int8(fp32, folder / ONNX_INT8, model.config, wanted)
+        calibrates = wanted["smoothing"] is not None or wanted["activations"] == "static"
+        if calibrates and not (calibration and calibration[1]):
+            raise DataError(f"int8 recipe {name} calibrates on corpus documents: none given (export.py --calibration "
+                            "DATASET)")  # fmt: skip
+        batches = calibration_batches(tokenizer, calibration[1], length) if calibrates else None
+        applied, kept = quantize_int8(fp32, folder / ONNX_INT8, model.config, wanted, batches)
         info["int8"] = {"recipe_name": name, "recipe": applied, "chosen_on": INT8_CHOSEN_ON,
-                        "exported_on": cpu_description(), "fp32_nodes": len(kept)}  # fmt: skip
+                        "exported_on": cpu_description(), "fp32_nodes": len(kept),
+                        **({"calibration": {"source": calibration[0], "documents": len(calibration[1])}}
+                           if calibrates else {})}  # fmt: skip
         check_int8(folder, info)  # the graph is the recipe recorded
         if texts and tokenizer is not None:  # agreement on real text: cosine of each int8 embedding to fp32
             from sbmoe.encoding import encode_texts
@@ -408,14 +541,14 @@ def load_onnx_retriever(folder: str | Path, backend: str) -> OnnxRetriever:
         raise DataError(f"{path}: not a loadable ONNX graph ({str(exc).splitlines()[0][:200]})") from None
 
 
-def onnx_retriever(model, backend: str) -> OnnxRetriever:
+def onnx_retriever(model, backend: str, tokenizer=None, calibration: tuple[str, list[str]] | None = None) -> OnnxRetriever:
     """Export `model` on the fly (a temporary folder, gone once the session holds the graph; one left by a
-    process killed with SIGKILL is removed by the next)."""
+    process killed with SIGKILL is removed by the next); `calibration` and `tokenizer` for a recipe that calibrates."""
     anchor = Path(tempfile.gettempdir()) / "moe-retrieval-onnx"
     remove_stale_temps(anchor)
     tmp = make_temp_dir(anchor)
     try:
-        export_graphs(model, tmp, int8=backend == "onnx-int8")
+        export_graphs(model, tmp, int8=backend == "onnx-int8", tokenizer=tokenizer, calibration=calibration)
         return OnnxRetriever(tmp / FILES[backend], model.config)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

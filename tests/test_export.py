@@ -22,6 +22,7 @@ from sbmoe.hub import checkpoint_digest
 TEXTS = ["protein gene cell", "cancer virus immune brain heart drug trial mouse dose risk blood lung liver " * 3,
          "sleep", "insulin vitamin neuron receptor enzyme tumor therapy"]  # fmt: skip
 LENGTHS = dict(query_max_length=8, doc_max_length=64)  # the tiny backbone has 64 positions
+FLAGS = [f"--{k}={v}" for k, v in LENGTHS.items()]
 SETTINGS = {"baseline": {}, "sbmoe": dict(num_experts=4), "moe": dict(num_experts=4, top_k=2)}
 INT8_MIN_COSINE = 0.99  # int8 weights (per channel) against fp32, per embedding, on the tiny random BERT
 
@@ -138,13 +139,21 @@ def int8_nodes(path):
             "float_weights": float_weights, "zero_points": zero_points}  # fmt: skip
 
 
+def calibrates(name: str) -> bool:
+    recipe = sbmoe.onnx.INT8_RECIPES[name]
+    return recipe["smoothing"] is not None or recipe["activations"] == "static"
+
+
 @pytest.mark.parametrize("name", list(sbmoe.onnx.INT8_RECIPES))
-def test_int8_graph_is_the_recipe_export_json_records(name, checkpoints, tmp_path):
+def test_int8_graph_is_the_recipe_export_json_records(name, checkpoints, tiny_beir, tmp_path):
     """What export.json (and so the model card) says of the int8 graph is what the graph holds: each recipe key
     checked against the graph's own ops and scales here, independently of sbmoe.onnx.graph_recipe."""
+    import onnx
+
     ckpt, model = checkpoints["moe"]
     out = tmp_path / "st"
-    report = export.export(ckpt, out, int8=True, int8_recipe=name, **LENGTHS)
+    calibration = [str(tiny_beir)] if calibrates(name) else None
+    report = export.export(ckpt, out, int8=True, int8_recipe=name, calibration=calibration, **LENGTHS)
     recorded = json.loads((out / sbmoe.onnx.ONNX_INFO).read_text())["int8"]
     assert recorded == json.loads(json.dumps(report["onnx"]["int8"]))
     recipe, wanted = recorded["recipe"], sbmoe.onnx.INT8_RECIPES[name]
@@ -166,7 +175,74 @@ def test_int8_graph_is_the_recipe_export_json_records(name, checkpoints, tmp_pat
     for group in recipe["fp32"]:
         assert not any(sbmoe.onnx.FP32_GROUPS[group] in n.name for n in g["integer"] + g["qattention"])
     assert recorded["fp32_nodes"] == len(kept)
+    # smoothing: every int8 weight product reads its activations through a Mul by a constant vector of the input's
+    # width, and the graph's metadata holds the alpha; no such Mul without it
+    int8_model = onnx.load(str(out / sbmoe.onnx.ONNX_INT8))
+    producers = {o: n for n in int8_model.graph.node for o in n.output}
+    inits = {t.name: t for t in int8_model.graph.initializer}
+
+    def smoothed(node) -> bool:
+        mul = producers[producers[node.input[0]].input[0]]  # MatMulInteger <- DynamicQuantizeLinear <- ?
+        width = inits[node.input[1]].dims[0]
+        return mul.op_type == "Mul" and mul.input[1] in inits and list(inits[mul.input[1]].dims) == [width]
+
+    through_mul = [smoothed(n) for n in g["integer"]]
+    meta = {m.key: m.value for m in int8_model.metadata_props}
+    if recipe["smoothing"] is None:
+        assert not any(through_mul) and "calibration" not in recorded
+    else:
+        assert all(through_mul) and float(meta["smoothing_alpha"]) == recipe["smoothing"]
+        assert recorded["calibration"] == {"source": "tiny corpus", "documents": 60}  # all 60 documents (256 asked)
     assert sbmoe.onnx.graph_recipe(out / sbmoe.onnx.ONNX_INT8) == recipe
+
+
+def test_smoothing_keeps_the_function_and_brings_int8_closer_to_fp32(tiny_backbone, tiny_beir, tmp_path):
+    """SmoothQuant's migration leaves the fp32 graph the same function; with an outlier channel in the hidden
+    states (what trained BERTs have), the smoothed int8 graph is nearer fp32 than the unsmoothed one."""
+    model = make_checkpoint(tmp_path / "ckpt", tiny_backbone, "baseline")
+    last = f"layer.{model.config.backbone_config['num_hidden_layers'] - 1}.output.LayerNorm"
+    with torch.no_grad():  # one hidden channel 40x the others after every layer norm inside (the embedding unchanged)
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.LayerNorm) and not name.endswith(last):
+                module.weight[3] *= 40
+            elif isinstance(module, torch.nn.Linear) and ".layer." in name:  # layers that move the embedding
+                module.weight.mul_(10)
+    model.save_pretrained(tmp_path / "ckpt")
+    fp32 = tmp_path / "fp32.onnx"
+    sbmoe.onnx.export_onnx(model, fp32)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "ckpt")
+    batches = sbmoe.onnx.calibration_batches(tok, sbmoe.onnx.calibration_texts([tiny_beir]) + TEXTS, 32)
+    smoothed = tmp_path / "smoothed.onnx"
+    assert sbmoe.onnx.smooth_graph(fp32, smoothed, 0.7, batches, skip=[]) > 0
+    ids, mask = sbmoe.onnx.probe_batch(model.config.backbone_config["vocab_size"], batch=6, length=20, seed=5)
+    with torch.no_grad():
+        ref = model.encode(ids, mask).numpy()
+    same = sbmoe.onnx.OnnxRetriever(smoothed, model.config).encode(ids, mask).numpy()
+    assert np.abs(same - ref).max() < 1e-4
+
+    def int8_error(name):  # every layer int8: ||int8 - fp32|| / ||fp32||
+        path = tmp_path / f"{name}.onnx"
+        recipe = dict(sbmoe.onnx.INT8_RECIPES[name], fp32=[])
+        sbmoe.onnx.quantize_int8(fp32, path, model.config, recipe, batches)
+        out = sbmoe.onnx.OnnxRetriever(path, model.config).encode(ids, mask).numpy()
+        return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+    plain, smooth = int8_error("unfused-l0fp32"), int8_error("smooth-l0fp32")
+    assert smooth < 0.75 * plain, (plain, smooth)  # about half, measured
+
+
+def test_a_recipe_that_calibrates_needs_documents(checkpoints, tmp_path, capsys):
+    """export.py --int8 with a smoothing recipe and no corpus to calibrate on: one error line naming the flag."""
+    ckpt, _ = checkpoints["baseline"]
+    with pytest.raises(SystemExit) as exc:
+        export.main([str(ckpt), str(tmp_path / "st"), "--int8", "--int8_recipe", "smooth-l0fp32", *FLAGS])
+    assert exc.value.code != 0 and not (tmp_path / "st").exists()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "--calibration" in err.strip().splitlines()[-1]
+    with pytest.raises(SystemExit):
+        export.main([str(ckpt), str(tmp_path / "st"), "--int8", "--int8_recipe", "smooth-l0fp32", *FLAGS,
+                     "--calibration", str(tmp_path / "no-such-folder")])  # fmt: skip
+    assert "no-such-folder" in capsys.readouterr().err and not (tmp_path / "st").exists()
 
 
 def test_a_graph_that_is_not_its_recorded_recipe_is_refused(checkpoints, tiny_beir, tmp_path, capsys):

@@ -12,6 +12,9 @@ the paired difference to the fp32 run of the same model:
 - baseline, sbmoe, moe: CKPT_ROOT/<kind>/seed42, whose fp32 test run is results/table1-fresh/scifact/<kind>/seed42/test
   (export.py --metrics checks by content digest that the checkpoint is the one that run measured);
 - zeroshot-nfcorpus: an fp32 run made here first when OUTPUT/zeroshot-nfcorpus-fp32 has none.
+A recipe that calibrates (smoothing) is calibrated on the other collection than the one evaluated (NFCorpus
+documents for SciFact, SciFact's for NFCorpus: export.py --calibration), so that no figure depends on having seen
+the searched corpus.
 Writes OUTPUT/<target>-<recipe>/ (eval.py's files), OUTPUT/quality.json (every recipe and target measured so far,
 merged) and appends the commands and deltas to OUTPUT/quality.log. Unseen-document queries: as compare.py.
 """
@@ -124,6 +127,9 @@ def main(argv=None) -> dict:
                 dataset = "nfcorpus" if target.endswith("nfcorpus") else "scifact"
                 kind = "baseline" if target.startswith("zeroshot") else target
                 tag = f"{target}-{args.recipe}"
+                recipe = export.INT8_RECIPES[args.recipe]
+                calibrate = recipe["smoothing"] is not None or recipe["activations"] == "static"
+                other = ["--calibration", "scifact" if dataset == "nfcorpus" else "nfcorpus"] if calibrate else []
                 exported = tmp / tag
                 if target.startswith("zeroshot"):
                     ckpt = tmp / "zeroshot-checkpoint"
@@ -134,8 +140,9 @@ def main(argv=None) -> dict:
 
                         BiEncoder.from_backbone(args.backbone, pooling="mean").save_pretrained(ckpt)
                         AutoTokenizer.from_pretrained(args.backbone).save_pretrained(ckpt)
-                    run(["export.py", str(ckpt), str(exported), "--int8", "--int8_recipe", args.recipe], log,
-                        f"python export.py ZEROSHOT EXPORT --int8 --int8_recipe {args.recipe}   # ZEROSHOT: {backbone_name} "
+                    run(["export.py", str(ckpt), str(exported), "--int8", "--int8_recipe", args.recipe, *other], log,
+                        f"python export.py ZEROSHOT EXPORT --int8 --int8_recipe {args.recipe} {' '.join(other)}"
+                        f"   # ZEROSHOT: {backbone_name} "
                         "saved as a baseline checkpoint, mean pooling")  # fmt: skip
                     if dataset == "scifact":
                         ref = ROOT / "results/zeroshot-fp32/zeroshot.perquery.json.gz"
@@ -151,10 +158,10 @@ def main(argv=None) -> dict:
                     ckpt = Path(args.checkpoints) / kind / "seed42"
                     fp32_dir = ROOT / "results/table1-fresh/scifact" / kind / "seed42/test"
                     ref = fp32_dir / f"{kind}.perquery.json.gz"
-                    run(["export.py", str(ckpt), str(exported), "--int8", "--int8_recipe", args.recipe, "--metrics",
+                    run(["export.py", str(ckpt), str(exported), "--int8", "--int8_recipe", args.recipe, *other, "--metrics",
                          str(fp32_dir / "metrics.json")], log,
                         f"python export.py checkpoints/table1-fresh/scifact/{kind}/seed42 EXPORT --int8 --int8_recipe "
-                        f"{args.recipe} --metrics results/table1-fresh/scifact/{kind}/seed42/test/metrics.json")  # fmt: skip
+                        f"{args.recipe} {' '.join(other)} --metrics results/table1-fresh/scifact/{kind}/seed42/test/metrics.json")  # fmt: skip
                 folder = out / tag
                 if (folder / f"{tag}.perquery.json.gz").is_file():  # evaluated by an earlier run of this command
                     log.append(f"(reused {folder}: evaluated by an earlier run of this command, same recipe and model)")

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from transformers import AutoTokenizer
 
-from lab import export
+import sbmoe.onnx
 from model import BiEncoder
 from sbmoe.data import doc_text, load_corpus, resolve_data_dir
 from sbmoe.encoding import encode_texts
@@ -28,7 +28,21 @@ corpus = load_corpus(resolve_data_dir("scifact", None, download=False))
 texts = [doc_text(d) for d in list(corpus.values())[:48]]
 tmp = Path(tempfile.mkdtemp())
 fp32 = tmp / "fp32.onnx"
-export.export_onnx(model, fp32)
+sbmoe.onnx.export_onnx(model, fp32)
+
+
+def quantize(src: Path, dst: Path, optimize: bool, per_channel: bool, reduce_range: bool, weight_type: str) -> None:
+    """Dynamic int8 of every weight MatMul, after onnxruntime's BERT fusions when `optimize`."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    if optimize:
+        sbmoe.onnx.fuse_bert(src, dst.with_suffix(".fused.onnx"), model.config)
+        src = dst.with_suffix(".fused.onnx")
+    quantize_dynamic(str(src), str(dst), per_channel=per_channel, reduce_range=reduce_range,
+                     weight_type=getattr(QuantType, weight_type), op_types_to_quantize=["MatMul"],
+                     extra_options={"MatMulConstBOnly": True})  # fmt: skip
+
+
 recipes = {
     "plain per-tensor S8": dict(optimize=False, per_channel=False, reduce_range=False, weight_type="QInt8"),
     "plain per-channel S8": dict(optimize=False, per_channel=True, reduce_range=False, weight_type="QInt8"),
@@ -41,7 +55,7 @@ recipes = {
 paths = {"fp32": fp32}
 for name, r in recipes.items():
     paths[name] = tmp / (name.replace(" ", "_") + ".onnx")
-    export.quantize_int8(fp32, paths[name], model.config, **r)
+    quantize(fp32, paths[name], **r)
 from onnxruntime.transformers.optimizer import optimize_model  # noqa: E402
 
 c = model.config.backbone_config
@@ -50,7 +64,7 @@ opt.save_model_to_file(str(tmp / "fused_fp32.onnx"))
 paths["fused fp32"] = tmp / "fused_fp32.onnx"
 print("fused graph ops:", json.dumps(opt.get_fused_operator_statistics()))
 print("quantised", flush=True)
-encs = {k: export.OnnxRetriever(p, model.config) for k, p in paths.items()}
+encs = {k: sbmoe.onnx.OnnxRetriever(p, model.config) for k, p in paths.items()}
 ref = encode_texts(model, tok, texts, 256, 32, show_progress=False)
 rows = {}
 for k, e in encs.items():

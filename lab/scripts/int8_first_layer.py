@@ -17,6 +17,7 @@ import onnx
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from transformers import AutoTokenizer
 
+import sbmoe.onnx
 from lab import bench, export
 from sbmoe.data import doc_text
 
@@ -41,13 +42,13 @@ batches = [tok(texts[i : i + 32], truncation=True, max_length=256, padding=True,
 
 
 def runner(path):
-    s = export.session(path, 2)
+    s = sbmoe.onnx.session(path, 2)
     ids, mask = (i.name for i in s.get_inputs())
     feeds = [{ids: b["input_ids"].astype(np.int64), mask: b["attention_mask"].astype(np.int64)} for b in batches]
     return lambda: np.concatenate([s.run(None, f)[0] for f in feeds])
 
 
-fns = {"fp32": runner(fp32), "int8 (export.INT8)": runner(src / export.ONNX_INT8),
+fns = {"fp32": runner(fp32), "int8 (the export's graph)": runner(src / export.ONNX_INT8),
        "int8, first layer fp32": runner(out / export.ONNX_INT8)}  # fmt: skip
 ref = fns["fp32"]()
 times = {k: [] for k in fns}

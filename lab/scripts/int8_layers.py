@@ -16,7 +16,7 @@ import onnx
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from transformers import AutoTokenizer
 
-from lab import export
+import sbmoe.onnx
 from sbmoe.data import doc_text, load_corpus, resolve_data_dir
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,7 +32,7 @@ batches = [tok(texts[i : i + 32], truncation=True, max_length=256, padding=True,
 
 
 def run(path):
-    s = export.session(path, 2)
+    s = sbmoe.onnx.session(path, 2)
     names = [i.name for i in s.get_inputs()]
     t = time.perf_counter()
     feeds = [{names[0]: x["input_ids"].astype(np.int64), names[1]: x["attention_mask"].astype(np.int64)} for x in batches]

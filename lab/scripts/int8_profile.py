@@ -3,7 +3,7 @@
     python -m lab.scripts.int8_profile BACKBONE --recipe fused [--docs 64] [--output results/export/int8_profile.json]
 
 The zero-shot backbone (mean pooling) exported by export.py, its int8 graph built by the named recipe
-(export.INT8_RECIPES) and, for comparison, the fp32 graph; the first --docs SciFact documents (judged first, as
+(sbmoe.onnx.INT8_RECIPES) and, for comparison, the fp32 graph; the first --docs SciFact documents (judged first, as
 bench.py) at <= 256 tokens, batch 32, two passes (the first warms up and is not counted). Writes JSON and a log.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import onnxruntime as ort
 from transformers import AutoTokenizer
 
-from lab import export
+import sbmoe.onnx
 from lab.bench import sample_corpus
 from model import BiEncoder
 from sbmoe.data import doc_text, load_beir, resolve_data_dir
@@ -31,7 +31,7 @@ def profile(path: Path, config, tok, texts: list[str], length: int, batch: int, 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
-    retriever = export.OnnxRetriever(path, config)
+    retriever = sbmoe.onnx.OnnxRetriever(path, config)
     encode_texts(retriever, tok, texts, length, batch, show_progress=False)  # warm-up, unprofiled
     options.enable_profiling = True
     options.profile_file_prefix = str(tmp / path.stem)
@@ -52,7 +52,7 @@ def profile(path: Path, config, tok, texts: list[str], length: int, batch: int, 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("backbone")
-    p.add_argument("--recipe", nargs="+", default=["fused"], choices=list(export.INT8_RECIPES))
+    p.add_argument("--recipe", nargs="+", default=["fused"], choices=list(sbmoe.onnx.INT8_RECIPES))
     p.add_argument("--docs", type=int, default=64)
     p.add_argument("--output", default="results/export/int8_profile.json")
     args = p.parse_args(argv)
@@ -61,15 +61,15 @@ def main(argv=None) -> dict:
     model = BiEncoder.from_backbone(args.backbone, pooling="mean").eval()
     tok = AutoTokenizer.from_pretrained(args.backbone)
     log = [f"$ python -m lab.scripts.int8_profile {Path(args.backbone).name} --recipe {' '.join(args.recipe)} --docs {args.docs}",
-           f"{len(texts)} SciFact docs at <= 256 tokens, batch 32; CPU {export.cpu_description()}; seconds by operator "
+           f"{len(texts)} SciFact docs at <= 256 tokens, batch 32; CPU {sbmoe.onnx.cpu_description()}; seconds by operator "
            "type (onnxruntime profiler, one pass after a warm-up)"]  # fmt: skip
     report = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        export.export_onnx(model, tmp / "fp32.onnx")
+        sbmoe.onnx.export_onnx(model, tmp / "fp32.onnx")
         graphs = {"fp32": tmp / "fp32.onnx"}
         for name in args.recipe:
-            export.quantize_int8(tmp / "fp32.onnx", tmp / f"{name}.onnx", model.config, export.INT8_RECIPES[name])
+            sbmoe.onnx.quantize_int8(tmp / "fp32.onnx", tmp / f"{name}.onnx", model.config, sbmoe.onnx.INT8_RECIPES[name])
             graphs[name] = tmp / f"{name}.onnx"
         for name, path in graphs.items():
             ops = profile(path, model.config, tok, texts, 256, 32, tmp)

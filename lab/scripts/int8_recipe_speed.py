@@ -1,4 +1,4 @@
-"""Speed of the chosen int8 recipe (export.INT8: first encoder layer and routers in fp32) against the same recipe
+"""Speed of the int8 recipe unfused-l0fp32 (first encoder layer and routers in fp32) against the same recipe
 with every layer in int8, side by side in one run: both graphs quantised from the fp32 graph of export.py's folder,
 timed on bench.py's SciFact documents through encode_texts (256 tokens, batch 32, 2 threads; bench.interleaved).
 
@@ -12,7 +12,8 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from lab import bench, export
+import sbmoe.onnx
+from lab import bench
 from sbmoe.config import RetrieverConfig
 from sbmoe.data import doc_text
 from sbmoe.encoding import encode_texts
@@ -22,17 +23,18 @@ p.add_argument("export_dir")
 p.add_argument("--repeats", type=int, default=5)
 a = p.parse_args()
 src = Path(a.export_dir)
-config = RetrieverConfig(**json.loads((src / export.ONNX_INFO).read_text())["config"])
+config = RetrieverConfig(**json.loads((src / sbmoe.onnx.ONNX_INFO).read_text())["config"])
 tok = AutoTokenizer.from_pretrained(src)
 corpus, _, _ = bench.load_data(argparse.Namespace(dataset="scifact", data_dir=None, docs=96, split="test"))
 texts = [doc_text(d) for d in corpus.values()]
 with tempfile.TemporaryDirectory() as tmp:
-    paths = {"fp32": src / export.ONNX_FP32, "int8, every layer": Path(tmp) / "every.onnx",
-             "int8, export.INT8": Path(tmp) / "chosen.onnx"}  # fmt: skip
-    export.quantize_int8(paths["fp32"], paths["int8, every layer"], config, **{**export.INT8, "fp32_nodes": ()})
-    kept = export.quantize_int8(paths["fp32"], paths["int8, export.INT8"], config, **export.INT8)
-    print(f"chosen recipe keeps {len(kept)} MatMuls in fp32 ({', '.join(export.INT8['fp32_nodes'])})")
-    graphs = {k: export.OnnxRetriever(path, config, threads=2) for k, path in paths.items()}
+    paths = {"fp32": src / sbmoe.onnx.ONNX_FP32, "int8, every layer": Path(tmp) / "every.onnx",
+             "int8, unfused-l0fp32": Path(tmp) / "chosen.onnx"}  # fmt: skip
+    recipes = sbmoe.onnx.INT8_RECIPES
+    sbmoe.onnx.quantize_int8(paths["fp32"], paths["int8, every layer"], config, recipes["unfused"])
+    _, kept = sbmoe.onnx.quantize_int8(paths["fp32"], paths["int8, unfused-l0fp32"], config, recipes["unfused-l0fp32"])
+    print(f"unfused-l0fp32 keeps {len(kept)} MatMuls in fp32 ({', '.join(recipes['unfused-l0fp32']['fp32'])})")
+    graphs = {k: sbmoe.onnx.OnnxRetriever(path, config, threads=2) for k, path in paths.items()}
     fns = {k: (lambda g=g: encode_texts(g, tok, texts, 256, 32, show_progress=False)) for k, g in graphs.items()}
     ref = fns["fp32"]()
     for k, f in fns.items():

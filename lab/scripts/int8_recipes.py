@@ -3,9 +3,10 @@
     python -m lab.scripts.int8_recipes MODEL [--docs 64] [--calibration_docs 256] [--repeats 5] [--output JSON]
 
 MODEL: a checkpoint folder train.py wrote, or a backbone (evaluated as the zero-shot mean-pooled encoder).
-The fp32 graph is export.py's; every recipe is built from it with `export.quantize_int8` and read back with
-`export.graph_recipe`. Documents: the first --docs SciFact corpus documents by sampling seed 0 (judged first, as
-bench.py), cut at --doc_max_length; static recipes calibrate on --calibration_docs other corpus documents.
+The fp32 graph is export.py's; every recipe is built from it with `sbmoe.onnx.quantize_int8` and read back with
+`sbmoe.onnx.graph_recipe`. Documents: the first --docs SciFact corpus documents by sampling seed 0 (judged first, as
+bench.py), cut at --doc_max_length; static and smoothed recipes calibrate on --calibration_docs other corpus
+documents.
 Each row: docs/s (median of the repeats), its ratio to the first int8 row, and the cosine of each int8 embedding
 to the ONNX fp32 one (min and mean). Writes JSON and a log beside it.
 """
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 
+import sbmoe.onnx
 from lab import export
 from lab.bench import interleaved, sample_corpus
 from model import BiEncoder
@@ -35,7 +37,7 @@ from sbmoe.files import atomic_write_text
 from utils import entry_point, fail
 
 F, T = False, True
-RECIPES = {  # name: (fusions, attention int8, scores int8, weights, activations, fp32 groups)
+RECIPES = {  # name: (fusions, attention int8, scores int8, weights, activations, fp32 groups[, smoothing alpha])
     "plain per-channel, layer 0 + routers fp32 (before)": (F, F, F, "per-channel", "dynamic", ("first_layer", "routers")),
     "plain per-channel, all": (F, F, F, "per-channel", "dynamic", ("routers",)),
     "plain per-tensor, all": (F, F, F, "per-tensor", "dynamic", ("routers",)),
@@ -46,11 +48,14 @@ RECIPES = {  # name: (fusions, attention int8, scores int8, weights, activations
     "fused, static per-channel, all": (T, F, F, "per-channel", "static", ("routers",)),
     "plain, static per-channel, all": (F, F, F, "per-channel", "static", ("routers",)),
     "plain per-channel, all, scores int8 (sentence-transformers' recipe)": (F, F, T, "per-channel", "dynamic", ()),
+    "plain per-channel, layer 0 + routers fp32, smoothed 0.7": (F, F, F, "per-channel", "dynamic", ("first_layer", "routers"), 0.7),
+    "plain per-channel, all, smoothed 0.7": (F, F, F, "per-channel", "dynamic", ("routers",), 0.7),
+    "plain per-channel, all, smoothed 0.5": (F, F, F, "per-channel", "dynamic", ("routers",), 0.5),
 }  # fmt: skip
 
 
 def recipe(spec) -> dict:
-    return dict(zip(export.RECIPE_KEYS, (*spec[:5], list(spec[5]))))
+    return dict(zip(sbmoe.onnx.RECIPE_KEYS, (*spec[:5], list(spec[5]), spec[6] if len(spec) > 6 else None)))
 
 
 def cpu() -> str:
@@ -97,26 +102,26 @@ def main(argv=None) -> dict:
     out = Path(args.output)
     log = [f"$ python -m lab.scripts.int8_recipes {' '.join(argv if argv is not None else sys.argv[1:])}",
            f"{name}; {len(texts)} {args.dataset} docs at <= {L} tokens, batch {B}, {args.repeats} interleaved repeats "
-           f"(median), {torch.get_num_threads()} threads; static recipes calibrated on {len(calib)} other corpus docs; "
+           f"(median), {torch.get_num_threads()} threads; static and smoothed recipes calibrated on {len(calib)} other corpus docs; "
            f"CPU: {cpu()}"]  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         fp32 = tmp / "fp32.onnx"
-        export.export_onnx(model, fp32)
+        sbmoe.onnx.export_onnx(model, fp32)
         graphs = {"onnx fp32": fp32}
         fused = tmp / "fused.onnx"
-        export.fuse_bert(fp32, fused, model.config)
+        sbmoe.onnx.fuse_bert(fp32, fused, model.config)
         graphs["onnx fp32, fused"] = fused
-        batches = export.calibration_batches(tok, calib, L)
+        batches = sbmoe.onnx.calibration_batches(tok, calib, L)
         built = {}
         for r in args.recipes:
             path = tmp / f"r{len(graphs)}.onnx"
             start = time.perf_counter()
-            applied, kept = export.quantize_int8(fp32, path, model.config, recipe(RECIPES[r]), batches)
+            applied, kept = sbmoe.onnx.quantize_int8(fp32, path, model.config, recipe(RECIPES[r]), batches)
             graphs[r] = path
-            built[r] = {"recipe": applied, "read_back": export.graph_recipe(path), "fp32_nodes": len(kept),
+            built[r] = {"recipe": applied, "read_back": sbmoe.onnx.graph_recipe(path), "fp32_nodes": len(kept),
                         "build_s": time.perf_counter() - start}  # fmt: skip
-        encoders = {k: export.OnnxRetriever(v, model.config) for k, v in graphs.items()}
+        encoders = {k: sbmoe.onnx.OnnxRetriever(v, model.config) for k, v in graphs.items()}
         fns = {k: (lambda e=e: encode_texts(e, tok, texts, L, B, show_progress=False)) for k, e in encoders.items()}
         ref = fns["onnx fp32"]()
         rows = {}

@@ -52,6 +52,17 @@ def run(cmd: list[str], log: list[str], shown: str) -> None:
         raise DataError(f"{shown}: exit {proc.returncode}: {(proc.stderr.strip().splitlines() or ['?'])[-1][:300]}")
 
 
+def name_scratch(metrics: Path, tag: str) -> None:
+    """metrics.json names the export by what it was, not by the scratch folder it was in (gone, and a machine path)."""
+    data = json.loads(metrics.read_text())
+    shown = f"EXPORT ({tag}: export.py of the checkpoint into a scratch folder, see quality.log)"
+    if tag in data.get("checkpoints", {}):
+        data["checkpoints"][tag] = shown
+    if "export" in data.get("settings", {}).get(tag, {}):
+        data["settings"][tag]["export"] = shown
+    atomic_write_text(metrics, json.dumps(data, indent=2))
+
+
 def deltas(int8_file: Path, fp32_file: Path, dataset: str) -> dict:
     a, b = read_per_query_file(int8_file), read_per_query_file(fp32_file)
     if set(a) != set(b):
@@ -181,6 +192,7 @@ def main(argv=None) -> dict:
                          dataset, "--output_dir", str(folder), "--tag", tag], log,
                         f"python eval.py --model {kind} --checkpoint EXPORT --backend onnx-int8 --dataset {dataset} "
                         f"--output_dir {folder} --tag {tag}")  # fmt: skip
+                name_scratch(folder / "metrics.json", tag)
                 d = deltas(folder / f"{tag}.perquery.json.gz", ref, dataset)
                 info = json.loads((exported / "onnx/export.json").read_text())["int8"]
                 summary.setdefault(args.recipe, {})[target] = {"dataset": dataset, "fp32_run": str(ref.resolve().relative_to(ROOT)),

@@ -121,8 +121,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="split dev without qrels/dev.tsv: training's seeded slice of the train queries (the union "
                         "of several seeds' slices for an untrained model); also what tunes --hybrid")  # fmt: skip
     p.add_argument("--dev_fraction", type=float, default=DEV_FRACTION, help="that slice's share (training's)")
-    p.add_argument("--backend", default="torch", choices=["torch", "onnx", "onnx-int8"],
-                   help="encode with PyTorch, or through export.py's ONNX graph (fp32 or int8) in onnxruntime")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx", "onnx-int8", "openvino"],
+                   help="encode with PyTorch, or through export.py's ONNX graph: fp32 or int8 in onnxruntime, or the fp32 "
+                        "graph in OpenVINO (bf16 on a CPU with bf16 units, fp32 elsewhere; metrics.json says which)")
     dtype = p.add_mutually_exclusive_group()
     dtype.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU or GPU)")
     dtype.add_argument("--fp16", action="store_true", help="fp16 autocast (GPU)")
@@ -202,6 +203,7 @@ def load_for_eval(name: str, checkpoint: str | None, args, data_dir: Path) -> tu
             if backend == "torch":
                 raise DataError(f"{checkpoint}: an export folder; evaluate it with --backend onnx or onnx-int8")
             model = sbmoe.onnx.load_onnx_retriever(checkpoint, backend)
+            precision = getattr(model, "precision", precision)  # OpenVINO's choice on this CPU
             if model.config.kind != name:
                 raise DataError(f"{checkpoint}: holds a {model.config.kind} export, not {name}")
             mode = model.config.inference_mode
@@ -235,7 +237,9 @@ def load_for_eval(name: str, checkpoint: str | None, args, data_dir: Path) -> tu
             calibration = None
             if backend == "onnx-int8":  # a recipe that calibrates does so on the corpus being searched
                 calibration = (f"{data_dir.name} corpus", sbmoe.onnx.calibration_texts([data_dir]))
-            return sbmoe.onnx.onnx_retriever(model.eval(), backend, tokenizer, calibration), tokenizer, source, facts
+            graph = sbmoe.onnx.onnx_retriever(model.eval(), backend, tokenizer, calibration)
+            facts["precision"] = getattr(graph, "precision", precision)  # OpenVINO's choice on this CPU
+            return graph, tokenizer, source, facts
         except RuntimeError as exc:
             raise DataError(f"{source}: ONNX export failed ({str(exc).splitlines()[0]})") from None
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -257,6 +257,11 @@ def bench_encode(args) -> dict:
         prefix = "ours" if kind == "baseline" else f"ours {kind}"
         if kind == "baseline":
             graphs["ours onnx fp32"] = sbmoe.onnx.OnnxRetriever(folder / sbmoe.onnx.ONNX_FP32, model.config)
+        try:  # the fp32 graph in OpenVINO, at the precision its CPU plugin picks here (bf16 where the CPU has it)
+            ov = sbmoe.onnx.OpenVinoRetriever(folder / sbmoe.onnx.ONNX_FP32, model.config)
+            graphs[f"{prefix} openvino ({ov.precision.split()[-1]})"] = ov
+        except ImportError:
+            pass
         for name in recipes[kind]:
             path = folder / f"int8-{name}.onnx"
             recipe = sbmoe.onnx.INT8_RECIPES[name]  # one that calibrates does so on the timed documents

@@ -27,10 +27,10 @@ ONNX_INT8 = "onnx/encoder_int8.onnx"
 ONNX_INFO = "onnx/export.json"
 
 
-FILES = {"onnx": ONNX_FP32, "onnx-int8": ONNX_INT8}
+FILES = {"onnx": ONNX_FP32, "onnx-int8": ONNX_INT8, "openvino": ONNX_FP32}  # openvino compiles the fp32 graph
 
 
-BACKENDS = ("torch", "onnx", "onnx-int8")
+BACKENDS = ("torch", "onnx", "onnx-int8", "openvino")
 
 
 # The int8 recipes (see `check_recipe` for what each key means) and the one each variant gets, chosen by
@@ -415,6 +415,33 @@ class OnnxRetriever(nn.Module):
         return torch.from_numpy(self.session.run(None, feed)[0])
 
 
+class OpenVinoRetriever(OnnxRetriever):
+    """The fp32 graph compiled by OpenVINO's CPU plugin at its default inference precision: bf16 on a CPU with bf16
+    units (AVX512-BF16, AMX), fp32 elsewhere; `precision` says which it chose."""
+
+    def __init__(self, path: Path, config: RetrieverConfig, threads: int | None = None):
+        nn.Module.__init__(self)
+        import openvino as ov
+
+        if config.routing == "random":  # found by tests/test_export.py: Sokli et al.'s design routed 3 of 4 texts elsewhere
+            raise DataError("--backend openvino: OpenVINO's CPU plugin computes int64 in int32, so the random-routing "
+                            "keys (int64 arithmetic) would pick other experts; evaluate this model with --backend onnx")  # fmt: skip
+        self.config = config
+        self.device_anchor = nn.Parameter(torch.empty(0), requires_grad=False)
+        properties = {"PERFORMANCE_HINT": "LATENCY", **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
+        compiled = ov.Core().compile_model(str(path), "CPU", properties)
+        chosen = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # "bf16" or "f32"
+        self.precision = f"OpenVINO {'fp32' if chosen == 'f32' else chosen}"
+        self.request = compiled.create_infer_request()
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        feed = [input_ids.cpu().numpy().astype(np.int64), attention_mask.cpu().numpy().astype(np.int64)]
+        return torch.from_numpy(self.request.infer(feed)[0].copy())
+
+
+RETRIEVERS = {"onnx": OnnxRetriever, "onnx-int8": OnnxRetriever, "openvino": OpenVinoRetriever}
+
+
 def check_onnx(path: Path, model) -> float:
     """Max |difference| between the graph and `model.encode` on ragged batches of other shapes than the trace's."""
     graph = OnnxRetriever(path, model.config)
@@ -534,7 +561,7 @@ def load_onnx_retriever(folder: str | Path, backend: str) -> OnnxRetriever:
     try:
         if backend == "onnx-int8":
             check_int8(folder, info)
-        return OnnxRetriever(path, RetrieverConfig(**info["config"]))
+        return RETRIEVERS[backend](path, RetrieverConfig(**info["config"]))
     except DataError:
         raise
     except Exception as exc:  # onnxruntime raises its own types for a corrupt or truncated graph
@@ -549,7 +576,7 @@ def onnx_retriever(model, backend: str, tokenizer=None, calibration: tuple[str, 
     tmp = make_temp_dir(anchor)
     try:
         export_graphs(model, tmp, int8=backend == "onnx-int8", tokenizer=tokenizer, calibration=calibration)
-        return OnnxRetriever(tmp / FILES[backend], model.config)
+        return RETRIEVERS[backend](tmp / FILES[backend], model.config)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -19,7 +19,15 @@ from lab import bench
 
 ANCHOR_PYTHON = os.environ.get("BENCH_ANCHOR_PYTHON")
 BY_KIND = sbmoe.onnx.INT8_BY_KIND
-OURS = ["ours torch fp32", "ours torch bf16", "ours onnx fp32", f"ours onnx int8 {BY_KIND['baseline']}",
+try:  # the fp32 graph in OpenVINO: a row per variant, named by the precision its CPU plugin picks here
+    import openvino
+
+    OV = [f" openvino ({openvino.Core().get_property('CPU', 'INFERENCE_PRECISION_HINT').get_type_name()})"]
+    OV = [OV[0].replace("(f32)", "(fp32)")]
+except ImportError:
+    OV = []
+OURS = ["ours torch fp32", "ours torch bf16", "ours onnx fp32", *[f"ours{x}" for x in OV],
+        f"ours onnx int8 {BY_KIND['baseline']}", *[f"ours sbmoe{x}" for x in OV],
         *[f"ours sbmoe onnx int8 {r}" for r in dict.fromkeys([BY_KIND["sbmoe"], BY_KIND["baseline"]])]]  # fmt: skip
 
 
@@ -188,5 +196,5 @@ def test_int8_rows_show_the_recipes_quality_deltas(tiny_backbone, tiny_beir, tmp
     row = table_rows(capsys.readouterr().out)[f"ours onnx int8 {name}"]
     assert row[-2:] == ["-0.0042 (zeroshot unseen)", "+0.0030 (zeroshot all)"]
     assert report["rows"][f"ours onnx int8 {name}"]["quality"]["NDCG@10"]["delta"] == -0.0042
-    assert [k for k in report["rows"] if k.startswith("ours")] == OURS[:4]  # --kinds baseline: no SB-MoE rows
+    assert [k for k in report["rows"] if k.startswith("ours")] == OURS[: 4 + len(OV)]  # --kinds baseline: no SB-MoE rows
     assert table_rows("\n".join(report["table"]))["ours onnx fp32"][-2:] == ["", ""]  # no deltas for fp32 rows

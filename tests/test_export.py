@@ -123,6 +123,29 @@ def test_onnx_graph_and_int8_agree_with_the_model(checkpoints, tmp_path):
     assert f"recipe `{q['recipe_name']}`" in card and sbmoe.onnx.INT8_CHOSEN_ON in card
 
 
+OPENVINO_MIN_COSINE = 0.999  # bf16 inference on a CPU with bf16 units (fp32 elsewhere: far closer)
+
+
+@pytest.mark.parametrize("kind", list(SETTINGS))
+def test_openvino_backend_encodes_like_the_model(kind, checkpoints, tmp_path):
+    """eval.py --backend openvino: the exported fp32 graph compiled by OpenVINO, from the folder and on the fly,
+    encodes as the model does (to bf16 precision where OpenVINO chooses bf16) and says which precision it ran."""
+    pytest.importorskip("openvino")
+    ckpt, model = checkpoints[kind]
+    out = tmp_path / "st"
+    export.export(ckpt, out, onnx=True, **LENGTHS)
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    ref = project_embeddings(model, ckpt, 64)
+    graph = sbmoe.onnx.load_onnx_retriever(out, "openvino")
+    fly = sbmoe.onnx.onnx_retriever(model, "openvino")
+    assert graph.precision in ("OpenVINO bf16", "OpenVINO fp32") and fly.precision == graph.precision
+    for encoder in (graph, fly):
+        emb = encode_texts(encoder, tok, TEXTS, 64, 2, show_progress=False)
+        assert (emb * ref).sum(1).min() > OPENVINO_MIN_COSINE
+        if graph.precision == "OpenVINO fp32":
+            assert np.abs(emb - ref).max() < 1e-4
+
+
 def int8_nodes(path):
     """The graph's int8 weight products by op, and its float weight MatMuls, read straight from the ONNX file."""
     import onnx
@@ -279,7 +302,11 @@ def test_random_routing_controls_trace_to_onnx_exactly(kind, design, tiny_backbo
     assert report["onnx"]["fp32_max_abs_diff_vs_torch"] < sbmoe.onnx.ONNX_TOLERANCE
     tok = AutoTokenizer.from_pretrained(tmp_path / "ckpt")
     got = encode_texts(sbmoe.onnx.load_onnx_retriever(tmp_path / "st", "onnx"), tok, TEXTS, 64, 3, show_progress=False)
-    assert np.abs(got - project_embeddings(model, tmp_path / "ckpt", 64)).max() < sbmoe.onnx.ONNX_TOLERANCE
+    ref = project_embeddings(model, tmp_path / "ckpt", 64)
+    assert np.abs(got - ref).max() < sbmoe.onnx.ONNX_TOLERANCE
+    pytest.importorskip("openvino")  # its CPU plugin computes int64 in int32: the keys would differ, so it is refused
+    with pytest.raises(sbmoe.onnx.DataError, match="int64 in int32"):
+        sbmoe.onnx.load_onnx_retriever(tmp_path / "st", "openvino")
 
 
 def test_eval_backends_give_the_same_metrics(checkpoints, tmp_path):
@@ -296,6 +323,12 @@ def test_eval_backends_give_the_same_metrics(checkpoints, tmp_path):
     assert fly_row["backend"] == "onnx"
     for row in (fly_row["baseline"], exp_row["baseline"]):
         assert row["NDCG@10"] == pytest.approx(torch_row["NDCG@10"], abs=1e-6)
+    pytest.importorskip("openvino")
+    ov_row = ev.main([*common, "--checkpoint", str(tmp_path / "exported"), "--backend", "openvino",
+                      "--output_dir", str(tmp_path / "v")])  # fmt: skip
+    settings = json.loads((tmp_path / "v" / "metrics.json").read_text())["settings"]["baseline"]
+    assert ov_row["backend"] == "openvino" and settings["precision"] in ("OpenVINO bf16", "OpenVINO fp32")
+    assert ov_row["baseline"]["NDCG@10"] == pytest.approx(torch_row["NDCG@10"], abs=0.05)  # bf16 may reorder a tie
 
 
 def one_line_error(capsys, fn, *args) -> str:

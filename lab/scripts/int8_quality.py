@@ -1,6 +1,6 @@
-"""Retrieval quality of an int8 recipe against fp32: SciFact test NDCG@10 and Recall@100, on all queries and on
-the unseen-document ones, for the zero-shot backbone and fine-tuned checkpoints; NFCorpus test for the zero-shot
-backbone.
+"""Retrieval quality of an int8 recipe (or of the OpenVINO backend: --recipe openvino) against fp32: SciFact test
+NDCG@10 and Recall@100, on all queries and on the unseen-document ones, for the zero-shot backbone and fine-tuned
+checkpoints; NFCorpus test for the zero-shot backbone.
 
     BEIR_DATA_DIR=... python -m lab.scripts.int8_quality --recipe fused --backbone BACKBONE \
         --checkpoints CKPT_ROOT [--targets zeroshot baseline sbmoe moe zeroshot-nfcorpus] [--output results/export/int8_quality]
@@ -107,7 +107,8 @@ def table(summary: dict) -> list[str]:
 @entry_point
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipe", required=False, help="the recipe to measure (without it: --table only)")
+    p.add_argument("--recipe", required=False, help="the int8 recipe to measure, or openvino (the fp32 graph in OpenVINO "
+                   "at its CPU plugin's precision); without it: --table only")
     p.add_argument("--table", action="store_true", help="print OUTPUT/quality.json as a table (OUTPUT/quality.md)")
     p.add_argument("--backbone", default=None, help="the zero-shot backbone (a local folder)")
     p.add_argument("--checkpoints", default="checkpoints/table1-fresh/scifact",
@@ -128,14 +129,19 @@ def main(argv=None) -> dict:
                 mine = Path(args.output) / tag / f"{tag}.perquery.json.gz"
                 row["deltas"] = deltas(mine, ROOT / row["fp32_run"], row["dataset"])
         atomic_write_text(path, json.dumps(summary, indent=1))
-        lines = table(summary)
+        bf16, fp32 = ROOT / "results/zeroshot-bf16/zeroshot.perquery.json.gz", ROOT / "results/zeroshot-fp32/zeroshot.perquery.json.gz"
+        reference = {}
+        if bf16.is_file() and fp32.is_file():  # how close a faithful low precision comes: torch bf16 autocast
+            reference = {"torch bf16 (no int8)": {"zeroshot": {"dataset": "scifact", "deltas": deltas(bf16, fp32, "scifact")}}}
+        lines = table({**summary, **reference})
         print("\n".join(lines))
         atomic_write_text(path.with_name("quality.md"), "\n".join(lines) + "\n")
         return {}
     if not args.recipe or not args.backbone:
         p.error("--recipe and --backbone are needed to measure (or --table alone)")
-    if args.recipe not in export.INT8_RECIPES:
-        fail(f"--recipe {args.recipe}: not one of {', '.join(export.INT8_RECIPES)}")
+    if args.recipe not in [*export.INT8_RECIPES, "openvino"]:
+        fail(f"--recipe {args.recipe}: not one of {', '.join(export.INT8_RECIPES)}, openvino")
+    backend = "openvino" if args.recipe == "openvino" else "onnx-int8"  # openvino: the fp32 graph in OpenVINO
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     summary_path = out / "quality.json"
@@ -149,9 +155,10 @@ def main(argv=None) -> dict:
                 dataset = "nfcorpus" if target.endswith("nfcorpus") else "scifact"
                 kind = "baseline" if target.startswith("zeroshot") else target
                 tag = f"{target}-{args.recipe}"
-                recipe = export.INT8_RECIPES[args.recipe]
-                calibrate = recipe["smoothing"] is not None or recipe["activations"] == "static"
+                recipe = export.INT8_RECIPES.get(args.recipe)
+                calibrate = recipe is not None and (recipe["smoothing"] is not None or recipe["activations"] == "static")
                 other = ["--calibration", "scifact" if dataset == "nfcorpus" else "nfcorpus"] if calibrate else []
+                flags = ["--int8", "--int8_recipe", args.recipe, *other] if recipe else ["--onnx"]
                 exported = tmp / tag
                 if target.startswith("zeroshot"):
                     ckpt = tmp / "zeroshot-checkpoint"
@@ -162,8 +169,8 @@ def main(argv=None) -> dict:
 
                         BiEncoder.from_backbone(args.backbone, pooling="mean").save_pretrained(ckpt)
                         AutoTokenizer.from_pretrained(args.backbone).save_pretrained(ckpt)
-                    run(["export.py", str(ckpt), str(exported), "--int8", "--int8_recipe", args.recipe, *other], log,
-                        f"python export.py ZEROSHOT EXPORT --int8 --int8_recipe {args.recipe} {' '.join(other)}"
+                    run(["export.py", str(ckpt), str(exported), *flags], log,
+                        f"python export.py ZEROSHOT EXPORT {' '.join(flags)}"
                         f"   # ZEROSHOT: {backbone_name} "
                         "saved as a baseline checkpoint, mean pooling")  # fmt: skip
                     if dataset == "scifact":
@@ -180,21 +187,21 @@ def main(argv=None) -> dict:
                     ckpt = Path(args.checkpoints) / kind / "seed42"
                     fp32_dir = ROOT / "results/table1-fresh/scifact" / kind / "seed42/test"
                     ref = fp32_dir / f"{kind}.perquery.json.gz"
-                    run(["export.py", str(ckpt), str(exported), "--int8", "--int8_recipe", args.recipe, *other, "--metrics",
-                         str(fp32_dir / "metrics.json")], log,
-                        f"python export.py checkpoints/table1-fresh/scifact/{kind}/seed42 EXPORT --int8 --int8_recipe "
-                        f"{args.recipe} {' '.join(other)} --metrics results/table1-fresh/scifact/{kind}/seed42/test/metrics.json")  # fmt: skip
+                    run(["export.py", str(ckpt), str(exported), *flags, "--metrics", str(fp32_dir / "metrics.json")], log,
+                        f"python export.py checkpoints/table1-fresh/scifact/{kind}/seed42 EXPORT {' '.join(flags)} "
+                        f"--metrics results/table1-fresh/scifact/{kind}/seed42/test/metrics.json")  # fmt: skip
                 folder = out / tag
                 if (folder / f"{tag}.perquery.json.gz").is_file():  # evaluated by an earlier run of this command
                     log.append(f"(reused {folder}: evaluated by an earlier run of this command, same recipe and model)")
                 else:
-                    run(["eval.py", "--model", kind, "--checkpoint", str(exported), "--backend", "onnx-int8", "--dataset",
+                    run(["eval.py", "--model", kind, "--checkpoint", str(exported), "--backend", backend, "--dataset",
                          dataset, "--output_dir", str(folder), "--tag", tag], log,
-                        f"python eval.py --model {kind} --checkpoint EXPORT --backend onnx-int8 --dataset {dataset} "
+                        f"python eval.py --model {kind} --checkpoint EXPORT --backend {backend} --dataset {dataset} "
                         f"--output_dir {folder} --tag {tag}")  # fmt: skip
                 name_scratch(folder / "metrics.json", tag)
                 d = deltas(folder / f"{tag}.perquery.json.gz", ref, dataset)
-                info = json.loads((exported / "onnx/export.json").read_text())["int8"]
+                info = json.loads((exported / "onnx/export.json").read_text()).get("int8") or {
+                    "precision": json.loads((folder / "metrics.json").read_text())["settings"][tag]["precision"]}
                 summary.setdefault(args.recipe, {})[target] = {"dataset": dataset, "fp32_run": str(ref.resolve().relative_to(ROOT)),
                                                                "export": info, "deltas": d}  # fmt: skip
                 for k, v in d.items():

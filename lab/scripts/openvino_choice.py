@@ -58,7 +58,7 @@ def batches(d, prefix: str) -> list:
     return [(d[f"{prefix}_ids_{i}"], d[f"{prefix}_mask_{i}"]) for i in range(n)]
 
 
-def measure(work: Path) -> None:
+def measure(work: Path, out: Path = OUT) -> None:
     import nncf
     import onnxruntime as ort
     import openvino as ov
@@ -110,21 +110,22 @@ def measure(work: Path) -> None:
     best = rows["onnxruntime int8 (chosen)"]["docs_per_s"]
     for k, r in rows.items():
         print(f"| {k} | {r['docs_per_s']:.1f} | {r['docs_per_s'] / best:.2f} | {r['min_cos']:.5f} | {r['mean_cos']:.5f} |")
-    tmp = OUT.with_suffix(".json.tmp")
+    tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"versions": versions, "docs": n, "rows": rows}, indent=1))
-    tmp.replace(OUT)
+    tmp.replace(out)
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ov_python", help="interpreter of a venv with openvino, nncf, onnxruntime and numpy")
+    p.add_argument("--output", default=str(OUT), help="the JSON to write (default: %(default)s)")
     p.add_argument("--measure", help=argparse.SUPPRESS)  # the second phase, in the OV interpreter
     a = p.parse_args()
     if a.measure:
-        measure(Path(a.measure))
+        measure(Path(a.measure), Path(a.output))
     else:
         if not a.ov_python:
             sys.exit("error: --ov_python is required (a venv with openvino, nncf, onnxruntime and numpy)")
         work = Path(tempfile.mkdtemp(prefix="openvino-choice-"))
         prepare(work)
-        sys.exit(subprocess.call([a.ov_python, __file__, "--measure", str(work)]))
+        sys.exit(subprocess.call([a.ov_python, __file__, "--measure", str(work), "--output", a.output]))

@@ -260,6 +260,7 @@ def bench_encode(args) -> dict:
         try:  # the fp32 graph in OpenVINO, at the precision its CPU plugin picks here (bf16 where the CPU has it)
             ov = sbmoe.onnx.OpenVinoRetriever(folder / sbmoe.onnx.ONNX_FP32, model.config)
             graphs[f"{prefix} openvino ({ov.precision.split()[-1]})"] = ov
+            row_recipe[f"{prefix} openvino ({ov.precision.split()[-1]})"] = ("openvino", kind)
         except ImportError:
             pass
         for name in recipes[kind]:
@@ -327,8 +328,8 @@ def bench_encode(args) -> dict:
         row["gops"] = row["docs_per_s"] * flops / 1e9
         row["fraction_of_int8_peak"] = row["gops"] / peaks["int8_gops"]
         if name in row_recipe:
-            row["recipe"], row["kind"] = row_recipe[name]
-            row["recipe_settings"] = sbmoe.onnx.INT8_RECIPES[row["recipe"]]
+            row["recipe"], row["kind"] = row_recipe[name]  # an int8 recipe, or openvino (its quality rows too)
+            row["recipe_settings"] = sbmoe.onnx.INT8_RECIPES.get(row["recipe"])
             row["quality"] = int8_quality(Path(args.quality), *row_recipe[name])
     report = {"machine": machine(), "docs": len(texts), "max_length": L, "mean_tokens": float(np.mean(lengths)),
               "batch_size": args.batch_size, "gflop_per_doc": flops / 1e9, "peaks": peaks, "fastest_anchor": best,
@@ -363,6 +364,7 @@ def bench_encode(args) -> dict:
     if row_recipe:
         lines.append(f"int8 rows: ours onnx int8 <recipe> (sbmoe.onnx.INT8_RECIPES; chosen per variant: "
                      f"{', '.join(f'{k} {v}' for k, v in sbmoe.onnx.INT8_BY_KIND.items())}, on {sbmoe.onnx.INT8_CHOSEN_ON}); "
+                     f"openvino rows: the fp32 graph in OpenVINO at its CPU plugin's precision; "
                      f"SB-MoE rows: bench.build('sbmoe'), live experts; deltas: {args.quality}, largest |delta| over "
                      "the zero-shot backbone (SciFact, NFCorpus) and the fine-tuned baseline for baseline rows, the "
                      "fine-tuned SB-MoE for SB-MoE rows, all and unseen-document queries")  # fmt: skip

@@ -429,7 +429,11 @@ class OpenVinoRetriever(OnnxRetriever):
         self.config = config
         self.device_anchor = nn.Parameter(torch.empty(0), requires_grad=False)
         properties = {"PERFORMANCE_HINT": "LATENCY", **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
-        compiled = ov.Core().compile_model(str(path), "CPU", properties)
+        core = ov.Core()
+        try:
+            compiled = core.compile_model(str(path), "CPU", properties)
+        except RuntimeError:  # bf16 kernels this process cannot run (oneDNN held to AVX2, ONEDNN_MAX_CPU_ISA): fp32
+            compiled = core.compile_model(str(path), "CPU", {**properties, "INFERENCE_PRECISION_HINT": "f32"})
         chosen = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # "bf16" or "f32"
         self.precision = f"OpenVINO {'fp32' if chosen == 'f32' else chosen}"
         self.request = compiled.create_infer_request()

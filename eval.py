@@ -192,7 +192,7 @@ def load_retriever(kind: str | None, source: str, pooling: str = "auto") -> BiEn
     return model
 
 
-def load_for_eval(name: str, checkpoint: str | None, args, data_dir: Path) -> tuple[BiEncoder, object, str, dict]:
+def load_for_eval(name: str, checkpoint: str | None, args, corpus: Corpus) -> tuple[BiEncoder, object, str, dict]:
     """The model, its tokenizer, where it came from and what shapes its numbers (metrics.json's `settings`)."""
     backend = getattr(args, "backend", "torch")
     precision = {"onnx": "fp32", "onnx-int8": "int8 weights, fp32 activations"}.get(
@@ -235,8 +235,9 @@ def load_for_eval(name: str, checkpoint: str | None, args, data_dir: Path) -> tu
 
         try:
             calibration = None
-            if backend == "onnx-int8":  # a recipe that calibrates does so on the corpus being searched
-                calibration = (f"{data_dir.name} corpus", sbmoe.onnx.calibration_texts([data_dir]))
+            if backend == "onnx-int8" and sbmoe.onnx.needs_calibration(sbmoe.onnx.int8_recipe(model.config.kind)[1]):
+                # a recipe that calibrates does so on the corpus being searched
+                calibration = (f"{corpus.data_dir.name} corpus", sbmoe.onnx.calibration_texts([corpus]))
             graph = sbmoe.onnx.onnx_retriever(model.eval(), backend, tokenizer, calibration)
             facts["precision"] = getattr(graph, "precision", precision)  # OpenVINO's choice on this CPU
             return graph, tokenizer, source, facts
@@ -310,7 +311,7 @@ def main(argv=None) -> dict:
 
     for i, name in enumerate(args.model):
         try:
-            model, tokenizer, source, facts = load_for_eval(name, args.checkpoint[i] if args.checkpoint else None, args, data_dir)
+            model, tokenizer, source, facts = load_for_eval(name, args.checkpoint[i] if args.checkpoint else None, args, corpus)
         except DataError as exc:
             fail(str(exc))
         tag = args.tag if args.tag and len(args.model) == 1 else name

@@ -267,7 +267,7 @@ def bench_encode(args) -> dict:
             path = folder / f"int8-{name}.onnx"
             recipe = sbmoe.onnx.INT8_RECIPES[name]  # one that calibrates does so on the timed documents
             batches = sbmoe.onnx.calibration_batches(tok, texts, L) \
-                if recipe["smoothing"] is not None or recipe["activations"] == "static" else None  # fmt: skip
+                if sbmoe.onnx.needs_calibration(recipe) else None  # fmt: skip
             applied, _ = sbmoe.onnx.quantize_int8(folder / sbmoe.onnx.ONNX_FP32, path, model.config, recipe, batches)
             if sbmoe.onnx.graph_recipe(path) != applied:
                 raise RuntimeError(f"the int8 graph of recipe {name} is not that recipe")

@@ -39,10 +39,18 @@ from transformers import AutoTokenizer
 from eval import load_retriever
 from model import BiEncoder
 from sbmoe.config import RetrieverConfig
-from sbmoe.data import DataError, dataset_name, resolve_dataset
+from sbmoe.data import Corpus, DataError, dataset_name, resolve_dataset
 from sbmoe.files import follow_umask, make_temp_dir, read_json, remove_stale_temps, temp_prefix
 from sbmoe.hub import checkpoint_digest
-from sbmoe.onnx import CALIBRATION_DOCS, INT8_RECIPES, ONNX_FP32, ONNX_INT8, calibration_texts, export_graphs
+from sbmoe.onnx import (
+    CALIBRATION_DOCS,
+    INT8_RECIPES,
+    ONNX_FP32,
+    ONNX_INT8,
+    calibration_texts,
+    export_graphs,
+    needs_calibration,
+)
 from sbmoe.onnx import int8_recipe as recipe_for
 from utils import check_output, entry_point, fail
 
@@ -386,7 +394,7 @@ def calibration_corpora(checkpoint: Path, wanted: list[str] | None) -> tuple[str
     except DataError as exc:
         flag = "--calibration" if wanted else "--calibration (the checkpoint's training data is not here)"
         raise DataError(f"{flag}: {exc}") from None
-    texts = calibration_texts(folders)
+    texts = calibration_texts([Corpus(f) for f in folders])
     if not texts:
         raise DataError(f"--calibration {' '.join(names)}: no corpus documents")
     return f"{' + '.join(dataset_name(f) for f in folders)} corpus", texts
@@ -410,7 +418,7 @@ def export(checkpoint: Path, out: Path, onnx: bool = False, int8: bool = False, 
     documents = None
     if int8:
         recipe = recipe_for(model.config.kind, int8_recipe)[1]
-        if recipe["smoothing"] is not None or recipe["activations"] == "static":
+        if needs_calibration(recipe):
             documents = calibration_corpora(checkpoint, calibration)
     settings = {"query_max_length": query_max_length, "doc_max_length": doc_max_length,
                 "checkpoint_sha1": checkpoint_digest(checkpoint)}  # fmt: skip

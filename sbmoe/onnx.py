@@ -134,6 +134,11 @@ RECIPE_KEYS = ("fusions", "attention", "scores", "weights", "activations", "fp32
 FP32_GROUPS = {"first_layer": "/layer.0/", "routers": "/router/"}
 
 
+def needs_calibration(recipe: dict) -> bool:
+    """Whether a recipe reads activation ranges off corpus documents: static activations, or smoothing."""
+    return recipe["activations"] == "static" or recipe.get("smoothing") is not None
+
+
 def check_recipe(recipe: dict) -> dict:
     """The recipe with its keys in order, or a ValueError naming what is wrong."""
     if set(recipe) != set(RECIPE_KEYS):
@@ -195,16 +200,15 @@ class Calibration:
 CALIBRATION_DOCS = 256  # corpus documents whose activation ranges calibrate a smoothed or static int8 graph
 
 
-def calibration_texts(folders: list[Path], n: int = CALIBRATION_DOCS) -> list[str]:
-    """`n` documents spread evenly over the corpora of `folders` (BEIR folders), the same ones on every call."""
-    from sbmoe.data import iter_corpus, iter_corpus_ids
-
+def calibration_texts(corpora: list, n: int = CALIBRATION_DOCS) -> list[str]:
+    """`n` documents spread evenly over `corpora` (sbmoe.data.Corpus), the same ones on every call; only those
+    records are parsed (the others are skipped by line)."""
     texts = []
-    for i, folder in enumerate(folders):  # streamed: a large corpus is never held
-        size = sum(1 for _ in iter_corpus_ids(folder))
-        want = min(n // len(folders) + (i < n % len(folders)), size)
-        picks = set(np.linspace(0, size - 1, num=want).round().astype(int).tolist()) if want else set()
-        texts += [text for j, (_, text) in enumerate(iter_corpus(folder, 0)) if j in picks]
+    for i, corpus in enumerate(corpora):
+        want = min(n // len(corpora) + (i < n % len(corpora)), len(corpus))
+        picks = sorted(set(np.linspace(0, len(corpus) - 1, num=want).round().astype(int).tolist())) if want else []
+        read = corpus.reader()
+        texts += [read(j, j + 1)[0] for j in picks]
     return texts
 
 
@@ -314,7 +318,7 @@ def quantize_int8(src: Path, dst: Path, config: RetrieverConfig, recipe: dict,
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     recipe = check_recipe(recipe)
-    if (recipe["activations"] == "static" or recipe["smoothing"] is not None) and not calibration:
+    if needs_calibration(recipe) and not calibration:
         raise ValueError("static int8 activations or smoothing: no calibration documents")
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
         source = src
@@ -407,6 +411,9 @@ class OnnxRetriever(nn.Module):
         super().__init__()
         self.config = config
         self.device_anchor = nn.Parameter(torch.empty(0), requires_grad=False)  # the device encode_texts reads (CPU)
+        self.open(path, threads)
+
+    def open(self, path: Path, threads: int | None) -> None:
         self.session = session(path, threads)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -419,15 +426,12 @@ class OpenVinoRetriever(OnnxRetriever):
     """The fp32 graph compiled by OpenVINO's CPU plugin at its default inference precision: bf16 on a CPU with bf16
     units (AVX512-BF16, AMX), fp32 elsewhere; `precision` says which it chose."""
 
-    def __init__(self, path: Path, config: RetrieverConfig, threads: int | None = None):
-        nn.Module.__init__(self)
+    def open(self, path: Path, threads: int | None) -> None:
         import openvino as ov
 
-        if config.routing == "random":  # found by tests/test_export.py: Sokli et al.'s design routed 3 of 4 texts elsewhere
+        if self.config.routing == "random":  # found by tests/test_export.py: Sokli et al.'s design routed 3 of 4 texts elsewhere
             raise DataError("--backend openvino: OpenVINO's CPU plugin computes int64 in int32, so the random-routing "
                             "keys (int64 arithmetic) would pick other experts; evaluate this model with --backend onnx")  # fmt: skip
-        self.config = config
-        self.device_anchor = nn.Parameter(torch.empty(0), requires_grad=False)
         properties = {"PERFORMANCE_HINT": "LATENCY", **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
         core = ov.Core()
         try:
@@ -510,7 +514,7 @@ def export_graphs(model, folder: Path, int8: bool, texts: list[str] | None = Non
         raise RuntimeError(f"ONNX graph differs from the model by {info['fp32_max_abs_diff_vs_torch']:.1e}")
     if int8:
         name, wanted = int8_recipe(model.config.kind, recipe)
-        calibrates = wanted["smoothing"] is not None or wanted["activations"] == "static"
+        calibrates = needs_calibration(wanted)
         if calibrates and not (calibration and calibration[1]):
             raise DataError(f"int8 recipe {name} calibrates on corpus documents: none given (export.py --calibration "
                             "DATASET)")  # fmt: skip

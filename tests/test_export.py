@@ -16,6 +16,7 @@ import eval as evaluation
 import sbmoe.onnx
 from lab import export
 from model import VARIANTS
+from sbmoe.data import Corpus
 from sbmoe.encoding import encode_texts
 from sbmoe.hub import checkpoint_digest
 
@@ -163,8 +164,7 @@ def int8_nodes(path):
 
 
 def calibrates(name: str) -> bool:
-    recipe = sbmoe.onnx.INT8_RECIPES[name]
-    return recipe["smoothing"] is not None or recipe["activations"] == "static"
+    return sbmoe.onnx.needs_calibration(sbmoe.onnx.INT8_RECIPES[name])
 
 
 @pytest.mark.parametrize("name", list(sbmoe.onnx.INT8_RECIPES))
@@ -234,7 +234,7 @@ def test_smoothing_keeps_the_function_and_brings_int8_closer_to_fp32(tiny_backbo
     fp32 = tmp_path / "fp32.onnx"
     sbmoe.onnx.export_onnx(model, fp32)
     tok = AutoTokenizer.from_pretrained(tmp_path / "ckpt")
-    batches = sbmoe.onnx.calibration_batches(tok, sbmoe.onnx.calibration_texts([tiny_beir]) + TEXTS, 32)
+    batches = sbmoe.onnx.calibration_batches(tok, sbmoe.onnx.calibration_texts([Corpus(tiny_beir)]) + TEXTS, 32)
     smoothed = tmp_path / "smoothed.onnx"
     assert sbmoe.onnx.smooth_graph(fp32, smoothed, 0.7, batches, skip=[]) > 0
     ids, mask = sbmoe.onnx.probe_batch(model.config.backbone_config["vocab_size"], batch=6, length=20, seed=5)

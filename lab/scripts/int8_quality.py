@@ -33,6 +33,7 @@ from pathlib import Path
 from lab.stats import paired_tests
 from sbmoe.data import DataError, query_subsets, resolve_data_dir, split_qrels
 from sbmoe.files import atomic_write_text
+from sbmoe.onnx import needs_calibration
 from sbmoe.results import read_per_query_file
 from utils import entry_point, fail
 
@@ -156,7 +157,7 @@ def main(argv=None) -> dict:
                 kind = "baseline" if target.startswith("zeroshot") else target
                 tag = f"{target}-{args.recipe}"
                 recipe = export.INT8_RECIPES.get(args.recipe)
-                calibrate = recipe is not None and (recipe["smoothing"] is not None or recipe["activations"] == "static")
+                calibrate = recipe is not None and needs_calibration(recipe)
                 other = ["--calibration", "scifact" if dataset == "nfcorpus" else "nfcorpus"] if calibrate else []
                 flags = ["--int8", "--int8_recipe", args.recipe, *other] if recipe else ["--onnx"]
                 exported = tmp / tag

@@ -143,8 +143,8 @@ def main(argv=None) -> dict:
         fail("no backbone: give --model_name_or_path or `model` in the experiment file")
     if args.recheck:
         return recheck(exp, args, runner)
-    if exp.datasets:
-        if failed := run_datasets(exp, args, folders):
+    if exp.datasets:  # (each checkpoint evaluated on every dataset, the transfer ones included, as it is made)
+        if failed := run_datasets(exp, args, folders, transfer):
             fail(f"{len(failed)} job(s) failed: {failed[0]}")
     elif failed := runner.run_stage(list(exp.runs.values())):
         fail(f"{len(failed)} job(s) failed: {failed[0]}")
@@ -152,7 +152,7 @@ def main(argv=None) -> dict:
         stage2 = chosen_runs(exp, choose(exp, runner.layout))
         if failed := runner.run_stage(list(stage2.values())):
             fail(f"{len(failed)} stage 2 job(s) failed: {failed[0]}")
-    if transfer and (failed := run_transfer(exp, args, transfer, stages_of(exp, runner.layout)[0], folder, folders or None)):
+    if transfer and not exp.datasets and (failed := run_transfer(exp, args, transfer, stages_of(exp, runner.layout)[0], folder)):
         fail(f"{len(failed)} transfer job(s) failed: {failed[0]}")
     if not exp.datasets:
         store_subsets(exp, runner.layout, folder)

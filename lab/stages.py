@@ -13,7 +13,7 @@ from lab.layout import Layout
 from lab.report import build_report, routing_section, store_subsets, summarise
 from lab.runner import Runner, is_moe
 from lab.settings import Settings, merge
-from lab.spec import UNTRAINED, Experiment, Run, transfer_name
+from lab.spec import HYBRID, UNTRAINED, Experiment, Run, transfer_name
 from sbmoe import results as an
 from sbmoe.data import (
     DataError,
@@ -197,17 +197,45 @@ def resolve_training_sets(exp: Experiment, args) -> dict[str, Path]:
     return folders
 
 
-def run_datasets(exp: Experiment, args, folders: dict[str, Path]) -> list[Outcome]:
-    """Every run on each training dataset's splits (the first dataset's pass trains what is missing); each
-    dataset's query subsets stored with its results."""
-    failed = []
+def cell_units(exp: Experiment, layout: Layout) -> list[list[Run]]:
+    """The file's runs in what each needs made, in file order: BM25 and the zero-shot backbone, each checkpoint
+    with every run that shares it, then the hybrids (after what they fuse)."""
+    listed = list(exp.runs.values())
+    checkpoints: dict[str, list[Run]] = {}
+    for run in listed:
+        if run.trained:
+            checkpoints.setdefault(layout.lead(run, listed).name, []).append(run)
+    units = [[r for r in listed if r.kind in UNTRAINED], *checkpoints.values(), [r for r in listed if r.kind == HYBRID]]
+    return [u for u in units if u]
+
+
+def run_datasets(exp: Experiment, args, folders: dict[str, Path], transfer: dict[str, Path]) -> list[Outcome]:
+    """Several training datasets, one checkpoint at a time: trained (by the first dataset's pass), then evaluated
+    on every training dataset's splits and every transfer dataset before the next one trains, so that each
+    finished cell is whole and an MoE checkpoint's per-domain routing is known as soon as it is made. A checkpoint
+    whose training or first evaluation failed is not tried again on the other datasets."""
+    runners, first = {}, next(iter(folders.values()))
     for name, folder in folders.items():
         tx, layout = transfer_layout(exp, args, name, transfer=False)
-        runner = Runner(tx, args, folder, folders)
+        runner = runners[f"dataset {name}"] = Runner(tx, args, folder, folders)
         runner.layout, runner.routing = layout, True
-        print(f"dataset: {name}, splits {', '.join(exp.splits)}", flush=True)
-        failed += runner.run_stage(list(exp.runs.values()))
         store_subsets(tx, layout, folder)
+    for name, folder in transfer.items():
+        tx, layout = transfer_layout(exp, args, name)
+        runner = runners[f"transfer {name}"] = Runner(tx, args, folder, folders)
+        runner.layout, runner.may_train, runner.train_folder = layout, False, first
+    evaluated = transfer_stages(exp, [exp.runs])[0]  # what a transfer dataset evaluates: BM25, zero-shot, checkpoints
+    extra = [r for r in evaluated.values() if r.name not in exp.runs]  # (BM25 or zero-shot when the file has none)
+    failed = []
+    for i, unit in enumerate(cell_units(exp, next(iter(runners.values())).layout)):
+        names = {r.name for r in unit}
+        for where, runner in runners.items():
+            runs = unit if runner.may_train else [r for r in evaluated.values() if r.name in names or (i == 0 and r in extra)]
+            if runs:
+                print(f"{where}: {', '.join(r.name for r in runs)}", flush=True)
+                if lost := runner.run_stage(runs):
+                    failed += lost
+                    break
     return failed
 
 
@@ -227,11 +255,12 @@ def datasets_report(exp: Experiment, args) -> dict:
 
 
 def run_transfer(exp: Experiment, args, folders: dict[str, Path], stages: list[dict[str, Run]],
-                 train_folder: Path, train_folders: dict[str, Path] | None = None) -> list[Outcome]:  # fmt: skip
+                 train_folder: Path) -> list[Outcome]:  # fmt: skip
+    """One training dataset: every checkpoint of every stage on each transfer dataset (several: run_datasets)."""
     failed = []
     for name, folder in folders.items():
         tx, layout = transfer_layout(exp, args, name)
-        runner = Runner(tx, args, folder, train_folders)
+        runner = Runner(tx, args, folder)
         runner.layout, runner.may_train, runner.train_folder = layout, False, train_folder
         print(f"transfer: {name} ({folder.name}), test split", flush=True)
         for stage in transfer_stages(exp, stages):

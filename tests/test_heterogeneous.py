@@ -245,7 +245,12 @@ def test_runner_trains_on_several_datasets_and_reports_each_with_its_routing(tin
         rows = result["datasets"][name]["stages"][0]["rows"]
         assert set(rows) == {"baseline", "baseline-alpha", "domain", "random"}
         assert result["datasets"][name]["subsets"]["unseen"] is not None
-    ckpts = tmp_path / "ck" / "tiny-hetero"
+    ckpts, res = tmp_path / "ck" / "tiny-hetero", tmp_path / "res" / "tiny-hetero"
+    trained = ["baseline", "baseline-alpha", "domain", "random"]  # each evaluated everywhere before the next trains
+    made = [(ckpts / n / "seed42" / "run_info.json").stat().st_mtime_ns for n in trained]
+    for name, next_made in zip(trained, made[1:]):
+        evaluated = [p.stat().st_mtime_ns for p in res.glob(f"*/*/{name}/seed42/provenance.json")]
+        assert len(evaluated) == 3 and max(evaluated) < next_made, name
     assert json.loads((ckpts / "baseline-alpha" / "seed42" / "run_info.json").read_text()).get("datasets") is None
     assert json.loads((ckpts / "domain" / "seed42" / "run_info.json").read_text())["datasets"] == ["alpha", "beta"]
     routing = {r["run"]: r for r in result["routing"]}

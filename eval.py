@@ -350,7 +350,8 @@ def main(argv=None) -> dict:
               f"{args.encode_chunk})", flush=True)  # fmt: skip
         if args.routing_docs and model.moe_blocks():
             queries = splits[args.split[0]][0]
-            record_routing(model, tokenizer, args, data_dir, corpus, queries, domain, tag)
+            lengths = (facts["query_max_length"], facts["doc_max_length"])  # the retrieval's, not the tokenizer's
+            record_routing(model, tokenizer, args, data_dir, corpus, queries, domain, tag, lengths)
         if args.hybrid:
             bm25 = bm25 or BM25().search(load_corpus(data_dir), {q: t for qs, _ in splits.values() for q, t in qs.items()},
                                          args.top_k)  # one index for every split's queries
@@ -375,11 +376,12 @@ def main(argv=None) -> dict:
 
 
 def record_routing(model: BiEncoder, tokenizer, args, data_dir: Path, corpus: Corpus, queries: dict,
-                   domain: int | None, tag: str) -> None:  # fmt: skip
+                   domain: int | None, tag: str, lengths: tuple[int, int]) -> None:  # fmt: skip
     """`<tag>.routing.json`: first-choice expert counts per block on the queries and on a seeded sample of
-    --routing_docs documents (sbmoe.results.routing_summary turns them into shares and mutual information)."""
+    --routing_docs documents, at the retrieval's (query, document) lengths (sbmoe.results.routing_summary turns
+    them into shares and mutual information)."""
     record = routing_record(model, tokenizer, data_dir, len(corpus), list(queries.values()), args.routing_docs,
-                            (args.query_max_length, args.doc_max_length), domain, batch_size=args.batch_size,
+                            lengths, domain, batch_size=args.batch_size,
                             bf16=args.bf16, fp16=args.fp16)  # fmt: skip
     write_routing(split_dir(args, args.split[0]), tag, record)
 

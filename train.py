@@ -321,7 +321,7 @@ def training_data(margs, dargs, targs, model, tokenizer, data: list[tuple], dirs
             fail(f"{dataset_name(dirs[d])}: {exc}" if multi else str(exc))
         for into, part in zip(merged, (corpus, queries, train_qrels)):
             into.update(part)
-    batch = targs.per_device_train_batch_size * targs.world_size
+    batch = targs.train_batch_size * targs.world_size  # one loader batch on each process (DataParallel: all GPUs')
     train_set = MixedDataset(parts, batch, targs.seed) if multi else parts[0]
     collator = ContrastiveCollator(tokenizer, *merged, dargs.query_max_length, dargs.doc_max_length)
     return train_set, collator, devs
@@ -331,7 +331,7 @@ def run_training(margs, dargs, targs, model, tokenizer, data: list[tuple], dirs:
     """Mine negatives, train, save the final model and its records (inside the output folder's lock)."""
     kind = margs.kind
     train_set, collator, devs = training_data(margs, dargs, targs, model, tokenizer, data, dirs)
-    if len(train_set) < targs.per_device_train_batch_size * targs.world_size:
+    if len(train_set) < targs.train_batch_size * targs.world_size:
         fail(f"{len(train_set)} examples per epoch ({dargs.sampling} sampling) are fewer than one global batch")
     if len(devs) > 1:
         model.config.domains = [dev.name for dev in devs]

@@ -158,6 +158,25 @@ def test_routing_nmi_is_one_for_the_oracle_and_near_zero_for_random_routing(tiny
         assert all(0.35 < s[0] < 0.65 for s in summary["blocks"][0]["shares"].values())
 
 
+def test_routing_record_counts_tokens_at_the_retrievals_lengths(tiny_backbone, tiny_beir, tmp_path):
+    torch.manual_seed(0)
+    TinyBERTWithMoE.from_backbone(str(tiny_backbone), design="seed").save_pretrained(tmp_path / "ckpt")
+    load_tokenizer(tiny_backbone).save_pretrained(tmp_path / "ckpt")
+    eval_cli.main(list(map(str, ["--model", "sbmoe", "--checkpoint", tmp_path / "ckpt", "--data_dir", tiny_beir,
+                                 "--output_dir", tmp_path / "out", "--routing_docs", "20", "--query_max_length", "6",
+                                 "--doc_max_length", "8"])))  # fmt: skip
+    record = an.read_routing(tmp_path / "out", "sbmoe")
+    assert record["unit"] == "tokens" and record["lengths"] == [6, 8]
+    tokens = {k: np.asarray(record[k])[0].sum() for k in ("queries", "documents")}  # block 0: one expert per token
+    assert tokens["documents"] == 8 * record["n_documents"]  # every sampled document is longer than 8 tokens
+    assert 0 < tokens["queries"] <= 6 * record["n_queries"] and record["n_documents"] == 20
+    eval_cli.main(list(map(str, ["--model", "sbmoe", "--checkpoint", tmp_path / "ckpt", "--data_dir", tiny_beir,
+                                 "--output_dir", tmp_path / "default", "--routing_docs", "20"])))  # fmt: skip
+    record = an.read_routing(tmp_path / "default", "sbmoe")  # no length flags: the lengths it retrieved at
+    used = json.loads((tmp_path / "default" / "metrics.json").read_text())["settings"]["sbmoe"]
+    assert record["lengths"] == [used["query_max_length"], used["doc_max_length"]] == [64, 64]  # (64 positions)
+
+
 def test_test_evaluation_reuses_the_dev_pass_only_when_weights_and_lengths_match(tiny_backbone, tiny_beir, tmp_path,
                                                                                  capsys):  # fmt: skip
     out = tmp_path / "ckpt"

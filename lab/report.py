@@ -12,7 +12,7 @@ import numpy as np
 
 from lab.layout import Layout
 from lab.settings import Settings, flags
-from lab.spec import HYBRID, Experiment, Run
+from lab.spec import HYBRID, Experiment, Run, transfer_name
 from lab.stats import mean_std, paired_tests, scores_matrix, significant, subset_mean
 from sbmoe import provenance as prov
 from sbmoe import results as an
@@ -49,7 +49,7 @@ def summarise(exp: Experiment, layout: Layout, runs: dict[str, Run], subsets: di
             row[f"{name} {PRIMARY_METRIC}"] = mean_std([subset_mean(r, qids) for r in per_split[main]])
         histories = [an.read_log_history(layout.run_dir(run, s)) for s in seeds
                      if run.trained and (layout.run_dir(run, s) / "log_history.json").is_file()]  # fmt: skip
-        devs = [d for d in (an.best_dev(h) for h in histories) if d is not None]
+        devs = [d for d in (dev_score(h, run, exp, layout) for h in histories) if d is not None]
         row[DEV_COLUMN] = mean_std(devs) if devs else None
         times = [t for t in map(an.train_seconds, histories) if t is not None]
         row["train_seconds"] = mean_std(times) if times else None
@@ -63,6 +63,17 @@ def summarise(exp: Experiment, layout: Layout, runs: dict[str, Run], subsets: di
     tests = [compare(run.name, ref, scores[run.name], scores[ref], subsets) for run in runs.values()
              for ref in run.references if run.name in scores and ref in scores]  # fmt: skip
     return {"rows": rows, "tests": tests}
+
+
+def dev_score(history: list[dict], run: Run, exp: Experiment, layout: Layout) -> float | None:
+    """A row's dev score at its selected epoch: with several training datasets, the reported dataset's own (the
+    selection metric is their mean), none where the run did not train on it; else the one dev score."""
+    if not exp.datasets:
+        return an.best_dev(history)
+    here, trained = layout.root.name, [transfer_name(d) for d in run.datasets or exp.datasets]
+    if here not in trained:
+        return None
+    return an.best_dev(history) if len(trained) == 1 else an.dev_by_dataset(history).get(here)
 
 
 def compare(run: str, reference: str, a: dict, b: dict, subsets: dict[str, list[str]]) -> dict:

@@ -198,22 +198,24 @@ def resolve_training_sets(exp: Experiment, args) -> dict[str, Path]:
 
 
 def cell_units(exp: Experiment, layout: Layout) -> list[list[Run]]:
-    """The file's runs in what each needs made, in file order: BM25 and the zero-shot backbone, each checkpoint
-    with every run that shares it, then the hybrids (after what they fuse)."""
+    """What each of the file's runs needs made, in the order to make it: BM25 and the zero-shot backbone, then
+    seed by seed each checkpoint in file order with every run that shares it (restricted to that seed), then
+    the hybrids (after what they fuse)."""
     listed = list(exp.runs.values())
-    checkpoints: dict[str, list[Run]] = {}
-    for run in listed:
-        if run.trained:
-            checkpoints.setdefault(layout.lead(run, listed).name, []).append(run)
+    checkpoints: dict[tuple[int, str], list[Run]] = {}
+    for seed in dict.fromkeys(s for r in listed if r.trained for s in r.seeds):
+        for run in listed:
+            if run.trained and seed in run.seeds:
+                checkpoints.setdefault((seed, layout.lead(run, listed).name), []).append(replace(run, seeds=[seed]))
     units = [[r for r in listed if r.kind in UNTRAINED], *checkpoints.values(), [r for r in listed if r.kind == HYBRID]]
     return [u for u in units if u]
 
 
 def run_datasets(exp: Experiment, args, folders: dict[str, Path], transfer: dict[str, Path]) -> list[Outcome]:
     """Several training datasets, one checkpoint at a time: trained (by the first dataset's pass), then evaluated
-    on every training dataset's splits and every transfer dataset before the next one trains, so that each
-    finished cell is whole and an MoE checkpoint's per-domain routing is known as soon as it is made. A checkpoint
-    whose training or first evaluation failed is not tried again on the other datasets."""
+    on every training dataset's splits and every transfer dataset before the next one trains (`cell_units`), so
+    that each finished (run, seed) is whole and an MoE checkpoint's per-domain routing is known as soon as it is
+    made. A cell that failed on one dataset is not tried on the ones after it (the next call goes on)."""
     runners, first = {}, next(iter(folders.values()))
     for name, folder in folders.items():
         tx, layout = transfer_layout(exp, args, name, transfer=False)

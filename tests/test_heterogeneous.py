@@ -249,6 +249,22 @@ reference = "baseline"
 """
 
 
+def test_cells_are_made_seed_by_seed_each_checkpoint_with_the_runs_that_share_it(tmp_path):
+    from lab.layout import Layout
+    from lab.spec import load_experiment
+    from lab.stages import cell_units
+
+    path = tmp_path / "h.toml"
+    path.write_text(HETERO.replace("seeds = [42]", "seeds = [42, 43]") + '[runs.zeroshot]\nkind = "zeroshot"\n'
+                    '[runs.domain-all]\nkind = "sbmoe"\neval = { inference_mode = "all" }\n'
+                    'train = { design = "sokli", num_experts = 2, routing = "domain" }\n')  # fmt: skip
+    exp = load_experiment(path)
+    units = [[(r.name, r.seeds) for r in unit] for unit in cell_units(exp, Layout(exp, tmp_path, tmp_path))]
+    trained = ["baseline", "baseline-alpha", ["domain", "domain-all"], "random"]
+    assert units == [[("zeroshot", exp.runs["zeroshot"].seeds)]] + [[(n, [s]) for n in ([t] if isinstance(t, str) else t)]
+                                            for s in (42, 43) for t in trained]  # fmt: skip
+
+
 def test_runner_trains_on_several_datasets_and_reports_each_with_its_routing(tiny_backbone, two_datasets, tmp_path,
                                                                              monkeypatch, capsys):  # fmt: skip
     from lab import experiment
@@ -265,6 +281,12 @@ def test_runner_trains_on_several_datasets_and_reports_each_with_its_routing(tin
         assert set(rows) == {"baseline", "baseline-alpha", "domain", "random"}
         assert result["datasets"][name]["subsets"]["unseen"] is not None
     ckpts, res = tmp_path / "ck" / "tiny-hetero", tmp_path / "res" / "tiny-hetero"
+    history = an.read_log_history(res / "datasets" / "alpha" / "domain" / "seed42")
+    for name in ("alpha", "beta"):  # each table's dev column: that dataset's dev score at the selected epoch
+        rows = result["datasets"][name]["stages"][0]["rows"]
+        assert rows["domain"]["dev NDCG@10"][0] == pytest.approx(an.dev_by_dataset(history)[name])
+    assert result["datasets"]["beta"]["stages"][0]["rows"]["baseline-alpha"]["dev NDCG@10"] is None
+    assert result["datasets"]["alpha"]["stages"][0]["rows"]["baseline-alpha"]["dev NDCG@10"] is not None
     trained = ["baseline", "baseline-alpha", "domain", "random"]  # each evaluated everywhere before the next trains
     made = [(ckpts / n / "seed42" / "run_info.json").stat().st_mtime_ns for n in trained]
     for name, next_made in zip(trained, made[1:]):

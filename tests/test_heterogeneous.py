@@ -31,14 +31,15 @@ def two_datasets(tmp_path):
 
 
 def record_batches(monkeypatch) -> list:
-    """Every collated batch as (domains, [(query text, positive text)])."""
+    """Every collated batch as (domains, query ids, [(query text, positive text)], [[(document id, text)]])."""
     seen = []
 
     class Recording(sbmoe.trainer.ContrastiveCollator):
         def __call__(self, examples):
             out = super().__call__(examples)
             pairs = [(self.queries[e["qid"]], self.corpus[e["docs"][0]]["text"]) for e in examples]
-            seen.append((out["domains"].tolist(), [e["qid"] for e in examples], pairs))
+            docs = [[(x, self.corpus[x]["text"]) for x in e["docs"]] for e in examples]  # positive, hard negatives
+            seen.append((out["domains"].tolist(), [e["qid"] for e in examples], pairs, docs))
             return out
 
     monkeypatch.setattr(train, "ContrastiveCollator", Recording)
@@ -53,7 +54,7 @@ def part(n: int, tag: str, seed: int = 0) -> sbmoe.trainer.ContrastiveDataset:
 
 def test_mixed_batches_come_from_one_dataset_in_proportion_and_are_seeded():
     parts = [part(30, "a"), part(10, "b")]
-    mixed = sbmoe.trainer.MixedDataset(parts, batch=4, seed=7)
+    mixed, draws = sbmoe.trainer.MixedDataset(parts, batch=4, seed=7), []
     assert len(mixed) == (30 // 4 + 10 // 4) * 4
     for epoch in (0, 1):
         mixed.set_epoch(epoch)
@@ -63,6 +64,8 @@ def test_mixed_batches_come_from_one_dataset_in_proportion_and_are_seeded():
         assert all(x["qid"].startswith("ab"[x["domain"]]) for x in items)
         assert [sum(b[0]["domain"] == d for b in blocks) for d in (0, 1)] == [7, 2]  # in proportion
         assert len({x["qid"] for x in items}) == len(items)  # no example twice in an epoch
+        draws.append({x["qid"]: x["docs"] for x in items})
+    assert sum(draws[0][q] != draws[1][q] for q in draws[0].keys() & draws[1].keys()) > 10  # each epoch: its own negatives
     again = sbmoe.trainer.MixedDataset([part(30, "a"), part(10, "b")], batch=4, seed=7)
     again.set_epoch(1)
     assert [again[i] for i in range(len(again))] == items  # a pure function of (seed, epoch)
@@ -73,7 +76,11 @@ def test_mixed_batches_come_from_one_dataset_in_proportion_and_are_seeded():
 def test_colliding_ids_stay_apart_and_every_training_batch_is_one_dataset(tiny_backbone, two_datasets, tmp_path,
                                                                           monkeypatch):  # fmt: skip
     seen = record_batches(monkeypatch)
-    out = tmp_path / "ckpt"
+    out, qrels = tmp_path / "ckpt", two_datasets[1] / "qrels"
+    header, *rows = (qrels / "train.tsv").read_text().splitlines()  # beta: an official dev split of 4 queries
+    dev_ids = list(dict.fromkeys(r.split("\t")[0] for r in rows))[-4:]
+    for name, keep in (("train", False), ("dev", True)):
+        (qrels / f"{name}.tsv").write_text("\n".join([header, *(r for r in rows if (r.split("\t")[0] in dev_ids) == keep)]))
     train.main("sbmoe", [*map(str, ["--model_name_or_path", tiny_backbone, "--dataset", *two_datasets,
                                     "--output_dir", out, "--design", "sokli", "--routing", "domain",
                                     "--num_experts", "2", "--eval_strategy", "epoch"]), *COMMON])  # fmt: skip
@@ -82,15 +89,19 @@ def test_colliding_ids_stay_apart_and_every_training_batch_is_one_dataset(tiny_b
         queries = {json.loads(x)["_id"]: json.loads(x)["text"] for x in (folder / "queries.jsonl").read_text().split("\n") if x}
         docs = {json.loads(x)["_id"]: json.loads(x)["text"] for x in (folder / "corpus.jsonl").read_text().split("\n") if x}
         texts.append((queries, docs))
-    assert seen and {d for domains, _, _ in seen for d in domains} == {0, 1}
+    assert seen and {d for domains, *_ in seen for d in domains} == {0, 1}
     assert texts[0][0]["q0"] != texts[1][0]["q0"] and texts[0][1]["d0"] != texts[1][1]["d0"]  # ids collide
-    for domains, qids, pairs in seen:
+    for domains, qids, pairs, docs in seen:
         assert len(set(domains)) == 1  # every batch from one dataset
-        for d, (ns, qid), (q_text, d_text) in zip(domains, qids, pairs):
+        for d, (ns, qid), (q_text, d_text), example in zip(domains, qids, pairs, docs):
             assert ns == d and texts[d][0][qid] == q_text  # the query of its own dataset
             assert d_text in texts[d][1].values()
+            assert len(example) == 2 and all(x[0] == d and texts[d][1][x[1]] == t for x, t in example)  # negatives too
     info = json.loads((out / "run_info.json").read_text())
     assert info["datasets"] == ["alpha", "beta"] and set(info["dev"]) == {"alpha", "beta"}
+    assert info["dev"]["beta"]["source"] == "split dev" and info["dev"]["beta"]["queries"] == 4
+    assert info["dev"]["alpha"]["source"] != "split dev"  # (no dev.tsv: the seeded slice of train)
+    assert not {qid for _, qids, _, _ in seen for ns, qid in qids if ns == 1} & set(dev_ids)  # dev never trains
     history = json.loads((out / "log_history.json").read_text())
     dev = next(h for h in history if an.DEV_KEY in h)
     per = an.dev_by_dataset(history)

@@ -141,13 +141,16 @@ def provenance_summary(layout: Layout, stages: list[dict[str, Run]]) -> dict:
 
 def build_report(exp: Experiment, layout: Layout, stages: list[dict[str, Run]], chosen: Settings | None) -> dict:
     """Every stage summarised from the files alone; each run's row also written as `<run>/summary.json`."""
-    subsets = stored_subsets(exp, layout) or {}
+    stored = stored_subsets(exp, layout) or {}
+    subsets = {k: v for k, v in stored.items() if v}  # a subset no query falls in has no column (NFCorpus' unseen)
     result = {"experiment": exp.name, "description": exp.description, "splits": exp.splits,
               "recipe": flags(exp.recipe), "subsets": subsets,
               "stages": [summarise(exp, layout, runs, subsets) for runs in stages],
               "provenance": provenance_summary(layout, stages)}  # fmt: skip
-    if exp.subsets and not subsets:
+    if exp.subsets and not stored:
         result["missing_subsets"] = list(exp.subsets)
+    if empty := [k for k, v in stored.items() if not v]:
+        result["empty_subsets"] = empty
     if chosen is not None:
         result["chosen"] = flags(chosen)
     for stage in result["stages"]:
@@ -194,6 +197,9 @@ def stage_lines(result: dict) -> list[str]:
         what = "none of whose relevant documents is a positive of any" if name == "unseen" else (
             "with a relevant document that is a positive of some")
         notes.append(f"*{name}*: the {len(qids)} {main} queries {what} training query.")
+    for name in result.get("empty_subsets", []):
+        why = " (each has a relevant document that is a positive of some training query)" if name == "unseen" else ""
+        notes.append(f"*{name}*: no {main} query falls in it{why}: no column.")
     for split in others:
         notes.append(f"Columns *{split} ...*: the same models on the {split} queries"
                      + (" (the paper's leaky protocol)." if split == "train" else "."))  # fmt: skip

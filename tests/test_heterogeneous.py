@@ -314,6 +314,12 @@ def test_runner_trains_on_several_datasets_and_reports_each_with_its_routing(tin
                    "precision fp32"):  # fmt: skip
         assert needle in report, needle
     assert (tmp_path / "res" / "tiny-hetero" / "fig_routing.png").stat().st_size > 1000
+    stored = res / "datasets" / "beta" / "subsets.json"  # a dataset no test query of which is unseen (NFCorpus)
+    stored.write_text(json.dumps({**json.loads(stored.read_text()), "subsets": {"unseen": [], "seen": ["q20"]}}))
+    again = experiment.main(list(map(str, [*args, "--report"])))["datasets"]
+    assert "unseen NDCG@10" not in again["beta"]["stages"][0]["rows"]["baseline"]
+    assert "unseen NDCG@10" in again["alpha"]["stages"][0]["rows"]["baseline"]
+    assert "*unseen*: no test query falls in it" in (res / "report.md").read_text()
     (tmp_path / "h.toml").write_text(HETERO.replace('"fp32"', '"bf16"'))  # one precision for every run
     with pytest.raises(SystemExit):
         experiment.main(list(map(str, args)))

@@ -150,9 +150,10 @@ def routing_record(model, tokenizer, data_dir: Path, n_docs: int, queries: list[
     texts = [t for i, (_, t) in enumerate(iter_corpus(data_dir)) if i in picked]
     counts = {"queries": routing_counts(model, tokenizer, queries, lengths[0], domain=domain, **kw),
               "documents": routing_counts(model, tokenizer, texts, lengths[1], domain=domain, **kw)}  # fmt: skip
+    unit = "tokens" if model.head_on_tokens() or model.config.kind == "moe" else "inputs"
     return {"dataset": dataset_name(data_dir), "domain": domain, "n_queries": len(queries), "n_documents": len(texts),
-            "lengths": list(lengths), "sample_seed": ROUTING_SAMPLE_SEED, "unit": "tokens" if model.head_on_tokens() or model.config.kind == "moe"
-            else "inputs", **{k: v.tolist() for k, v in counts.items()}}  # fmt: skip
+            "lengths": list(lengths), "sample_seed": ROUTING_SAMPLE_SEED, "unit": unit,
+            **{k: v.tolist() for k, v in counts.items()}}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------

@@ -223,9 +223,7 @@ def run_datasets(exp: Experiment, args, folders: dict[str, Path], transfer: dict
         runner.layout, runner.routing = layout, True
         store_subsets(tx, layout, folder)
     for name, folder in transfer.items():
-        tx, layout = transfer_layout(exp, args, name)
-        runner = runners[f"transfer {name}"] = Runner(tx, args, folder, folders)
-        runner.layout, runner.may_train, runner.train_folder = layout, False, first
+        runners[f"transfer {name}"] = transfer_runner(exp, args, name, folder, first, folders)
     evaluated = transfer_stages(exp, [exp.runs])[0]  # what a transfer dataset evaluates: BM25, zero-shot, checkpoints
     extra = [r for r in evaluated.values() if r.name not in exp.runs]  # (BM25 or zero-shot when the file has none)
     failed = []
@@ -256,14 +254,21 @@ def datasets_report(exp: Experiment, args) -> dict:
             "subsets": {}, "stages": [], "datasets": out, "routing": routing_section(exp, layouts, leads)}  # fmt: skip
 
 
+def transfer_runner(exp: Experiment, args, name: str, folder: Path, train_folder: Path,
+                    train_folders: dict[str, Path] | None = None) -> Runner:  # fmt: skip
+    """A runner that evaluates the experiment's checkpoints on a transfer dataset and never trains."""
+    tx, layout = transfer_layout(exp, args, name)
+    runner = Runner(tx, args, folder, train_folders)
+    runner.layout, runner.may_train, runner.train_folder = layout, False, train_folder
+    return runner
+
+
 def run_transfer(exp: Experiment, args, folders: dict[str, Path], stages: list[dict[str, Run]],
                  train_folder: Path) -> list[Outcome]:  # fmt: skip
     """One training dataset: every checkpoint of every stage on each transfer dataset (several: run_datasets)."""
     failed = []
     for name, folder in folders.items():
-        tx, layout = transfer_layout(exp, args, name)
-        runner = Runner(tx, args, folder)
-        runner.layout, runner.may_train, runner.train_folder = layout, False, train_folder
+        runner = transfer_runner(exp, args, name, folder, train_folder)
         print(f"transfer: {name} ({folder.name}), test split", flush=True)
         for stage in transfer_stages(exp, stages):
             failed += runner.run_stage(list(stage.values()))

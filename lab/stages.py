@@ -228,9 +228,10 @@ def run_datasets(exp: Experiment, args, folders: dict[str, Path], transfer: dict
     extra = [r for r in evaluated.values() if r.name not in exp.runs]  # (BM25 or zero-shot when the file has none)
     failed = []
     for i, unit in enumerate(cell_units(exp, next(iter(runners.values())).layout)):
-        names = {r.name for r in unit}
+        seeds = {r.name: r.seeds for r in unit}  # (a checkpoint's unit holds one seed: so does its transfer cell)
         for where, runner in runners.items():
-            runs = unit if runner.may_train else [r for r in evaluated.values() if r.name in names or (i == 0 and r in extra)]
+            runs = unit if runner.may_train else [replace(r, seeds=seeds.get(r.name, r.seeds)) for r in evaluated.values()
+                                                  if r.name in seeds or (i == 0 and r in extra)]  # fmt: skip
             if runs:
                 print(f"{where}: {', '.join(r.name for r in runs)}", flush=True)
                 if lost := runner.run_stage(runs):

@@ -324,3 +324,24 @@ def test_runner_trains_on_several_datasets_and_reports_each_with_its_routing(tin
     with pytest.raises(SystemExit):
         experiment.main(list(map(str, args)))
     one_line_error(capsys, "another precision")
+
+
+def test_each_cell_is_evaluated_on_every_dataset_for_its_own_seed_only(tiny_backbone, two_datasets, tmp_path,
+                                                                       monkeypatch):  # fmt: skip
+    from lab import experiment, stages
+
+    write_tiny_beir(two_datasets[0].parent / "gamma", seed=2)
+    (tmp_path / "h.toml").write_text(HETERO.replace("seeds = [42]", "seeds = [42, 43]"))
+    monkeypatch.setenv("BEIR_DATA_DIR", str(two_datasets[0].parent))
+    calls = []
+    monkeypatch.setattr(stages.Runner, "run_stage", lambda self, runs: calls.append(
+        (self.layout.root.name, [(r.name, r.seeds) for r in runs])) or [])  # fmt: skip
+    monkeypatch.setattr(experiment, "report", lambda *a: {})
+    experiment.main(list(map(str, [tmp_path / "h.toml", "--model_name_or_path", tiny_backbone, "--in_process",
+                                   "--results", tmp_path / "res", "--ckpt_root", tmp_path / "ck"])))  # fmt: skip
+    trained = [runs for where, runs in calls if where == "alpha" and runs[0][0] != "bm25"]
+    assert len(trained) == 8 and all(len(seeds) == 1 for runs in trained for _, seeds in runs)
+    for runs in trained:  # the next datasets' calls, transfer gamma's included: the same cell (and no other seed)
+        beta, gamma = calls[calls.index(("alpha", runs)) + 1:][:2]
+        assert beta == ("beta", runs) and gamma[0] == "gamma"
+        assert [r for r in gamma[1] if r[0] not in ("bm25", "zeroshot")] == runs  # (BM25, zero-shot: with the first)

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from sbmoe.data import DataError
+from sbmoe.files import note_signal, signalled
 
 
 def fail(message: str) -> None:
@@ -75,9 +76,11 @@ _ENTRY_DEPTH = 0
 
 
 def entry_point(main):
-    """A command line's `main`: SIGTERM is raised as KeyboardInterrupt like SIGINT (so every `finally` and
-    `except BaseException` cleanup runs), and either ends in one line and exit 130 (SIGINT) or 143 (SIGTERM).
-    Only the outermost entry point of the main thread does this: an in-process caller sees the interrupt."""
+    """A command line's `main`: SIGINT and SIGTERM raise KeyboardInterrupt (so every `finally` and `except
+    BaseException` cleanup runs) and end in one line and exit 130 (SIGINT) or 143 (SIGTERM). The signal is also
+    recorded: where a finaliser swallowed its KeyboardInterrupt, the next rename into place raises it again
+    (`move_into_place`), and a command that still finishes exits as interrupted. Only the outermost entry point
+    of the main thread does this: an in-process caller sees the interrupt."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -85,19 +88,27 @@ def entry_point(main):
         if _ENTRY_DEPTH or threading.current_thread() is not threading.main_thread():
             return main(*args, **kwargs)
 
-        def on_term(signum, frame):
-            raise KeyboardInterrupt("SIGTERM")
+        def on_signal(signum, frame):
+            name = signal.Signals(signum).name
+            note_signal(name)
+            raise KeyboardInterrupt(name)
 
-        previous = signal.signal(signal.SIGTERM, on_term)
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        note_signal(None)
         _ENTRY_DEPTH += 1
         try:
-            return main(*args, **kwargs)
+            result = main(*args, **kwargs)
+            if name := signalled():  # interrupted where the exception was dropped, after the last rename
+                raise KeyboardInterrupt(name)
+            return result
         except KeyboardInterrupt as exc:
             name = "SIGTERM" if str(exc) == "SIGTERM" else "SIGINT"
             print(f"error: interrupted by {name}; temporary files removed, nothing half-written", file=sys.stderr)
             raise SystemExit(143 if name == "SIGTERM" else 130) from None
         finally:
             _ENTRY_DEPTH -= 1
-            signal.signal(signal.SIGTERM, previous)
+            note_signal(None)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
     return wrapper

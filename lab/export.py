@@ -40,7 +40,7 @@ from eval import load_retriever
 from model import BiEncoder
 from sbmoe.config import RetrieverConfig
 from sbmoe.data import Corpus, DataError, dataset_name, resolve_dataset
-from sbmoe.files import follow_umask, make_temp_dir, read_json, remove_stale_temps, temp_prefix
+from sbmoe.files import follow_umask, make_temp_dir, move_into_place, read_json, remove_stale_temps, temp_prefix
 from sbmoe.hub import checkpoint_digest
 from sbmoe.onnx import (
     CALIBRATION_DOCS,
@@ -444,8 +444,8 @@ def export(checkpoint: Path, out: Path, onnx: bool = False, int8: bool = False, 
         old = None
         if out.exists() or out.is_symlink():  # --overwrite: the old one leaves only once the new one is complete
             old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(tmp, out)
+            move_into_place(out, old)
+        move_into_place(tmp, out)
         if old is not None:
             if old.is_dir() and not old.is_symlink():
                 shutil.rmtree(old, ignore_errors=True)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from sbmoe.data import corpus_path, dataset_name, iter_corpus
 from sbmoe.device import autocast
-from sbmoe.files import atomic_write_text, cache_name, file_stat, file_stats
+from sbmoe.files import atomic_write_text, cache_name, file_stat, file_stats, move_into_place
 
 # The lengths (tokens) and the encoding batch of every command line's defaults: train.py, eval.py, frozen.py, export.py
 QUERY_MAX_LENGTH, DOC_MAX_LENGTH, BATCH_SIZE = 64, 256, 128
@@ -196,7 +196,7 @@ class EmbeddingCache:
         try:
             with os.fdopen(fd, "wb") as fh:
                 np.save(fh, np.ascontiguousarray(emb, dtype=np.float32))
-            os.replace(tmp, self.path(start, stop))
+            move_into_place(tmp, self.path(start, stop))
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

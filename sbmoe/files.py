@@ -131,6 +131,27 @@ def follow_umask(folder: Path) -> None:
             os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~_UMASK)
 
 
+_SIGNALLED: list[str] = []  # the signal `utils.entry_point` turned into KeyboardInterrupt, if one came
+
+
+def note_signal(name: str | None) -> None:
+    """Record the SIGINT or SIGTERM an entry point received (None: forget it, a new command starts)."""
+    _SIGNALLED[:] = [name] if name else []
+
+
+def signalled() -> str | None:
+    return _SIGNALLED[0] if _SIGNALLED else None
+
+
+def move_into_place(src: Path | str, dst: Path | str) -> None:
+    """os.replace, unless the command was interrupted: Python drops an exception raised inside a finaliser
+    (`__del__`, a weakref callback: "Exception ignored in ..."), so a Ctrl-C that lands there would let the
+    command run on and publish what the user stopped. The interrupt is raised again here instead."""
+    if name := signalled():
+        raise KeyboardInterrupt(name)
+    os.replace(src, dst)
+
+
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -139,7 +160,7 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
+        move_into_place(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -20,6 +20,7 @@ from sbmoe.data import (
     doc_text,
 )
 from sbmoe.encoding import EmbeddingCache, content_key
+from sbmoe.files import move_into_place
 from sbmoe.results import dev_dataset_key, expert_share_key
 from sbmoe.retrieval import evaluate_model
 from sbmoe.search import ENCODE_CHUNK
@@ -301,7 +302,7 @@ class ContrastiveTrainer(Trainer):
         if self.args.should_save:
             self.state.save_to_json(os.path.join(staging, name, "trainer_state.json"))
             shutil.rmtree(final, ignore_errors=True)
-            os.replace(os.path.join(staging, name), final)
+            move_into_place(os.path.join(staging, name), final)
             shutil.rmtree(staging, ignore_errors=True)
             self._rotate_checkpoints(use_mtime=False, output_dir=run_dir)
 
@@ -332,5 +333,5 @@ def save_final(trainer: Trainer, out: str) -> None:
     trainer.save_model(str(staging))
     if trainer.args.should_save:
         for name in sorted(os.listdir(staging), key=lambda n: n == "config.json"):
-            os.replace(staging / name, Path(out) / name)
+            move_into_place(staging / name, Path(out) / name)
         staging.rmdir()

@@ -699,6 +699,38 @@ def test_sigterm_or_sigint_during_an_export_cleans_up_in_one_line(checkpoints, t
         assert not out.exists() and not list(tmp_path.glob(f".{out.name}*"))
 
 
+class _SwallowsAnInterrupt:
+    def __del__(self):  # a signal landing while a finaliser runs: Python prints "Exception ignored" and goes on
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(10_000):  # (the handler runs here, between bytecodes)
+            pass
+
+
+@pytest.mark.parametrize("where", ["before the write", "after the write"])
+def test_an_interrupt_a_finaliser_swallowed_still_stops_the_command(where, tmp_path, capsys, monkeypatch):
+    from sbmoe.files import atomic_write_text
+    from utils import entry_point
+
+    @entry_point
+    def command(path):
+        if where == "before the write":
+            _SwallowsAnInterrupt()  # freed at once
+        atomic_write_text(path, "done")
+        if where == "after the write":
+            _SwallowsAnInterrupt()
+        return "finished"
+
+    dropped = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: dropped.append(u.exc_type))
+    with pytest.raises(SystemExit) as exc:
+        command(tmp_path / "out.txt")
+    assert dropped == [KeyboardInterrupt] and exc.value.code == 130  # swallowed once, and still the exit of an interrupt
+    assert "error: interrupted by SIGINT" in capsys.readouterr().err
+    assert (tmp_path / "out.txt").exists() == (where == "after the write")  # before: nothing published
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored; the next command starts afresh:
+    assert entry_point(lambda path: atomic_write_text(path, "done") or "finished")(tmp_path / "next.txt") == "finished"
+
+
 def test_metrics_of_another_checkpoint_or_no_file_are_refused_by_export(checkpoints, tiny_beir, tmp_path, export_mod,
                                                                         capsys):  # fmt: skip
     base = ["--data_dir", str(tiny_beir), "--doc_max_length", "64", "--query_max_length", "8"]

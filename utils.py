@@ -79,8 +79,9 @@ def entry_point(main):
     """A command line's `main`: SIGINT and SIGTERM raise KeyboardInterrupt (so every `finally` and `except
     BaseException` cleanup runs) and end in one line and exit 130 (SIGINT) or 143 (SIGTERM). The signal is also
     recorded: where a finaliser swallowed its KeyboardInterrupt, the next rename into place raises it again
-    (`move_into_place`), and a command that still finishes exits as interrupted. Only the outermost entry point
-    of the main thread does this: an in-process caller sees the interrupt."""
+    (`move_into_place`), and a command that still finishes exits as interrupted. A signal the process was started
+    ignoring (nohup, a shell's background job) stays ignored. Only the outermost entry point of the main thread
+    does this: an in-process caller sees the interrupt."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -93,7 +94,8 @@ def entry_point(main):
             note_signal(name)
             raise KeyboardInterrupt(name)
 
-        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)
+                    if signal.getsignal(s) is not signal.SIG_IGN}  # (ignored, as under nohup: left ignored)
         note_signal(None)
         _ENTRY_DEPTH += 1
         try:

@@ -680,13 +680,19 @@ def test_export_leaves_nothing_behind_and_follows_the_umask(checkpoints, tmp_pat
     assert {p.name: oct(m) for p, m in modes.items() if m != (0o777 if p.is_dir() else 0o666) & ~umask} == {}
 
 
+def _sigint_default():
+    """A child's SIGINT as at a terminal, whatever launched the suite (a background job or nohup ignores it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_sigterm_or_sigint_during_an_export_cleans_up_in_one_line(checkpoints, tmp_path):
     ckpt = checkpoints / "baseline"
     for sig, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
         out = tmp_path / f"st{code}"
         cmd = [sys.executable, "export.py", str(ckpt), str(out), "--onnx", "--query_max_length", "8",
                "--doc_max_length", "64"]  # fmt: skip
-        proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                                preexec_fn=_sigint_default)  # fmt: skip
         for _ in range(600):  # until the temporary folder exists: the export is under way
             if list(tmp_path.glob(f".{out.name}.tmp-*")) or proc.poll() is not None:
                 break
@@ -722,12 +728,18 @@ def test_an_interrupt_a_finaliser_swallowed_still_stops_the_command(where, tmp_p
 
     dropped = []
     monkeypatch.setattr(sys, "unraisablehook", lambda u: dropped.append(u.exc_type))
-    with pytest.raises(SystemExit) as exc:
-        command(tmp_path / "out.txt")
+    launched = signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal, whatever ran the suite
+    try:
+        with pytest.raises(SystemExit) as exc:
+            command(tmp_path / "out.txt")
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # started ignoring it (nohup): the signal stays ignored
+        assert entry_point(lambda: signal.getsignal(signal.SIGINT))() is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, launched)
     assert dropped == [KeyboardInterrupt] and exc.value.code == 130  # swallowed once, and still the exit of an interrupt
     assert "error: interrupted by SIGINT" in capsys.readouterr().err
     assert (tmp_path / "out.txt").exists() == (where == "after the write")  # before: nothing published
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored; the next command starts afresh:
     assert entry_point(lambda path: atomic_write_text(path, "done") or "finished")(tmp_path / "next.txt") == "finished"
 
 

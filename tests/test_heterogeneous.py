@@ -16,7 +16,7 @@ import train
 from model import TinyBERTWithMoE, load_model
 from sbmoe import results as an
 from sbmoe.config import RetrieverConfig
-from sbmoe.encoding import REUSE_DIR, routing_counts
+from sbmoe.encoding import REUSE_DIR, model_domain, routing_counts
 from sbmoe.hub import load_tokenizer
 
 COMMON = ["--per_device_train_batch_size", "4", "--logging_steps", "1", "--use_cpu", "--dev_fraction", "0.25",
@@ -71,14 +71,24 @@ def test_mixed_batches_come_from_one_dataset_in_proportion_and_are_seeded():
     assert [again[i] for i in range(len(again))] == items  # a pure function of (seed, epoch)
     mixed.set_epoch(0)
     assert [mixed[i] for i in range(len(mixed))] != items
+    orders = []  # the blocks themselves are shuffled (dataset b's not all last), and by the seed
+    for seed in range(8):
+        other = sbmoe.trainer.MixedDataset([part(30, "a"), part(10, "b")], batch=4, seed=seed)
+        orders.append(tuple(other[i]["domain"] for i in range(0, len(other), 4)))
+    assert len(set(orders)) > 3 and any(order[-2:] != (1, 1) for order in orders)
 
 
 def test_colliding_ids_stay_apart_and_every_training_batch_is_one_dataset(tiny_backbone, two_datasets, tmp_path,
                                                                           monkeypatch):  # fmt: skip
-    seen = record_batches(monkeypatch)
+    seen, mined, made = record_batches(monkeypatch), [], []
+    mine = train.mine_negatives
+    monkeypatch.setattr(train, "mine_negatives", lambda model, tok, corpus, queries, *a: mined.append(
+        (corpus, queries)) or mine(model, tok, corpus, queries, *a))  # fmt: skip
+    build = train.training_data
+    monkeypatch.setattr(train, "training_data", lambda *a: made.append(build(*a)) or made[-1])
     out, qrels = tmp_path / "ckpt", two_datasets[1] / "qrels"
-    header, *rows = (qrels / "train.tsv").read_text().splitlines()  # beta: an official dev split of 4 queries
-    dev_ids = list(dict.fromkeys(r.split("\t")[0] for r in rows))[-4:]
+    header, *rows = (qrels / "train.tsv").read_text().splitlines()  # beta: an official dev split of 3 queries
+    dev_ids = list(dict.fromkeys(r.split("\t")[0] for r in rows))[-3:]
     for name, keep in (("train", False), ("dev", True)):
         (qrels / f"{name}.tsv").write_text("\n".join([header, *(r for r in rows if (r.split("\t")[0] in dev_ids) == keep)]))
     train.main("sbmoe", [*map(str, ["--model_name_or_path", tiny_backbone, "--dataset", *two_datasets,
@@ -97,9 +107,17 @@ def test_colliding_ids_stay_apart_and_every_training_batch_is_one_dataset(tiny_b
             assert ns == d and texts[d][0][qid] == q_text  # the query of its own dataset
             assert d_text in texts[d][1].values()
             assert len(example) == 2 and all(x[0] == d and texts[d][1][x[1]] == t for x, t in example)  # negatives too
+    devs = made[0][2]
+    assert [dev.name for dev in devs] == ["alpha", "beta"] and len(mined) == 2
+    for d, ((queries, docs), (corpus, mined_queries), dev) in enumerate(zip(texts, mined, devs)):
+        assert {k: v["text"] for k, v in corpus.items()} == docs  # negatives mined on the dataset's own corpus
+        assert {k: v["text"] for k, v in dev.corpus.items()} == docs  # each dev set: its own corpus and queries
+        assert mined_queries and mined_queries.items() <= queries.items()  # (its training and dev queries)
+        assert dev.queries == {q: queries[q] for q in dev.qrels} and dev.domain == d
     info = json.loads((out / "run_info.json").read_text())
     assert info["datasets"] == ["alpha", "beta"] and set(info["dev"]) == {"alpha", "beta"}
-    assert info["dev"]["beta"]["source"] == "split dev" and info["dev"]["beta"]["queries"] == 4
+    assert info["dev"]["beta"]["source"] == "split dev" and info["dev"]["beta"]["queries"] == 3
+    assert info["dev"]["alpha"]["queries"] == 4  # (unequal: each dataset counts once in the selection metric)
     assert info["dev"]["alpha"]["source"] != "split dev"  # (no dev.tsv: the seeded slice of train)
     assert not {qid for _, qids, _, _ in seen for ns, qid in qids if ns == 1} & set(dev_ids)  # dev never trains
     history = json.loads((out / "log_history.json").read_text())
@@ -107,6 +125,46 @@ def test_colliding_ids_stay_apart_and_every_training_batch_is_one_dataset(tiny_b
     per = an.dev_by_dataset(history)
     assert set(per) == {"alpha", "beta"} and dev[an.DEV_KEY] == pytest.approx(np.mean(list(per.values())))
     assert load_model(out).config.domains == ["alpha", "beta"]
+
+
+DDP_SCRIPT = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import sbmoe.trainer
+import train
+collate = sbmoe.trainer.ContrastiveCollator.__call__
+log = open(os.path.join(sys.argv[2], "rank" + os.environ["RANK"] + ".log"), "w")
+def logged(self, examples):
+    log.write(" ".join(str(e["domain"]) for e in examples) + "\\n")
+    log.flush()
+    return collate(self, examples)
+sbmoe.trainer.ContrastiveCollator.__call__ = logged
+train.main("baseline", sys.argv[3:])
+"""
+
+
+def test_every_global_batch_comes_from_one_dataset_under_torchrun(tiny_backbone, two_datasets, tmp_path):
+    """Under DDP a block is the global batch (per-device batch x processes): the processes' batches of one step
+    come from the same dataset."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    script = tmp_path / "ddp_domains.py"
+    script.write_text(DDP_SCRIPT)
+    args = ["--model_name_or_path", tiny_backbone, "--dataset", *two_datasets, "--output_dir", tmp_path / "out",
+            *COMMON, "--per_device_train_batch_size", 2, "--num_train_epochs", 2]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+           script, ROOT, tmp_path, *args]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(list(map(str, cmd)), cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert (tmp_path / "out" / "run_info.json").is_file(), proc.stderr[-3000:]  # (not the exit code: gloo at exit)
+    ranks = [[line.split() for line in (tmp_path / f"rank{r}.log").read_text().splitlines()] for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) >= 10 and {d for b in ranks[0] for d in b} == {"0", "1"}
+    for step in zip(*ranks):  # each step's two per-process batches: one dataset between them
+        assert len({d for batch in step for d in batch}) == 1, step
 
 
 def tiny_sbmoe(backbone, routing: str, experts: int = 2) -> TinyBERTWithMoE:
@@ -129,9 +187,27 @@ def test_domain_control_routes_each_input_to_its_datasets_expert(tiny_backbone):
         assert torch.allclose(emb.reps[row], (pooled[row : row + 1] + mixed)[0], atol=1e-5)
     unknown = model.embed(*args).routings[0]  # a dataset no expert trained on: every expert at 1/E
     assert unknown.weights.tolist() == [[0.5, 0.5]] * 3
+    model.config.inference_mode = "all"  # all experts at inference: 1/E each, whatever the dataset
+    assert model.embed(*args, domains).routings[0].weights.tolist() == [[0.5, 0.5]] * 3
     model.train()
     with pytest.raises(ValueError, match="domains"):
         model.embed(*args)  # training without the datasets is an error, never a silent mixture
+
+
+def test_evaluation_finds_a_training_datasets_expert_by_name_and_none_for_another(tiny_backbone, tmp_path, capsys):
+    model = tiny_sbmoe(tiny_backbone, "domain")
+    model.config.domains = ["alpha", "beta"]
+    assert [model_domain(model, tmp_path / name) for name in ("alpha", "beta")] == [0, 1]
+    assert model_domain(model, tmp_path / "gamma") is None  # zero-shot transfer: no expert of its own
+    assert "gamma: not one of the training datasets ['alpha', 'beta']" in capsys.readouterr().out
+
+
+def test_dev_scores_per_dataset_are_read_at_the_best_mean_not_the_last_evaluation():
+    history = [{an.DEV_KEY: 0.5, "eval_alpha/ndcg@10": 0.6, "eval_beta/ndcg@10": 0.4, "epoch": 1.0},
+               {"loss": 1.0, "epoch": 1.5},
+               {an.DEV_KEY: 0.45, "eval_alpha/ndcg@10": 0.7, "eval_beta/ndcg@10": 0.2, "epoch": 2.0}]  # fmt: skip
+    assert an.dev_by_dataset(history) == {"alpha": 0.6, "beta": 0.4}
+    assert an.dev_by_dataset(history[1:2]) == {}
 
 
 def test_domain_routing_needs_several_datasets_and_one_expert_each(tiny_backbone, two_datasets, tmp_path, capsys):
@@ -141,6 +217,33 @@ def test_domain_routing_needs_several_datasets_and_one_expert_each(tiny_backbone
         with pytest.raises(SystemExit):
             train.main("sbmoe", list(map(str, [*base, "--dataset", *extra])))
         one_line_error(capsys, needle)
+
+
+def test_routing_shares_are_per_dataset_over_queries_and_documents():
+    records = {"alpha": {"queries": [[2, 0]], "documents": [[6, 2]]}, "beta": {"queries": [[0, 1]], "documents": [[1, 0]]}}
+    summary = an.routing_summary(records)  # alpha 8 and 2 units, beta 1 and 1
+    assert summary["blocks"][0]["shares"] == {"alpha": [0.8, 0.2], "beta": [0.5, 0.5]}
+    assert summary["units"] == {"alpha": 10, "beta": 2}
+    assert summary["blocks"][0]["nmi"] == pytest.approx(an.normalized_mutual_info([[8, 2], [1, 1]]))
+
+
+def test_routing_section_averages_every_seed(monkeypatch):
+    from types import SimpleNamespace
+
+    from lab import report
+
+    split = lambda run, seed, name: seed  # noqa: E731  (a layout whose split folder is the seed)
+    layouts = {n: SimpleNamespace(split_dir=split) for n in ("alpha", "beta")}
+    oracle, mixed = [[5, 0], [0, 5]], [[3, 2], [2, 3]]  # NMI 1, and below 1
+    tables = {42: oracle, 43: mixed}
+    calls = iter([0, 1, 0, 1])  # alpha's record, then beta's, for each seed
+    monkeypatch.setattr(report.an, "read_routing", lambda seed, tag: {"queries": [[0, 0]], "unit": "inputs",
+                                                                       "documents": [tables[seed][next(calls)]]})
+    run = SimpleNamespace(name="r", label="r", tag="r", seeds=[42, 43], datasets=None)
+    (out,) = report.routing_section(SimpleNamespace(splits=["test"]), layouts, [run])
+    nmis = [1.0, an.normalized_mutual_info(mixed)]
+    assert out["seeds"] == [42, 43] and out["blocks"][0]["nmi"] == pytest.approx([np.mean(nmis), np.std(nmis, ddof=1)])
+    assert out["blocks"][0]["shares"] == {"alpha": [0.8, 0.2], "beta": [0.2, 0.8]}
 
 
 def test_nmi_matches_sklearns_definition():
@@ -192,22 +295,28 @@ def test_test_evaluation_reuses_the_dev_pass_only_when_weights_and_lengths_match
                                                                                  capsys):  # fmt: skip
     out = tmp_path / "ckpt"
     train.main("baseline", list(map(str, ["--model_name_or_path", tiny_backbone, "--data_dir", tiny_beir,
-                                          "--output_dir", out, "--eval_strategy", "epoch", "--doc_max_length", "32",
+                                          "--output_dir", out, "--eval_strategy", "epoch", "--doc_max_length", "24",
+                                          "--eval_doc_max_length", "32",
                                           "--per_device_train_batch_size", "4", "--use_cpu", "--num_train_epochs", "2",
                                           "--save_strategy", "no", "--load_best_model_at_end", "false",
                                           "--eval_batch_size", "16"])))  # fmt: skip
     assert len(list((out / REUSE_DIR).glob("*/key.json"))) == 1  # the earlier epoch's entry is pruned
 
-    def evaluate(ckpt, length, dest):
+    def evaluate(ckpt, length, dest, data=tiny_beir, *extra):
         capsys.readouterr()
-        metrics = eval_cli.main(list(map(str, ["--model", "baseline", "--checkpoint", ckpt, "--data_dir", tiny_beir,
+        metrics = eval_cli.main(list(map(str, ["--model", "baseline", "--checkpoint", ckpt, "--data_dir", data,
                                                "--output_dir", tmp_path / dest, "--doc_max_length", length,
-                                               "--batch_size", "16"])))  # fmt: skip
+                                               "--batch_size", "16", *extra])))  # fmt: skip
         return metrics["baseline"], capsys.readouterr().out
 
-    reused, log = evaluate(out, 32, "a")
+    reused, log = evaluate(out, 32, "a")  # the dev passes' length (--eval_doc_max_length), not training's
     assert "1 cached chunk(s) read, 0 encoded (the checkpoint's dev-pass embeddings)" in log
     other, log = evaluate(out, 24, "b")  # another truncation: encoded again
+    assert "0 cached chunk(s) read, 1 encoded" in log
+    _, log = evaluate(out, 32, "bf16", tiny_beir, "--bf16")  # another precision
+    assert "0 cached chunk(s) read, 1 encoded" in log
+    twin = write_tiny_beir(tmp_path / "beir-twin", seed=5)  # another corpus of the same size
+    _, log = evaluate(out, 32, "twin", twin)
     assert "0 cached chunk(s) read, 1 encoded" in log
     changed = tmp_path / "changed"
     shutil.copytree(out, changed)
@@ -256,7 +365,7 @@ reference = "baseline"
 [runs.random]
 kind = "sbmoe"
 train = { design = "sokli", num_experts = 2, routing = "random" }
-reference = "baseline"
+reference = ["baseline", "domain"]
 """
 
 
@@ -305,6 +414,9 @@ def test_runner_trains_on_several_datasets_and_reports_each_with_its_routing(tin
         assert len(evaluated) == 3 and max(evaluated) < next_made, name
     assert json.loads((ckpts / "baseline-alpha" / "seed42" / "run_info.json").read_text()).get("datasets") is None
     assert json.loads((ckpts / "domain" / "seed42" / "run_info.json").read_text())["datasets"] == ["alpha", "beta"]
+    pairs = {("baseline-alpha", "baseline"), ("domain", "baseline"), ("random", "baseline"), ("random", "domain")}
+    for tests in (*(d["stages"][0]["tests"] for d in result["datasets"].values()), result["transfer"]["gamma"]["tests"]):
+        assert {(t["run"], t["reference"]) for t in tests} == pairs  # the file's paired tests on every dataset
     routing = {r["run"]: r for r in result["routing"]}
     assert set(routing) == {"domain", "random"}
     assert routing["domain"]["blocks"][0]["nmi"][0] == pytest.approx(1.0)
@@ -345,3 +457,26 @@ def test_each_cell_is_evaluated_on_every_dataset_for_its_own_seed_only(tiny_back
         beta, gamma = calls[calls.index(("alpha", runs)) + 1:][:2]
         assert beta == ("beta", runs) and gamma[0] == "gamma"
         assert [r for r in gamma[1] if r[0] not in ("bm25", "zeroshot")] == runs  # (BM25, zero-shot: with the first)
+
+
+def test_a_cell_that_fails_on_one_dataset_is_not_tried_on_the_next_and_the_next_cell_goes_on(tiny_backbone, two_datasets,
+                                                                                             tmp_path, monkeypatch):  # fmt: skip
+    from lab import experiment, stages
+
+    write_tiny_beir(two_datasets[0].parent / "gamma", seed=2)
+    (tmp_path / "h.toml").write_text(HETERO)
+    monkeypatch.setenv("BEIR_DATA_DIR", str(two_datasets[0].parent))
+    calls = []
+
+    def run_stage(self, runs):
+        calls.append((self.layout.root.name, runs[0].name))
+        return ["lost"] if (self.layout.root.name, runs[0].name) == ("alpha", "domain") else []
+
+    monkeypatch.setattr(stages.Runner, "run_stage", run_stage)
+    monkeypatch.setattr(experiment, "report", lambda *a: {})
+    with pytest.raises(SystemExit) as stop:  # (a failed cell: the command exits non-zero at the end)
+        experiment.main(list(map(str, [tmp_path / "h.toml", "--model_name_or_path", tiny_backbone, "--in_process",
+                                       "--results", tmp_path / "res", "--ckpt_root", tmp_path / "ck"])))  # fmt: skip
+    assert stop.value.code != 0
+    after = calls[calls.index(("alpha", "domain")) + 1 :]
+    assert after[0] == ("alpha", "random") and [w for w, _ in after] == ["alpha", "beta", "gamma"]

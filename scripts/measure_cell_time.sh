@@ -9,6 +9,7 @@ OUT=${OUT:-checkpoints/measure}
 M=${MODEL:-../shared/models/all-minilm-l6-v2}
 PY=${PY:-.venv/bin/python}
 mkdir -p "$OUT"
+echo "commit $(git rev-parse --short HEAD); $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; load $(cut -d' ' -f1-3 /proc/loadavg)"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false RETRIEVAL_CACHE_DIR="$OUT/cache"
 COMMON="--kind baseline --model_name_or_path $M --dataset scifact --num_train_epochs 1 --doc_max_length 128 --sampling query --seed 42 --logging_steps 5 --disable_tqdm true"
 $PY train.py $COMMON --output_dir "$OUT/warm" --max_steps 1 --eval_strategy no --save_strategy no --load_best_model_at_end false > "$OUT/warm.log" 2>&1
@@ -19,5 +20,6 @@ for cell in before after; do
   m=$(date +%s.%N)
   $PY eval.py --model baseline --checkpoint "$OUT/$cell" --dataset scifact --split test --output_dir "$OUT/$cell-eval" $E > "$OUT/$cell.eval.log" 2>&1
   e=$(date +%s.%N)
-  echo "$cell train $(echo "$m - $s" | bc) s eval $(echo "$e - $m" | bc) s total $(echo "$e - $s" | bc) s"
+  quality=$($PY -c "import json, sys; m = json.load(open(sys.argv[1]))['baseline']; print(f\"NDCG@10 {m['NDCG@10']:.4f} Recall@100 {m['Recall@100']:.4f}\")" "$OUT/$cell-eval/metrics.json")
+  echo "$cell train $(echo "$m - $s" | bc) s eval $(echo "$e - $m" | bc) s total $(echo "$e - $s" | bc) s; $quality; load $(cut -d' ' -f1-3 /proc/loadavg)"
 done

@@ -2,12 +2,15 @@
 routes by dataset, the per-domain routing's mutual information, and the reuse of the dev pass's embeddings."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import one_line_error, write_tiny_beir
+from conftest import ROOT, one_line_error, write_tiny_beir
 
 import eval as eval_cli
 import sbmoe.device
@@ -146,12 +149,6 @@ train.main("baseline", sys.argv[3:])
 def test_every_global_batch_comes_from_one_dataset_under_torchrun(tiny_backbone, two_datasets, tmp_path):
     """Under DDP a block is the global batch (per-device batch x processes): the processes' batches of one step
     come from the same dataset."""
-    import os
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
     script = tmp_path / "ddp_domains.py"
     script.write_text(DDP_SCRIPT)
     args = ["--model_name_or_path", tiny_backbone, "--dataset", *two_datasets, "--output_dir", tmp_path / "out",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -31,6 +32,13 @@ def one_line_error(capsys, *needles: str) -> str:
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     return lines[0]
+
+
+def free_port() -> int:
+    """A port nobody listens on now, for a torchrun test's rendezvous (fixed ports collide across test runs)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # The zero-shot backbone and a trained baseline: the runs the tests' experiment files share (TOML).

@@ -6,16 +6,21 @@ import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, one_line_error, write_tiny_beir
+from conftest import ROOT, free_port, one_line_error, write_tiny_beir
 
 import eval as eval_cli
 import sbmoe.device
 import sbmoe.trainer
 import train
+from lab import experiment, report, stages
+from lab.layout import Layout
+from lab.spec import load_experiment
+from lab.stages import cell_units
 from model import TinyBERTWithMoE, load_model
 from sbmoe import results as an
 from sbmoe.config import RetrieverConfig
@@ -153,7 +158,7 @@ def test_every_global_batch_comes_from_one_dataset_under_torchrun(tiny_backbone,
     script.write_text(DDP_SCRIPT)
     args = ["--model_name_or_path", tiny_backbone, "--dataset", *two_datasets, "--output_dir", tmp_path / "out",
             *COMMON, "--per_device_train_batch_size", 2, "--num_train_epochs", 2]  # fmt: skip
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            script, ROOT, tmp_path, *args]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(list(map(str, cmd)), cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
@@ -225,10 +230,6 @@ def test_routing_shares_are_per_dataset_over_queries_and_documents():
 
 
 def test_routing_section_averages_every_seed(monkeypatch):
-    from types import SimpleNamespace
-
-    from lab import report
-
     split = lambda run, seed, name: seed  # noqa: E731  (a layout whose split folder is the seed)
     layouts = {n: SimpleNamespace(split_dir=split) for n in ("alpha", "beta")}
     oracle, mixed = [[5, 0], [0, 5]], [[3, 2], [2, 3]]  # NMI 1, and below 1
@@ -367,10 +368,6 @@ reference = ["baseline", "domain"]
 
 
 def test_cells_are_made_seed_by_seed_each_checkpoint_with_the_runs_that_share_it(tmp_path):
-    from lab.layout import Layout
-    from lab.spec import load_experiment
-    from lab.stages import cell_units
-
     path = tmp_path / "h.toml"
     path.write_text(HETERO.replace("seeds = [42]", "seeds = [42, 43]") + '[runs.zeroshot]\nkind = "zeroshot"\n'
                     '[runs.domain-all]\nkind = "sbmoe"\neval = { inference_mode = "all" }\n'
@@ -384,8 +381,6 @@ def test_cells_are_made_seed_by_seed_each_checkpoint_with_the_runs_that_share_it
 
 def test_runner_trains_on_several_datasets_and_reports_each_with_its_routing(tiny_backbone, two_datasets, tmp_path,
                                                                              monkeypatch, capsys):  # fmt: skip
-    from lab import experiment
-
     write_tiny_beir(two_datasets[0].parent / "gamma", seed=2)
     (tmp_path / "h.toml").write_text(HETERO)
     monkeypatch.setenv("BEIR_DATA_DIR", str(two_datasets[0].parent))
@@ -418,10 +413,10 @@ def test_runner_trains_on_several_datasets_and_reports_each_with_its_routing(tin
     assert set(routing) == {"domain", "random"}
     assert routing["domain"]["blocks"][0]["nmi"][0] == pytest.approx(1.0)
     assert routing["random"]["blocks"][0]["nmi"][0] < 0.1
-    report = (tmp_path / "res" / "tiny-hetero" / "report.md").read_text()
+    markdown = (tmp_path / "res" / "tiny-hetero" / "report.md").read_text()
     for needle in ("## alpha", "## beta", "## Transfer: gamma", "## Per-domain routing", "fig_routing.png",
                    "precision fp32"):  # fmt: skip
-        assert needle in report, needle
+        assert needle in markdown, needle
     assert (tmp_path / "res" / "tiny-hetero" / "fig_routing.png").stat().st_size > 1000
     stored = res / "datasets" / "beta" / "subsets.json"  # a dataset no test query of which is unseen (NFCorpus)
     stored.write_text(json.dumps({**json.loads(stored.read_text()), "subsets": {"unseen": [], "seen": ["q20"]}}))
@@ -437,8 +432,6 @@ def test_runner_trains_on_several_datasets_and_reports_each_with_its_routing(tin
 
 def test_each_cell_is_evaluated_on_every_dataset_for_its_own_seed_only(tiny_backbone, two_datasets, tmp_path,
                                                                        monkeypatch):  # fmt: skip
-    from lab import experiment, stages
-
     write_tiny_beir(two_datasets[0].parent / "gamma", seed=2)
     (tmp_path / "h.toml").write_text(HETERO.replace("seeds = [42]", "seeds = [42, 43]"))
     monkeypatch.setenv("BEIR_DATA_DIR", str(two_datasets[0].parent))
@@ -458,8 +451,6 @@ def test_each_cell_is_evaluated_on_every_dataset_for_its_own_seed_only(tiny_back
 
 def test_a_cell_that_fails_on_one_dataset_is_not_tried_on_the_next_and_the_next_cell_goes_on(tiny_backbone, two_datasets,
                                                                                              tmp_path, monkeypatch):  # fmt: skip
-    from lab import experiment, stages
-
     write_tiny_beir(two_datasets[0].parent / "gamma", seed=2)
     (tmp_path / "h.toml").write_text(HETERO)
     monkeypatch.setenv("BEIR_DATA_DIR", str(two_datasets[0].parent))

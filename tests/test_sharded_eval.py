@@ -3,13 +3,12 @@ the search backend or whether the corpus embeddings came from the cache."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, write_tiny_beir
+from conftest import ROOT, free_port, write_tiny_beir
 
 import sbmoe.retrieval
 from sbmoe.data import DataError
@@ -27,12 +26,6 @@ def word_backbone(tiny_backbone):
     tok = AutoTokenizer.from_pretrained(tiny_backbone)
     assert tok("protein gene")["input_ids"][1:3] != [tok.unk_token_id] * 2
     return tiny_backbone
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def beir_with_ties(folder, n_docs: int = 150, every: int = 5):

@@ -6,6 +6,7 @@ import atexit
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -39,6 +40,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def torchrun(script, *args, env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run` with two processes on a free port, from the repository root; by default
+    offline, one thread per process and no tokenizer threads (two processes on a small machine)."""
+    if env is None:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+           script, *args]  # fmt: skip
+    return subprocess.run(list(map(str, cmd)), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 # The zero-shot backbone and a trained baseline: the runs the tests' experiment files share (TOML).

@@ -2,16 +2,13 @@
 routes by dataset, the per-domain routing's mutual information, and the reuse of the dev pass's embeddings."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, free_port, one_line_error, write_tiny_beir
+from conftest import ROOT, one_line_error, torchrun, write_tiny_beir
 
 import eval as eval_cli
 import sbmoe.device
@@ -158,10 +155,7 @@ def test_every_global_batch_comes_from_one_dataset_under_torchrun(tiny_backbone,
     script.write_text(DDP_SCRIPT)
     args = ["--model_name_or_path", tiny_backbone, "--dataset", *two_datasets, "--output_dir", tmp_path / "out",
             *COMMON, "--per_device_train_batch_size", 2, "--num_train_epochs", 2]  # fmt: skip
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           script, ROOT, tmp_path, *args]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(list(map(str, cmd)), cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    proc = torchrun(script, ROOT, tmp_path, *args, timeout=180)
     assert (tmp_path / "out" / "run_info.json").is_file(), proc.stderr[-3000:]  # (not the exit code: gloo at exit)
     ranks = [[line.split() for line in (tmp_path / f"rank{r}.log").read_text().splitlines()] for r in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) >= 10 and {d for b in ranks[0] for d in b} == {"0", "1"}

@@ -2,13 +2,10 @@
 resume, and the official dev split: on a graded BEIR folder with many positives and queries without any."""
 
 import json
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
-from conftest import ROOT, free_port, write_graded_beir
+from conftest import ROOT, torchrun, write_graded_beir
 
 import sbmoe.trainer
 import train
@@ -198,10 +195,7 @@ def test_every_rank_draws_from_the_current_epoch_under_torchrun(tiny_backbone, g
     script.write_text(DDP_SCRIPT)
     args = ["--model_name_or_path", tiny_backbone, "--data_dir", graded, "--output_dir", tmp_path / "out",
             *COMMON, "--num_train_epochs", 3]  # fmt: skip
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           script, ROOT, tmp_path, *args]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(list(map(str, cmd)), cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = torchrun(script, ROOT, tmp_path, *args)
     # training finished (not the exit code: gloo on CPU now and then aborts a rank at exit, after the work)
     assert (tmp_path / "out" / "run_info.json").is_file(), proc.stderr[-3000:]
     for rank in (0, 1):

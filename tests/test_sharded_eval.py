@@ -3,12 +3,10 @@ the search backend or whether the corpus embeddings came from the cache."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, free_port, write_tiny_beir
+from conftest import torchrun, write_tiny_beir
 
 import sbmoe.retrieval
 from sbmoe.data import DataError
@@ -57,9 +55,7 @@ def test_two_processes_write_the_one_process_run(word_backbone, tmp_path):
     data, dups = beir_with_ties(tmp_path / "beir")
     one, two = tmp_path / "one", tmp_path / "two"
     evaluation.main(eval_argv(word_backbone, data, one, "--encode_chunk", "40"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "eval.py", *eval_argv(word_backbone, data, two, "--encode_chunk", "40")]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=120)
+    proc = torchrun("eval.py", *eval_argv(word_backbone, data, two, "--encode_chunk", "40"), env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es), chunks of 40" in proc.stdout
     for split in ("test", "train"):

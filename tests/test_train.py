@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, free_port, one_line_error
+from conftest import ROOT, one_line_error, torchrun
 
 import sbmoe.trainer
 from sbmoe.data import load_beir
@@ -67,9 +67,7 @@ def test_torchrun_two_processes_equal_one_process_step(tiny_backbone, tmp_path):
     from ddp_batch import global_batch, tiny_model
 
     out = tmp_path / "ddp.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(ROOT / "tests" / "ddp_check.py"), str(tiny_backbone), str(out), str(ROOT / "tests")]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    proc = torchrun(ROOT / "tests" / "ddp_check.py", tiny_backbone, out, ROOT / "tests", env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp = torch.load(out, weights_only=True)
     model = tiny_model(str(tiny_backbone))

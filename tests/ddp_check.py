@@ -32,7 +32,7 @@ def main(backbone: str, out: str) -> None:
     out_.loss.backward()
     if rank == 0:
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        torch.save({"loss": out_.loss.detach() / world, "logits_shape": tuple(out_.logits.shape), "grads": grads}, out)
+        torch.save({"world": world, "loss": out_.loss.detach() / world, "logits_shape": tuple(out_.logits.shape), "grads": grads}, out)
     dist.barrier()
     # Leave without running gloo's C++ teardown: on some machines one rank aborts there after its work is done
     # ("terminate called without an active exception") and the other waits for it forever.

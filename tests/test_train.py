@@ -73,6 +73,7 @@ def test_torchrun_two_processes_equal_one_process_step(tiny_backbone, tmp_path):
     model = tiny_model(str(tiny_backbone))
     ref = model(**global_batch())
     ref.loss.backward()
+    assert ddp["world"] == 2  # (one process would match the one-process step trivially)
     assert ddp["logits_shape"] == (4, 8)  # world*B queries against world*B*(1+N) documents
     assert torch.allclose(ddp["loss"], ref.loss.detach(), atol=1e-5)
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
